@@ -1,0 +1,29 @@
+// CPU kernel of inmap_ext::xt_softmax (schema and meaning: csrc/inmap.cpp).
+#include <torch/library.h>
+
+#include "chunked_cpu.h"
+
+namespace inmap {
+namespace cpu {
+namespace {
+
+at::Tensor xt_softmax_cpu(const at::Tensor& x, const at::Tensor& w, double inv_tau, int64_t chunk) {
+  check_cpu_inputs(x, w, c10::nullopt, chunk, "xt_softmax");
+  const int64_t D = x.size(1), C = w.size(1);
+  at::Tensor G = at::zeros({D, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "xt_softmax_cpu", [&] {
+    for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor& xc, at::Tensor& z) {
+      softmax_rows_<scalar_t, false>(z.data_ptr<scalar_t>(), rows, C,
+                                     static_cast<scalar_t>(inv_tau), nullptr);
+      G.addmm_(xc.t(), z);
+    });
+  });
+  return G;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(inmap_ext, CPU, m) { m.impl("xt_softmax", &xt_softmax_cpu); }
+
+}  // namespace cpu
+}  // namespace inmap

@@ -1,0 +1,25 @@
+// The whole op set of inmap_ext, in one place. Kernels register per device:
+//   csrc/cpu/*_cpu.cpp   TORCH_LIBRARY_IMPL(inmap_ext, CPU, m)
+//   csrc/cuda/*_cuda.cu  TORCH_LIBRARY_IMPL(inmap_ext, CUDA, m)
+// Python wrappers, fake (meta) kernels and the pure-torch twin of every op: inmap_ext/_ops.py
+// and inmap_ext/reference.py.
+//
+// Every op is one pattern over rows of x (N x D) against columns of w (D x C):
+//   Z = x @ w * inv_tau (+ bias per column) -> row softmax -> a reduction,
+// processed `chunk` rows at a time so that no N x C matrix is ever allocated.
+#include <torch/library.h>
+
+TORCH_LIBRARY(inmap_ext, m) {
+  // log of the column sums of row-softmax(x @ w * inv_tau + bias): a length-C vector.
+  // Computed in the log domain, so a column whose probabilities all underflow stays finite.
+  m.def("softmax_column_lse(Tensor x, Tensor w, Tensor? bias, float inv_tau, int chunk) -> Tensor");
+  // P = row-softmax(x @ w * inv_tau + bias); rows whose largest entry is > alpha become the
+  // one-hot of their argmax. Returns (x^T @ P [D x C], column sums of P [C],
+  // argmax counts [C] int64, number of one-hot rows [] int64).
+  m.def("pseudo_label_reduce(Tensor x, Tensor w, Tensor? bias, float inv_tau, float alpha, int chunk)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  // x^T @ row-softmax(x @ w * inv_tau): D x C. The data term of the proxy gradient.
+  m.def("xt_softmax(Tensor x, Tensor w, float inv_tau, int chunk) -> Tensor");
+  // Top-k of x @ w per row: (values [N x k], indices [N x k] int64).
+  m.def("topk_scores(Tensor x, Tensor w, int k, int chunk) -> (Tensor, Tensor)");
+}

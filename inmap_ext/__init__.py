@@ -1,0 +1,24 @@
+"""inmap_ext: InMaP vision proxies for CLIP zero-shot classifiers.
+
+    from inmap_ext import fit_vision_proxy
+    result = fit_vision_proxy(image_features, text_proxies)   # N x D, D x C
+    labels = result.predict(image_features)
+"""
+from ._ops import extension_loaded, ext_available, resolve_backend
+from .fit import fit_vision_proxy
+from .functional import (
+    auto_chunk_size,
+    proxy_gradient,
+    pseudo_label_reduce,
+    sinkhorn_log_bias,
+    softmax_column_lse,
+    zero_shot_topk,
+)
+from .result import VisionProxyResult, load_vision_proxy
+from .version import __version__
+
+__all__ = [
+    "fit_vision_proxy", "VisionProxyResult", "load_vision_proxy", "zero_shot_topk",
+    "softmax_column_lse", "sinkhorn_log_bias", "pseudo_label_reduce", "proxy_gradient",
+    "auto_chunk_size", "extension_loaded", "ext_available", "resolve_backend", "__version__",
+]

@@ -1,0 +1,96 @@
+"""Where Python meets the compiled ops: loading ``inmap_ext._C``, fake (meta) kernels for
+torch.compile, and the backend choice between the compiled ops and ``reference.py``.
+
+``op(name, backend, device)`` returns the callable that runs op ``name``; both backends take the
+same arguments (see ``csrc/inmap.cpp``).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+from . import reference
+
+OP_NAMES = ("softmax_column_lse", "pseudo_label_reduce", "xt_softmax", "topk_scores")
+BACKENDS = ("auto", "ext", "torch")
+
+_LOAD_ERROR: "Exception | None" = None
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.inmap_ext.*)
+except Exception as e:  # pragma: no cover - exercised by the CPU-only / no-extension installs
+    _LOAD_ERROR = e
+    warnings.warn(
+        f"inmap_ext: the compiled extension could not be loaded ({type(e).__name__}: {e}); "
+        "running on the pure-torch backend (correct, slower). Reinstall with "
+        "`pip install --no-build-isolation .` to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def extension_loaded() -> bool:
+    return _LOAD_ERROR is None
+
+
+def _has_kernel(name: str, dispatch_key: str) -> bool:
+    if not extension_loaded():
+        return False
+    qualified = f"inmap_ext::{name}"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualified, dispatch_key) or \
+        torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CompositeExplicitAutograd")
+
+
+def ext_available(device: "torch.device | str") -> bool:
+    """True when compiled kernels of every op exist for ``device``'s type (cpu, cuda)."""
+    key = torch.device(device).type.upper()
+    return all(_has_kernel(n, key) for n in OP_NAMES)
+
+
+def resolve_backend(backend: str, device: "torch.device | str") -> str:
+    """Map "auto" / "ext" / "torch" to the backend that will run: "ext" or "torch"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "torch":
+        return "torch"
+    if ext_available(device):
+        return "ext"
+    if backend == "ext":
+        why = (f"the extension failed to load: {_LOAD_ERROR}" if _LOAD_ERROR is not None
+               else f"it was built without {device.type} kernels")
+        raise RuntimeError(f"backend='ext' requested for {device.type} tensors, but {why}")
+    return "torch"
+
+
+def op(name: str, backend: str) -> Callable:
+    """The callable running op ``name`` on a resolved backend ("ext" or "torch")."""
+    if backend == "ext":
+        return getattr(torch.ops.inmap_ext, name).default
+    return getattr(reference, name)
+
+
+if extension_loaded():
+    # Shape functions, so that torch.compile / FakeTensor see through the ops.
+    def _acc(x):
+        return reference.acc_dtype(x.dtype)
+
+    @torch.library.register_fake("inmap_ext::softmax_column_lse")
+    def _(x, w, bias, inv_tau, chunk):
+        return x.new_empty((w.shape[1],), dtype=_acc(x))
+
+    @torch.library.register_fake("inmap_ext::pseudo_label_reduce")
+    def _(x, w, bias, inv_tau, alpha, chunk):
+        D, C = w.shape
+        return (x.new_empty((D, C), dtype=_acc(x)), x.new_empty((C,), dtype=_acc(x)),
+                x.new_empty((C,), dtype=torch.int64), x.new_empty((), dtype=torch.int64))
+
+    @torch.library.register_fake("inmap_ext::xt_softmax")
+    def _(x, w, inv_tau, chunk):
+        return x.new_empty(w.shape, dtype=_acc(x))
+
+    @torch.library.register_fake("inmap_ext::topk_scores")
+    def _(x, w, k, chunk):
+        return (x.new_empty((x.shape[0], k), dtype=_acc(x)),
+                x.new_empty((x.shape[0], k), dtype=torch.int64))

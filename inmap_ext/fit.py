@@ -1,0 +1,140 @@
+"""The InMaP method (DESIGN.md, "The algorithm, exactly"): pseudo labels from the text proxies,
+Sinkhorn balancing in the log domain, the confidence threshold, then full-batch gradient descent
+on the vision proxy. Heavy work goes through ``functional.Runner`` (compiled ops or pure torch);
+this module holds only the method's arithmetic on D x C and C-sized tensors."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from . import validation
+from .functional import Runner
+from .reference import acc_dtype
+from .result import VisionProxyResult
+
+Tensor = torch.Tensor
+
+
+def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: float = 0.01,
+                     tau_i: float = 0.04, alpha: float = 0.6, sinkhorn_iters: int = 20,
+                     gamma: float = 0.0, iters: int = 2000, lr: float = 10.0,
+                     backend: str = "auto", chunk_size: Optional[int] = None,
+                     tol: Optional[float] = None, progress: bool = False,
+                     process_group=None) -> VisionProxyResult:
+    """Learn an InMaP vision proxy from unlabeled image features.
+
+    Args:
+        image_features: N x D image embeddings (rows are L2-normalised here if they are not).
+            float32/float64 (half precision is computed in float32 on the CPU).
+        text_proxies: D x C text proxies, one column per class (the layout of
+            ``open_clip.build_zero_shot_classifier``); columns are L2-normalised if they are not.
+        tau_t: temperature of the pseudo labels softmax(X T / tau_t).
+        tau_i: temperature of the proxy's softmax(X W / tau_i).
+        alpha: confidence threshold; rows whose largest pseudo-label probability is > alpha
+            become one-hot.
+        sinkhorn_iters: Sinkhorn balancing iterations on the pseudo labels (0: no balancing).
+        gamma: class-prior exponent; 0 balances to a uniform prior, > 0 to the zero-shot
+            prediction's class masses raised to gamma.
+        iters: gradient steps on the vision proxy.
+        lr: initial learning rate eta; halved whenever ||G|| grows.
+        backend: "auto" (compiled kernels for the tensors' device when present, else torch),
+            "ext" (compiled kernels or an error), "torch" (pure torch).
+        chunk_size: rows per chunk (memory O(chunk_size * C + D * C)); automatic by default.
+        tol: optional early stop: after a step whose largest per-class change of the proxy,
+            max_j ||w_j^new - w_j||_2, is below ``tol``, stop (this reads a scalar back from
+            the device every step). None (default) runs all ``iters`` steps: the published
+            algorithm.
+        progress: show a tqdm progress bar over the gradient steps.
+        process_group: a torch.distributed group over which the rows are sharded (each rank
+            passes its own rows; see ``inmap_ext.distributed``). None: one process.
+
+    Returns:
+        VisionProxyResult with ``.proxy`` (D x C, unit columns, on the input's device),
+        ``.predict``, the pseudo-label statistics and the per-iteration history.
+    """
+    tau_t = validation.positive(tau_t, "tau_t")
+    tau_i = validation.positive(tau_i, "tau_i")
+    alpha = validation.in_unit_interval(alpha, "alpha")
+    sinkhorn_iters = validation.count(sinkhorn_iters, "sinkhorn_iters")
+    gamma = validation.non_negative(gamma, "gamma")
+    iters = validation.count(iters, "iters")
+    lr = validation.positive(lr, "lr")
+    if tol is not None:
+        tol = validation.positive(tol, "tol")
+    if process_group is None:
+        x, t = validation.check_features_and_proxies(image_features, text_proxies)
+    else:
+        from .distributed import check_shard
+
+        x, t = check_shard(image_features, text_proxies, process_group)
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    dt = acc_dtype(x.dtype)
+    t = t.to(dt)
+    n_local, C = x.shape[0], t.shape[1]
+    runner = Runner(x.device, backend, chunk_size, n_local, C, x.dtype, process_group)
+    n = int(runner.sum_(torch.tensor(n_local, device=x.device)).item())
+    timings = {}
+
+    # Steps 1-3: pseudo labels (never stored), Sinkhorn-balanced, confident rows one-hot.
+    t0 = _now(x)
+    beta = runner.sinkhorn_log_bias(x, t, tau_t, sinkhorn_iters, gamma, n)
+    timings["sinkhorn_s"] = _now(x) - t0
+    # Step 4: B = X^T P.
+    t0 = _now(x)
+    B, mass, counts, n_confident = runner.pseudo_labels(x, t, beta, 1.0 / tau_t, alpha)
+    timings["pseudo_labels_s"] = _now(x) - t0
+
+    # Step 5: gradient descent on W from W = T. Scalars stay on the device (no sync per step).
+    t0 = _now(x)
+    W = t.clone()
+    eta = torch.tensor(lr, dtype=dt, device=x.device)
+    prev = torch.tensor(float("inf"), dtype=dt, device=x.device)
+    scale = torch.tensor(n * tau_i, dtype=dt, device=x.device)
+    grad_norm = torch.empty(iters, dtype=dt, device=x.device)
+    lr_used = torch.empty(iters, dtype=dt, device=x.device)
+    steps = range(iters)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="vision proxy", unit="step")
+    n_run, converged = 0, False
+    for k in steps:
+        G = runner.xt_softmax(x, W, 1.0 / tau_i) - B
+        g = torch.linalg.vector_norm(G)
+        eta = torch.where(g > prev, eta / 2, eta)
+        prev = g
+        W_new = W - (eta / scale) * G
+        W_new = torch.nn.functional.normalize(W_new, dim=0, eps=1e-12)
+        grad_norm[k] = g
+        lr_used[k] = eta
+        n_run = k + 1
+        if tol is not None:
+            change = float(torch.linalg.vector_norm(W_new - W, dim=0).max())
+            W = W_new
+            if change < tol:
+                converged = True
+                break
+        else:
+            W = W_new
+    timings["descent_s"] = _now(x) - t0
+    if not bool(torch.isfinite(W).all()):  # never hand back garbage silently
+        raise FloatingPointError(
+            "fit_vision_proxy produced a non-finite proxy; inputs were finite, so this is a bug "
+            f"in the '{runner.backend}' backend: please report it with the shapes and dtypes")
+
+    hyper = dict(tau_t=tau_t, tau_i=tau_i, alpha=alpha, sinkhorn_iters=sinkhorn_iters,
+                 gamma=gamma, iters=iters, lr=lr, tol=tol, chunk_size=runner.chunk)
+    return VisionProxyResult(
+        proxy=W, text_proxies=t, log_bias=beta, class_counts=counts, class_mass=mass,
+        confident_fraction=float(n_confident) / n, grad_norm=grad_norm[:n_run],
+        lr=lr_used[:n_run], n_iters=n_run, converged=converged, n_images=n,
+        backend=runner.backend, hyper=hyper, timings=timings)
+
+
+def _now(x: Tensor) -> float:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()

@@ -1,0 +1,174 @@
+"""The building blocks of InMaP as documented functions, none of which stores an N x C matrix.
+
+Each public function validates its inputs and runs on the backend ``backend`` picks (see
+``_ops.resolve_backend``): the compiled kernels for the tensors' device when present, else the
+pure-torch backend. ``fit_vision_proxy`` (fit.py) composes them; ``Runner`` is the handle it
+uses to run them many times without re-validating.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import _ops, validation
+from .reference import acc_dtype
+
+Tensor = torch.Tensor
+
+# Bytes of one N x C chunk buffer (the logits of `chunk` rows) the automatic chunk size allows.
+CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
+
+
+def auto_chunk_size(n: int, c: int, device: "torch.device | str", dtype=torch.float32) -> int:
+    """Rows per chunk: as many as fit the device's chunk budget for a chunk x C logit block."""
+    device = torch.device(device)
+    budget = CHUNK_BUDGET_BYTES.get(device.type, CHUNK_BUDGET_BYTES["cpu"])
+    per_row = max(1, c) * torch.finfo(acc_dtype(dtype)).bits // 8
+    return int(max(1, min(max(n, 1), budget // per_row)))
+
+
+class Runner:
+    """Runs the ops for one problem: resolved backend, chunk size, and the reductions across
+    ranks when a process group shards the rows (``distributed.py``)."""
+
+    def __init__(self, device, backend: str = "auto", chunk_size: Optional[int] = None,
+                 n: int = 1, c: int = 1, dtype=torch.float32, process_group=None):
+        self.backend = _ops.resolve_backend(backend, device)
+        self.chunk = (validation.count(chunk_size, "chunk_size", 1) if chunk_size is not None
+                      else auto_chunk_size(n, c, device, dtype))
+        self.group = process_group
+
+    # -- reductions over the rows of every rank (identity in a single process) ---------------
+    def sum_(self, t: Tensor) -> Tensor:
+        if self.group is not None:
+            torch.distributed.all_reduce(t, group=self.group)
+        return t
+
+    def lse_(self, t: Tensor) -> Tensor:
+        """log-sum-exp across ranks of per-rank log-sums (in place)."""
+        if self.group is not None:
+            m = t.clone()
+            torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            s = torch.exp(t - m)
+            torch.distributed.all_reduce(s, group=self.group)
+            t.copy_(m + torch.log(s))
+        return t
+
+    # -- the ops -----------------------------------------------------------------------------
+    def column_lse(self, x: Tensor, w: Tensor, bias: Optional[Tensor], inv_tau: float) -> Tensor:
+        out = _ops.op("softmax_column_lse", self.backend)(x, w.to(x.dtype), bias, inv_tau,
+                                                            self.chunk)
+        return self.lse_(out)
+
+    def pseudo_labels(self, x, w, bias, inv_tau, alpha):
+        B, mass, counts, n_conf = _ops.op("pseudo_label_reduce", self.backend)(
+            x, w.to(x.dtype), bias, inv_tau, alpha, self.chunk)
+        return self.sum_(B), self.sum_(mass), self.sum_(counts), self.sum_(n_conf)
+
+    def xt_softmax(self, x: Tensor, w: Tensor, inv_tau: float) -> Tensor:
+        return self.sum_(_ops.op("xt_softmax", self.backend)(x, w.to(x.dtype), inv_tau, self.chunk))
+
+    def topk(self, x: Tensor, w: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        return _ops.op("topk_scores", self.backend)(x, w.to(x.dtype), k, self.chunk)
+
+    # -- the method's steps ------------------------------------------------------------------
+    def sinkhorn_log_bias(self, x: Tensor, t: Tensor, tau_t: float, iters: int, gamma: float,
+                          n_total: int) -> Optional[Tensor]:
+        """beta = log b of DESIGN.md step 2 (None when iters == 0: no balancing)."""
+        if iters == 0:
+            return None
+        C = t.shape[1]
+        log_n = math.log(n_total)
+        beta = torch.zeros(C, dtype=acc_dtype(x.dtype), device=x.device)
+        log_colsum = self.column_lse(x, t, beta, 1.0 / tau_t) - log_n
+        if gamma > 0:
+            log_q = gamma * log_colsum
+            log_q = log_q - torch.logsumexp(log_q, dim=0)
+        else:
+            log_q = torch.full_like(beta, -math.log(C))
+        for i in range(iters):
+            if i > 0:
+                log_colsum = self.column_lse(x, t, beta, 1.0 / tau_t) - log_n
+            beta = beta + log_q - log_colsum
+        return beta
+
+
+def _prepare(features, proxies, backend, chunk_size, proxies_name="text_proxies"):
+    x, w = validation.check_features_and_proxies(features, proxies, "image_features", proxies_name)
+    if x.dtype != w.dtype:
+        w = w.to(x.dtype)
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        x, w = x.float(), w.float()
+    runner = Runner(x.device, backend, chunk_size, x.shape[0], w.shape[1], x.dtype)
+    return x, w, runner
+
+
+def zero_shot_topk(image_features: Tensor, proxies: Tensor, k: int = 1, *, backend: str = "auto",
+                   chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Top-k classes of every image by cosine with the class proxies (D x C), without storing
+    the N x C logits. Returns (cosines N x k, class indices N x k)."""
+    x, w, runner = _prepare(image_features, proxies, backend, chunk_size, "proxies")
+    k = validation.count(k, "k", 1)
+    if k > w.shape[1]:
+        raise ValueError(f"k must be <= the number of classes C={w.shape[1]}, got {k}")
+    return runner.topk(x, w, k)
+
+
+def softmax_column_lse(image_features: Tensor, proxies: Tensor, tau: float,
+                       log_bias: Optional[Tensor] = None, *, backend: str = "auto",
+                       chunk_size: Optional[int] = None) -> Tensor:
+    """log sum_i softmax(x_i W / tau + log_bias)_j for every class j (length C): the column
+    statistic of one Sinkhorn iteration, in the log domain."""
+    x, w, runner = _prepare(image_features, proxies, backend, chunk_size, "proxies")
+    tau = validation.positive(tau, "tau")
+    return runner.column_lse(x, w, _check_bias(log_bias, w), 1.0 / tau)
+
+
+def sinkhorn_log_bias(image_features: Tensor, text_proxies: Tensor, *, tau_t: float = 0.01,
+                      sinkhorn_iters: int = 20, gamma: float = 0.0, backend: str = "auto",
+                      chunk_size: Optional[int] = None) -> Optional[Tensor]:
+    """The per-class log-bias beta such that the Sinkhorn-balanced pseudo labels are
+    row-softmax(X T / tau_t + beta) (DESIGN.md step 2). None when sinkhorn_iters == 0."""
+    x, t, runner = _prepare(image_features, text_proxies, backend, chunk_size)
+    return runner.sinkhorn_log_bias(x, t, validation.positive(tau_t, "tau_t"),
+                                    validation.count(sinkhorn_iters, "sinkhorn_iters"),
+                                    validation.non_negative(gamma, "gamma"), x.shape[0])
+
+
+def pseudo_label_reduce(image_features: Tensor, text_proxies: Tensor,
+                        log_bias: Optional[Tensor] = None, *, tau_t: float = 0.01,
+                        alpha: float = 0.6, backend: str = "auto",
+                        chunk_size: Optional[int] = None):
+    """Pseudo labels P = row-softmax(X T / tau_t + log_bias), confident rows (max > alpha) made
+    one-hot, reduced without storing P. Returns (B = X^T P [D x C], column sums of P [C],
+    argmax counts [C], number of one-hot rows)."""
+    x, t, runner = _prepare(image_features, text_proxies, backend, chunk_size)
+    return runner.pseudo_labels(x, t, _check_bias(log_bias, t),
+                                1.0 / validation.positive(tau_t, "tau_t"),
+                                validation.in_unit_interval(alpha, "alpha"))
+
+
+def proxy_gradient(image_features: Tensor, proxy: Tensor, target: Tensor, *, tau_i: float = 0.04,
+                   backend: str = "auto", chunk_size: Optional[int] = None) -> Tensor:
+    """G = X^T softmax(X W / tau_i) - B (D x C): N * tau_i times the gradient of the
+    cross-entropy between softmax(X W / tau_i) and the pseudo labels whose X^T P is ``target``."""
+    x, w, runner = _prepare(image_features, proxy, backend, chunk_size, "proxy")
+    if not isinstance(target, torch.Tensor) or target.shape != w.shape:
+        raise ValueError(f"target must be a tensor of shape {tuple(w.shape)} (X^T P), got "
+                         f"{getattr(target, 'shape', type(target).__name__)}")
+    G = runner.xt_softmax(x, w, 1.0 / validation.positive(tau_i, "tau_i"))
+    return G - target.to(G)
+
+
+def _check_bias(log_bias, w):
+    if log_bias is None:
+        return None
+    if not isinstance(log_bias, torch.Tensor) or log_bias.shape != (w.shape[1],):
+        raise ValueError(f"log_bias must be a tensor of shape ({w.shape[1]},), got "
+                         f"{getattr(log_bias, 'shape', type(log_bias).__name__)}")
+    if not bool(torch.isfinite(log_bias).all()):
+        raise ValueError("log_bias contains NaN or Inf")
+    return log_bias.to(device=w.device, dtype=acc_dtype(w.dtype))

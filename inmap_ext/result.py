@@ -1,0 +1,127 @@
+"""The result of a fit: the vision proxy, what the pseudo labels looked like, how the descent
+went; prediction with it; saving and loading it as safetensors (never pickle)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .version import __version__
+
+Tensor = torch.Tensor
+
+FORMAT = "inmap_ext.vision_proxy/1"
+
+
+@dataclass
+class VisionProxyResult:
+    """What ``fit_vision_proxy`` returns.
+
+    proxy            D x C vision proxy, unit columns, on the input's device.
+    text_proxies     D x C text proxies the fit started from (unit columns).
+    log_bias         length-C Sinkhorn log-bias beta (pseudo labels = softmax(XT/tau_t + beta)),
+                     None without balancing.
+    class_counts     pseudo-label argmax count per class (int64, length C).
+    class_mass       soft pseudo-label mass per class (column sums of P after the threshold).
+    confident_fraction  share of images whose pseudo label was made one-hot (max > alpha).
+    grad_norm, lr    per-iteration ||G||_F and learning rate actually used (length n_iters).
+    n_iters          iterations run (< iters only with early stopping, ``tol``).
+    converged        True when the ``tol`` criterion stopped the descent.
+    hyper            the hyper-parameters of the fit.
+    """
+
+    proxy: Tensor
+    text_proxies: Tensor
+    log_bias: Optional[Tensor]
+    class_counts: Tensor
+    class_mass: Tensor
+    confident_fraction: float
+    grad_norm: Tensor
+    lr: Tensor
+    n_iters: int
+    converged: bool
+    n_images: int
+    backend: str
+    hyper: Dict[str, object] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.proxy.shape[1]
+
+    # -- prediction ---------------------------------------------------------------------------
+    def topk(self, features: Tensor, k: int = 5, *, backend: str = "auto",
+             chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """(cosines N x k, class indices N x k) of L2-normalised features against the proxy."""
+        from .functional import zero_shot_topk
+
+        return zero_shot_topk(features, self.proxy.to(features.device), k, backend=backend,
+                              chunk_size=chunk_size)
+
+    def predict(self, features: Tensor, k: int = 1, **kw) -> Tensor:
+        """Class indices: shape (N,) for k == 1, (N, k) best first otherwise."""
+        idx = self.topk(features, k, **kw)[1]
+        return idx[:, 0] if k == 1 else idx
+
+    def zero_shot_predict(self, features: Tensor, k: int = 1, **kw) -> Tensor:
+        """The same with the text proxies: the zero-shot classifier InMaP started from."""
+        from .functional import zero_shot_topk
+
+        idx = zero_shot_topk(features, self.text_proxies.to(features.device), k, **kw)[1]
+        return idx[:, 0] if k == 1 else idx
+
+    def to(self, device) -> "VisionProxyResult":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
+        return VisionProxyResult(**moved)
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path, metadata: Optional[Dict[str, str]] = None) -> None:
+        """Write a safetensors file: tensors plus string metadata (hyper-parameters, version,
+        and ``metadata``, e.g. the model and class names the pipeline adds)."""
+        from safetensors.torch import save_file
+
+        tensors = {"proxy": self.proxy, "text_proxies": self.text_proxies,
+                   "class_counts": self.class_counts, "class_mass": self.class_mass,
+                   "grad_norm": self.grad_norm, "lr": self.lr}
+        if self.log_bias is not None:
+            tensors["log_bias"] = self.log_bias
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        meta = dict(self.metadata)
+        meta.update(metadata or {})
+        meta.update({
+            "format": FORMAT, "inmap_ext_version": __version__,
+            "hyper": json.dumps(self.hyper), "timings": json.dumps(self.timings),
+            "summary": json.dumps({"confident_fraction": self.confident_fraction,
+                                   "n_iters": self.n_iters, "converged": self.converged,
+                                   "n_images": self.n_images, "backend": self.backend}),
+        })
+        save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "VisionProxyResult":
+        """Read a file written by ``save`` (safetensors: no code is unpickled)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an inmap_ext vision proxy file (format "
+                                 f"{meta.get('format')!r}, expected {FORMAT!r})")
+            t = {k: f.get_tensor(k).to(device) for k in f.keys()}
+        summary = json.loads(meta.pop("summary"))
+        hyper = json.loads(meta.pop("hyper"))
+        timings = json.loads(meta.pop("timings"))
+        meta.pop("format")
+        return cls(proxy=t["proxy"], text_proxies=t["text_proxies"], log_bias=t.get("log_bias"),
+                   class_counts=t["class_counts"], class_mass=t["class_mass"],
+                   grad_norm=t["grad_norm"], lr=t["lr"], hyper=hyper, timings=timings,
+                   metadata=meta, **summary)
+
+
+def load_vision_proxy(path, device="cpu") -> VisionProxyResult:
+    """Load a vision proxy saved by ``VisionProxyResult.save`` (or ``inmap fit``)."""
+    return VisionProxyResult.load(path, device)

@@ -1,0 +1,108 @@
+"""Input checks with errors that name the argument and what was expected.
+
+Every public entry point validates here, once, before any work: a bad input never reaches a
+kernel, and nothing is silently wrong.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_matrix(t, name: str, layout: str) -> torch.Tensor:
+    """A 2-D floating tensor with at least one row and column, every entry finite."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor ({layout}), got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D ({layout}), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or "
+                        f"float64), got {t.dtype}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} is empty: expected {layout} with both sizes >= 1, "
+                         f"got shape {tuple(t.shape)}")
+    return t
+
+
+def check_finite(t: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+    """Norms along ``dim`` in float32/64 (O(rows) memory); raises on NaN/Inf or zero vectors."""
+    norms = torch.linalg.vector_norm(t, dim=dim, dtype=torch.float64 if t.dtype == torch.float64
+                                     else torch.float32)
+    bad = ~torch.isfinite(norms)
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0])
+        what = "row" if dim == 1 else "column"
+        raise ValueError(f"{name} contains NaN or Inf (first in {what} {idx})")
+    zero = norms == 0
+    if bool(zero.any()):
+        idx = int(zero.nonzero()[0])
+        what = "row" if dim == 1 else "column"
+        raise ValueError(f"{name} has an all-zero {what} ({what} {idx}); every vector must be "
+                         "non-zero to be L2-normalised")
+    return norms
+
+
+# How far from 1 a norm may be for a vector to count as already unit (about the rounding of
+# one L2-normalisation in that dtype).
+UNIT_NORM_ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3,
+                  torch.bfloat16: 1e-2}
+
+
+def normalise(t: torch.Tensor, norms: torch.Tensor, dim: int) -> torch.Tensor:
+    """L2-normalise along ``dim`` unless it already is (then the input is used as is, no copy)."""
+    if bool(((norms - 1).abs() <= UNIT_NORM_ATOL[t.dtype]).all()):
+        return t
+    shape = (-1, 1) if dim == 1 else (1, -1)
+    return (t / norms.to(t.dtype).reshape(shape)).to(t.dtype)
+
+
+def check_features_and_proxies(image_features, text_proxies, xname="image_features",
+                                tname="text_proxies"):
+    """Validate X (N x D) and T (D x C); returns them L2-normalised (rows of X, columns of T)."""
+    x = check_matrix(image_features, xname, "N x D: one row per image")
+    t = check_matrix(text_proxies, tname, "D x C: one column per class, as "
+                     "open_clip.build_zero_shot_classifier returns")
+    if x.shape[1] != t.shape[0]:
+        raise ValueError(f"{xname} has D={x.shape[1]} but {tname} has D={t.shape[0]} "
+                         f"(expected {xname} N x D and {tname} D x C; pass "
+                         f"{tname}.T if yours is C x D)")
+    if x.device != t.device:
+        raise ValueError(f"{xname} is on {x.device} but {tname} is on {t.device}; "
+                         "move both to one device")
+    x = normalise(x, check_finite(x, xname, 1), 1)
+    t = normalise(t, check_finite(t, tname, 0), 0)
+    return x, t
+
+
+def positive(value, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def in_unit_interval(value, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def non_negative(value, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def count(value, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def optional_count(value: Optional[int], name: str, minimum: int = 1) -> Optional[int]:
+    return None if value is None else count(value, name, minimum)

@@ -1,0 +1,76 @@
+"""Build of inmap_ext and its compiled ops ``inmap_ext._C``.
+
+One build, two front ends over the same sources: this file (pip) and CMakeLists.txt (libtorch
+C++ users). Both take every ``csrc/*.cpp`` and ``csrc/cpu/*.cpp`` and, when CUDA is built,
+every ``csrc/cuda/*.cu``; only ``csrc/python_module.cpp`` (the empty Python module init) is
+pip-only.
+
+Switches (environment variables):
+  FORCE_CUDA=1        build the CUDA kernels even if torch sees no GPU (the default whenever
+                      torch is a CUDA build and a CUDA toolkit is found, GPU or not)
+  FORCE_ONLY_CPU=1    build only the CPU kernels
+  INMAP_NO_EXTENSION=1  install the pure-Python package only (pure-torch backend)
+  TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;9.0")
+  MAX_JOBS            parallel compile jobs
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions():
+    if _flag("INMAP_NO_EXTENSION"):
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    cuda_sources = _sources("csrc/cuda/*.cu")
+    can_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None
+    if _flag("FORCE_CUDA") and not can_cuda:
+        raise RuntimeError(
+            "FORCE_CUDA=1 but torch is not a CUDA build or no CUDA toolkit was found "
+            f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={ce.CUDA_HOME}); "
+            "set CUDA_HOME to the toolkit, e.g. CUDA_HOME=/usr/local/cuda")
+    # A CUDA build of torch plus a toolkit builds the CUDA kernels, with or without a GPU.
+    want_cuda = can_cuda and not _flag("FORCE_ONLY_CPU")
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cxx = ["-O3"]  # the C++ standard is the one torch asks for (C++17 or C++20)
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    define_macros = []
+    if want_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        define_macros.append(("INMAP_WITH_CUDA", None))
+        ext = ce.CUDAExtension(
+            "inmap_ext._C",
+            sources + cuda_sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link,
+        )
+    else:
+        ext = ce.CppExtension(
+            "inmap_ext._C", sources, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx}, extra_link_args=link,
+        )
+    print(f"inmap_ext: building {'CUDA + CPU' if want_cuda else 'CPU-only'} extension "
+          f"(torch {torch.__version__}, CUDA_HOME={ce.CUDA_HOME})", file=sys.stderr)
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
