@@ -44,8 +44,8 @@ def _has_kernel(name: str, dispatch_key: str) -> bool:
 
 def ext_available(device: "torch.device | str") -> bool:
     """True when compiled kernels of every op exist for ``device``'s type (cpu, cuda)."""
-    key = torch.device(device).type.upper()
-    return all(_has_kernel(n, key) for n in OP_NAMES)
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and all(_has_kernel(n, key) for n in OP_NAMES)
 
 
 def resolve_backend(backend: str, device: "torch.device | str") -> str:

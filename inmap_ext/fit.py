@@ -69,8 +69,6 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         from .distributed import check_shard
 
         x, t = check_shard(image_features, text_proxies, process_group)
-    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
     dt = acc_dtype(x.dtype)
     t = t.to(dt)
     n_local, C = x.shape[0], t.shape[1]

@@ -100,8 +100,6 @@ def _prepare(features, proxies, backend, chunk_size, proxies_name="text_proxies"
     x, w = validation.check_features_and_proxies(features, proxies, "image_features", proxies_name)
     if x.dtype != w.dtype:
         w = w.to(x.dtype)
-    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-        x, w = x.float(), w.float()
     runner = Runner(x.device, backend, chunk_size, x.shape[0], w.shape[1], x.dtype)
     return x, w, runner
 

@@ -73,9 +73,18 @@ def check_features_and_proxies(image_features, text_proxies, xname="image_featur
     if x.device != t.device:
         raise ValueError(f"{xname} is on {x.device} but {tname} is on {t.device}; "
                          "move both to one device")
+    x, t = cpu_upcast(x), cpu_upcast(t)
     x = normalise(x, check_finite(x, xname, 1), 1)
     t = normalise(t, check_finite(t, tname, 0), 0)
     return x, t
+
+
+def cpu_upcast(t: torch.Tensor) -> torch.Tensor:
+    """The CPU kernels compute in float32/float64: half precision on the CPU becomes float32
+    (before normalising, so nothing is rounded to 16 bits on the way)."""
+    if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
 
 
 def positive(value, name: str) -> float:

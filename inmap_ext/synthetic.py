@@ -1,0 +1,46 @@
+"""A CLIP-like synthetic problem with a modality gap, for the demo, the tests and the benchmark.
+
+Synthetic, not CLIP: image features cluster around per-class centres; the text proxies are those
+centres seen through a modality gap (one shared offset, as in CLIP's joint space) plus per-class
+noise, so the text proxies are sub-optimal class centres for images — the situation InMaP fixes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class SyntheticProblem:
+    image_features: torch.Tensor  # N x D, unit rows
+    text_proxies: torch.Tensor    # D x C, unit columns
+    labels: torch.Tensor          # N, int64 ground truth
+
+
+def make_problem(n: int = 10000, d: int = 256, c: int = 50, *, cone: float = 2.0,
+                 gap: float = 1.0, text_noise: float = 0.9, image_noise: float = 1.0,
+                 imbalance: float = 0.0, seed: int = 0, dtype=torch.float32,
+                 device="cpu", generator: Optional[torch.Generator] = None) -> SyntheticProblem:
+    """Draw a problem. Class centres share a common direction (``cone``: its weight against a
+    random unit-scale part, so classes are correlated as in CLIP's narrow cone); ``gap`` is the
+    length of the shared text-image offset; ``text_noise`` the per-class error of the text
+    proxies; ``image_noise`` the spread of images around their centre (random parts are
+    per-dimension N(0, 1/d), so of about unit length); ``imbalance`` > 0 makes class sizes
+    decay geometrically (class c-1 is exp(-imbalance) times as likely as class 0)."""
+    g = generator or torch.Generator().manual_seed(seed)
+    unit = lambda t, dim: torch.nn.functional.normalize(t, dim=dim)  # noqa: E731
+    common = unit(torch.randn(d, generator=g, dtype=torch.float64), 0)
+    centres = unit(cone * common + torch.randn(c, d, generator=g, dtype=torch.float64) / d ** 0.5,
+                   1)
+    offset = unit(torch.randn(d, generator=g, dtype=torch.float64), 0) * gap
+    text = unit(centres + offset + text_noise * torch.randn(c, d, generator=g,
+                                                            dtype=torch.float64) / d ** 0.5, 1)
+    weights = torch.exp(-imbalance * torch.arange(c, dtype=torch.float64) / max(c - 1, 1))
+    labels = torch.multinomial(weights, n, replacement=True, generator=g)
+    images = unit(centres[labels] + image_noise * torch.randn(n, d, generator=g,
+                                                              dtype=torch.float64) / d ** 0.5, 1)
+    return SyntheticProblem(images.to(device=device, dtype=dtype),
+                            text.T.contiguous().to(device=device, dtype=dtype),
+                            labels.to(device))

@@ -1,0 +1,152 @@
+"""Every compiled op against the pure-torch backend (the oracle), over dtype x shape x
+hyper-parameters, plus the op registration itself (schemas, fake kernels, opcheck)."""
+import pytest
+import torch
+
+from inmap_ext import _ops, reference
+from testing import DEVICES, FLOAT_DTYPES, skip_if_no_ext, unit_cols, unit_rows
+
+# (N, D, C, chunk): N < C, C = 1, D not a multiple of 8, one row, ragged last chunk, chunk > N.
+SHAPES = [(1, 5, 3, 4), (7, 13, 1, 3), (5, 9, 40, 2), (257, 31, 17, 64), (300, 8, 130, 1000),
+          (1000, 67, 9, 333)]
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def _inputs(n, d, c, dtype, device, seed=0):
+    x = unit_rows(n, d, seed=seed, dtype=dtype, device=device)
+    w = unit_cols(d, c, seed=seed + 1, dtype=dtype, device=device)
+    bias = torch.randn(c, generator=torch.Generator().manual_seed(seed + 2), dtype=dtype)
+    return x, w, bias.to(device)
+
+
+def _ext(name):
+    return _ops.op(name, "ext")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_softmax_column_lse(device, dtype, shape, use_bias):
+    skip_if_no_ext(device)
+    n, d, c, chunk = shape
+    x, w, bias = _inputs(n, d, c, dtype, device)
+    bias = bias if use_bias else None
+    for inv_tau in (1.0, 100.0):
+        got = _ext("softmax_column_lse")(x, w, bias, inv_tau, chunk)
+        want = reference.softmax_column_lse(x, w, bias, inv_tau, chunk)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+def test_pseudo_label_reduce(device, dtype, shape, alpha):
+    skip_if_no_ext(device)
+    n, d, c, chunk = shape
+    x, w, bias = _inputs(n, d, c, dtype, device, seed=3)
+    got = _ext("pseudo_label_reduce")(x, w, bias, 50.0, alpha, chunk)
+    want = reference.pseudo_label_reduce(x, w, bias, 50.0, alpha, chunk)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, **TOL[dtype])
+    assert got[2].dtype == torch.int64 and int(got[2].sum()) == n
+    torch.testing.assert_close(got[1].sum(), torch.tensor(float(n), dtype=got[1].dtype,
+                                                          device=device), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_xt_softmax(device, dtype, shape):
+    skip_if_no_ext(device)
+    n, d, c, chunk = shape
+    x, w, _ = _inputs(n, d, c, dtype, device, seed=5)
+    for inv_tau in (25.0, 1.0):
+        got = _ext("xt_softmax")(x, w, inv_tau, chunk)
+        want = reference.xt_softmax(x, w, inv_tau, chunk)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_topk_scores(device, dtype, shape):
+    skip_if_no_ext(device)
+    n, d, c, chunk = shape
+    x, w, _ = _inputs(n, d, c, dtype, device, seed=7)
+    for k in sorted({1, min(3, c), c}):
+        vals, idx = _ext("topk_scores")(x, w, k, chunk)
+        rv, ri = reference.topk_scores(x, w, k, chunk)
+        torch.testing.assert_close(vals, rv, **TOL[dtype])
+        assert torch.equal(idx, ri)
+
+
+def test_non_contiguous_and_offset_inputs():
+    skip_if_no_ext("cpu")
+    big = unit_rows(60, 40, dtype=torch.float32)
+    x = big[5:55:2, 3:30]            # strided rows, offset storage
+    w = unit_cols(27, 33, dtype=torch.float32)[:, ::3]
+    for name, args in [("xt_softmax", (20.0, 7)), ("softmax_column_lse", (None, 20.0, 7)),
+                       ("topk_scores", (2, 7))]:
+        got = _ext(name)(x, w, *args)
+        want = getattr(reference, name)(x, w, *args)
+        for g, r in zip(got if isinstance(got, tuple) else (got,),
+                        want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(g, r, rtol=2e-5, atol=2e-5)
+
+
+def test_extreme_logits_stay_finite_in_float32():
+    """A class far from every row: its float32 softmax column underflows; the log-domain
+    column statistic still matches float64."""
+    skip_if_no_ext("cpu")
+    x = unit_rows(64, 6, seed=1, dtype=torch.float64)
+    w = torch.cat([x[:4].T, -x[:1].T], dim=1)       # last class is anti-aligned with row 0
+    w = torch.nn.functional.normalize(w, dim=0)
+    got = _ext("softmax_column_lse")(x.float(), w.float(), None, 400.0, 16)
+    want = reference.softmax_column_lse(x, w, None, 400.0, 16)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
+def test_op_checks_name_the_problem():
+    skip_if_no_ext("cpu")
+    x, w, _ = _inputs(4, 5, 3, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="x has D=5 and w has D=4"):
+        _ext("xt_softmax")(x, w[:4], 1.0, 2)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        _ext("xt_softmax")(x, w.double(), 1.0, 2)
+    with pytest.raises(RuntimeError, match="chunk must be >= 1"):
+        _ext("xt_softmax")(x, w, 1.0, 0)
+    with pytest.raises(RuntimeError, match="bias must be a vector of length C=3"):
+        _ext("softmax_column_lse")(x, w, torch.zeros(4), 1.0, 2)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        _ext("topk_scores")(x, w, 4, 2)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        _ext("xt_softmax")(x.half(), w.half(), 1.0, 2)
+
+
+def test_opcheck_registrations():
+    """Schemas, fake kernels and dispatch agree (torch.library.opcheck)."""
+    skip_if_no_ext("cpu")
+    x, w, bias = _inputs(9, 6, 4, torch.float32, "cpu")
+    cases = {
+        "softmax_column_lse": (x, w, bias, 10.0, 4),
+        "pseudo_label_reduce": (x, w, bias, 10.0, 0.5, 4),
+        "xt_softmax": (x, w, 10.0, 4),
+        "topk_scores": (x, w, 2, 4),
+    }
+    for name, args in cases.items():
+        torch.library.opcheck(getattr(torch.ops.inmap_ext, name).default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_auto_backend_and_errors():
+    assert _ops.resolve_backend("torch", "cpu") == "torch"
+    expected = "ext" if _ops.ext_available("cpu") else "torch"
+    assert _ops.resolve_backend("auto", "cpu") == expected
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _ops.resolve_backend("cuda", "cpu")
+    assert _ops.resolve_backend("auto", "meta") == "torch"   # no kernels for other devices
+    with pytest.raises(RuntimeError, match="backend='ext' requested for meta tensors"):
+        _ops.resolve_backend("ext", "meta")

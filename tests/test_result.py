@@ -1,0 +1,76 @@
+"""The result object: prediction, early stopping, history, save/load through safetensors."""
+import pytest
+import torch
+
+from testing import clip_like, inmap_ext
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return clip_like(800, 32, 10, seed=21, dtype=torch.float32)
+
+
+def test_predict_and_accuracy_gain(problem):
+    X, T, y = problem
+    r = inmap_ext.fit_vision_proxy(X, T, iters=300)
+    pred = r.predict(X)
+    assert pred.shape == (800,) and pred.dtype == torch.int64
+    top3 = r.predict(X, k=3)
+    assert top3.shape == (800, 3) and torch.equal(top3[:, 0], pred)
+    vals, idx = r.topk(X * 5.0, k=3)                  # cosines: scale-free
+    torch.testing.assert_close(vals, (X @ r.proxy).gather(1, idx), rtol=1e-5, atol=1e-5)
+    zs = (r.zero_shot_predict(X) == y).float().mean()
+    inmap = (pred == y).float().mean()
+    assert inmap > zs + 0.05, (zs, inmap)            # the synthetic gap is large
+    assert int(r.class_counts.sum()) == 800
+    assert 0 <= r.confident_fraction <= 1
+    assert r.lr[0] == 10.0 and (r.lr[1:] <= r.lr[:-1]).all()
+    assert set(r.timings) == {"sinkhorn_s", "pseudo_labels_s", "descent_s"}
+
+
+def test_tol_stops_early_and_default_runs_all(problem):
+    X, T, _ = problem
+    full = inmap_ext.fit_vision_proxy(X, T, iters=2000)
+    assert full.n_iters == 2000 and not full.converged
+    early = inmap_ext.fit_vision_proxy(X, T, iters=2000, tol=1e-4)
+    assert early.converged and early.n_iters < 2000
+    assert len(early.grad_norm) == early.n_iters
+    agree = (early.predict(X) == full.predict(X)).float().mean()
+    assert agree >= 0.99
+
+
+def test_save_load_roundtrip(tmp_path, problem):
+    X, T, _ = problem
+    r = inmap_ext.fit_vision_proxy(X, T, iters=20)
+    path = tmp_path / "proxy.safetensors"
+    r.save(path, metadata={"model": "ViT-B-32"})
+    back = inmap_ext.load_vision_proxy(path)
+    for name in ("proxy", "text_proxies", "log_bias", "class_counts", "class_mass", "grad_norm",
+                 "lr"):
+        assert torch.equal(getattr(back, name), getattr(r, name)), name
+    assert back.hyper == r.hyper and back.n_iters == 20
+    assert back.metadata["model"] == "ViT-B-32"
+    assert torch.equal(back.predict(X), r.predict(X))
+
+
+def test_load_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ValueError, match="not an inmap_ext vision proxy file"):
+        inmap_ext.load_vision_proxy(path)
+
+
+def test_progress_bar(capsys, problem):
+    X, T, _ = problem
+    inmap_ext.fit_vision_proxy(X, T, iters=5, progress=True)
+    assert "vision proxy" in capsys.readouterr().err
+
+
+def test_half_precision_on_cpu_is_computed_in_float32(problem):
+    X, T, _ = problem
+    r = inmap_ext.fit_vision_proxy(X.half(), T.half(), iters=50)
+    ref = inmap_ext.fit_vision_proxy(X.half().float(), T.half().float(), iters=50)
+    assert r.proxy.dtype == torch.float32
+    torch.testing.assert_close(r.proxy, ref.proxy)

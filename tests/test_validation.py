@@ -1,0 +1,82 @@
+"""Bad input gets a ValueError or TypeError naming the argument and what was expected."""
+import math
+
+import pytest
+import torch
+
+from testing import clip_like, inmap_ext
+
+X, T, _ = clip_like(50, 8, 4, dtype=torch.float32)
+fit = inmap_ext.fit_vision_proxy
+
+
+def _with(tensor, index, value):
+    t = tensor.clone()
+    t[index] = value
+    return t
+
+
+@pytest.mark.parametrize("args, err, match", [
+    ((_with(X, (3, 2), math.nan), T), ValueError, r"image_features contains NaN or Inf \(first in row 3\)"),
+    ((X, _with(T, (1, 2), math.inf)), ValueError, r"text_proxies contains NaN or Inf \(first in column 2\)"),
+    ((X[0], T), ValueError, r"image_features must be 2-D \(N x D"),
+    ((X, T[:, 0]), ValueError, r"text_proxies must be 2-D \(D x C"),
+    ((X, T[:7]), ValueError, r"image_features has D=8 but text_proxies has D=7"),
+    ((X[:0], T), ValueError, r"image_features is empty"),
+    ((X, T[:, :0]), ValueError, r"text_proxies is empty"),
+    (((X * 100).int(), T), TypeError, r"image_features must be a floating tensor"),
+    ((X, T.long()), TypeError, r"text_proxies must be a floating tensor"),
+    ((X.numpy(), T), TypeError, r"image_features must be a torch.Tensor"),
+    ((X, T.to("meta")), ValueError, r"image_features is on cpu but text_proxies is on meta"),
+    ((_with(X, 4, 0.0), T), ValueError, r"image_features has an all-zero row \(row 4\)"),
+    ((X, _with(T, (slice(None), 1), 0.0)), ValueError, r"text_proxies has an all-zero column"),
+])
+def test_bad_tensors(args, err, match):
+    with pytest.raises(err, match=match):
+        fit(*args, iters=1)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(tau_t=0.0), r"tau_t must be a finite number > 0, got 0.0"),
+    (dict(tau_t=-1), r"tau_t must be a finite number > 0"),
+    (dict(tau_i=math.nan), r"tau_i must be a finite number > 0"),
+    (dict(alpha=1.5), r"alpha must be a number in \[0, 1\], got 1.5"),
+    (dict(alpha=-0.1), r"alpha must be a number in \[0, 1\]"),
+    (dict(iters=-1), r"iters must be an integer >= 0, got -1"),
+    (dict(iters=2.5), r"iters must be an integer >= 0"),
+    (dict(sinkhorn_iters=-3), r"sinkhorn_iters must be an integer >= 0"),
+    (dict(gamma=-0.5), r"gamma must be a finite number >= 0"),
+    (dict(lr=0), r"lr must be a finite number > 0"),
+    (dict(chunk_size=0), r"chunk_size must be an integer >= 1"),
+    (dict(tol=-1.0), r"tol must be a finite number > 0"),
+    (dict(backend="gpu"), r"backend must be one of"),
+])
+def test_bad_hyper_parameters(kw, match):
+    with pytest.raises(ValueError, match=match):
+        fit(X, T, **{"iters": 1, **kw})
+
+
+def test_non_unit_inputs_are_normalised():
+    """Scaled features and proxies give the same fit as unit ones (documented behaviour)."""
+    scale = torch.linspace(0.5, 3.0, X.shape[0])[:, None]
+    a = fit(X.double(), T.double(), iters=50)
+    b = fit(X.double() * scale, T.double() * 7.0, iters=50)
+    torch.testing.assert_close(a.proxy, b.proxy, rtol=0, atol=1e-12)
+    assert torch.equal(X, clip_like(50, 8, 4, dtype=torch.float32)[0])  # input untouched
+
+
+def test_zero_iterations_return_text_proxies():
+    r = fit(X, T, iters=0, sinkhorn_iters=0)
+    assert r.n_iters == 0 and r.grad_norm.numel() == 0
+    torch.testing.assert_close(r.proxy, T)
+
+
+def test_building_block_errors():
+    with pytest.raises(ValueError, match=r"k must be <= the number of classes C=4"):
+        inmap_ext.zero_shot_topk(X, T, k=5)
+    with pytest.raises(ValueError, match=r"log_bias must be a tensor of shape \(4,\)"):
+        inmap_ext.pseudo_label_reduce(X, T, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"target must be a tensor of shape \(8, 4\)"):
+        inmap_ext.proxy_gradient(X, T, torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=r"proxies has D=8"):
+        inmap_ext.zero_shot_topk(X[:, :7], T)
