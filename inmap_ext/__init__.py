@@ -16,9 +16,10 @@ from .functional import (
 )
 from .result import VisionProxyResult, load_vision_proxy
 from .version import __version__
+from .classifier import VisionProxyClassifier
 
 __all__ = [
     "fit_vision_proxy", "VisionProxyResult", "load_vision_proxy", "zero_shot_topk",
     "softmax_column_lse", "sinkhorn_log_bias", "pseudo_label_reduce", "proxy_gradient",
-    "auto_chunk_size", "extension_loaded", "ext_available", "resolve_backend", "__version__",
+    "VisionProxyClassifier", "auto_chunk_size", "extension_loaded", "ext_available", "resolve_backend", "__version__",
 ]

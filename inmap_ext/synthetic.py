@@ -44,3 +44,36 @@ def make_problem(n: int = 10000, d: int = 256, c: int = 50, *, cone: float = 2.0
     return SyntheticProblem(images.to(device=device, dtype=dtype),
                             text.T.contiguous().to(device=device, dtype=dtype),
                             labels.to(device))
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
+           "yellow": (230, 210, 40), "purple": (140, 50, 170), "orange": (240, 140, 30)}
+
+
+def make_image_folder(root: str, classes=("red", "green", "blue"), per_class: int = 6,
+                      size: int = 64, seed: int = 0, labeled: bool = True) -> list:
+    """Write small generated images (a coloured disc on a noisy background per class name in
+    COLOURS) as <root>/<class>/<i>.png (labeled) or <root>/<class>_<i>.png (flat). Returns the
+    paths."""
+    import os
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for c in classes:
+        colour = COLOURS.get(c, tuple(int(v) for v in rng.integers(0, 255, 3)))
+        folder = os.path.join(root, c) if labeled else root
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            bg = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            im = Image.fromarray(bg)
+            r = int(rng.integers(size // 4, size // 2))
+            cx, cy = (int(v) for v in rng.integers(r, size - r + 1, 2))
+            ImageDraw.Draw(im).ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            name = f"{i:03d}.png" if labeled else f"{c}_{i:03d}.png"
+            p = os.path.join(folder, name)
+            im.save(p)
+            paths.append(p)
+    return paths

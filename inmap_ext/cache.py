@@ -1,0 +1,131 @@
+"""The feature cache: image features written in safetensors shards under a key that names the
+model, the weights, the preprocessing and the image list. A killed extraction resumes at the
+first missing shard; any change of model, weights, preprocessing or images gives a new key, so
+stale features are never reused.
+
+Layout: <cache_dir>/<key>/manifest.json and shard_<i>.safetensors, each shard holding
+``features`` (rows x D float32), ``index`` (the rows' positions in the image list) and ``ok``
+(1 where the image could be read). Shards are written to a temporary name and renamed, so a
+shard file that exists is complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+DEFAULT_SHARD_SIZE = 4096
+
+
+def default_cache_dir() -> str:
+    """$INMAP_CACHE, else $XDG_CACHE_HOME/inmap_ext/features, else ~/.cache/inmap_ext/features."""
+    if os.environ.get("INMAP_CACHE"):
+        return os.environ["INMAP_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.path.join(base, "inmap_ext", "features")
+
+
+def file_fingerprint(path: str) -> str:
+    """Identity of a weights file: size, and SHA-256 of its first and last 4 MiB."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(4 << 20))
+        if size > 8 << 20:
+            f.seek(-(4 << 20), os.SEEK_END)
+            h.update(f.read())
+    return f"{size}:{h.hexdigest()[:32]}"
+
+
+def images_fingerprint(paths: Sequence[str]) -> str:
+    """Identity of an image list: every path with its size and modification time, in order."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+class FeatureCache:
+    def __init__(self, cache_dir: str, identity: Dict[str, str], paths: Sequence[str],
+                 shard_size: int = DEFAULT_SHARD_SIZE):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.identity = dict(identity, images=images_fingerprint(paths), n=str(len(paths)),
+                             shard_size=str(shard_size))
+        self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:24]
+        self.dir = os.path.join(cache_dir, self.key)
+        self.n = len(paths)
+        self.shard_size = shard_size
+        os.makedirs(self.dir, exist_ok=True)
+        manifest = os.path.join(self.dir, "manifest.json")
+        if not os.path.exists(manifest):
+            tmp = manifest + f".tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(self.identity, f, indent=1, sort_keys=True)
+            os.replace(tmp, manifest)
+
+    @property
+    def n_shards(self) -> int:
+        return (self.n + self.shard_size - 1) // self.shard_size
+
+    def shard_rows(self, i: int) -> range:
+        return range(i * self.shard_size, min(self.n, (i + 1) * self.shard_size))
+
+    def shard_path(self, i: int) -> str:
+        return os.path.join(self.dir, f"shard_{i:06d}.safetensors")
+
+    def missing_shards(self) -> List[int]:
+        return [i for i in range(self.n_shards) if not os.path.exists(self.shard_path(i))]
+
+    def write_shard(self, i: int, features: torch.Tensor, ok: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        rows = self.shard_rows(i)
+        if features.shape[0] != len(rows) or ok.shape[0] != len(rows):
+            raise ValueError(f"shard {i} needs {len(rows)} rows, got {features.shape[0]}")
+        tmp = self.shard_path(i) + f".tmp{os.getpid()}"
+        save_file({"features": features.float().contiguous().cpu(),
+                   "index": torch.arange(rows.start, rows.stop, dtype=torch.int64),
+                   "ok": ok.to(torch.uint8).cpu()}, tmp)
+        os.replace(tmp, self.shard_path(i))
+
+    def load(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(features N x D float32, ok N bool) in image-list order; every shard must exist."""
+        from safetensors.torch import load_file
+
+        missing = self.missing_shards()
+        if missing:
+            raise RuntimeError(f"feature cache {self.dir} is incomplete: {len(missing)} of "
+                               f"{self.n_shards} shards missing (run the extraction again)")
+        feats, oks = [], []
+        for i in range(self.n_shards):
+            t = load_file(self.shard_path(i))
+            if not torch.equal(t["index"], torch.arange(self.shard_rows(i).start,
+                                                        self.shard_rows(i).stop)):
+                raise RuntimeError(f"feature cache shard {self.shard_path(i)} is for other rows")
+            feats.append(t["features"])
+            oks.append(t["ok"].bool())
+        return torch.cat(feats), torch.cat(oks)
+
+
+def clear_cache(cache_dir: Optional[str] = None) -> int:
+    """Delete every cached feature set under ``cache_dir``; returns how many were removed."""
+    import shutil
+
+    cache_dir = cache_dir or default_cache_dir()
+    if not os.path.isdir(cache_dir):
+        return 0
+    n = 0
+    for name in os.listdir(cache_dir):
+        p = os.path.join(cache_dir, name)
+        if os.path.isdir(p) and os.path.exists(os.path.join(p, "manifest.json")):
+            shutil.rmtree(p)
+            n += 1
+    return n

@@ -1,0 +1,68 @@
+"""VisionProxyClassifier: a saved vision proxy as a torch.nn.Module head — a drop-in for
+open_clip's zero-shot classifier, on image features or (wrapping an open_clip model) on images."""
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import torch
+
+from .result import VisionProxyResult, load_vision_proxy
+
+
+class VisionProxyClassifier(torch.nn.Module):
+    """logits = logit_scale * normalize(features) @ proxy.
+
+    Args:
+        proxy: D x C vision proxy (unit columns).
+        classnames: optional class names (column order).
+        clip_model: optional open_clip model; then ``forward`` takes preprocessed images.
+        logit_scale: multiplier of the cosines (CLIP's 100 by default).
+    """
+
+    def __init__(self, proxy: torch.Tensor, classnames: Optional[List[str]] = None,
+                 clip_model: Optional[torch.nn.Module] = None, logit_scale: float = 100.0,
+                 model_name: Optional[str] = None):
+        super().__init__()
+        if proxy.dim() != 2:
+            raise ValueError(f"proxy must be D x C, got shape {tuple(proxy.shape)}")
+        if classnames is not None and len(classnames) != proxy.shape[1]:
+            raise ValueError(f"classnames has {len(classnames)} names for C={proxy.shape[1]}")
+        self.register_buffer("proxy", proxy.detach().float().clone())
+        self.classnames = list(classnames) if classnames is not None else None
+        self.logit_scale = float(logit_scale)
+        self.model_name = model_name
+        self.clip_model = clip_model
+        if clip_model is not None:
+            self._check_model(clip_model)
+
+    def _check_model(self, model: torch.nn.Module) -> None:
+        dim = getattr(getattr(model, "visual", None), "output_dim", None)
+        if dim is not None and dim != self.proxy.shape[0]:
+            raise ValueError(f"the model's image embedding has D={dim} but the proxy has "
+                             f"D={self.proxy.shape[0]}: this proxy was fitted with another model"
+                             + (f" ({self.model_name})" if self.model_name else ""))
+
+    @classmethod
+    def from_file(cls, path, clip_model: Optional[torch.nn.Module] = None,
+                  model_name: Optional[str] = None, **kw) -> "VisionProxyClassifier":
+        """Load a proxy saved by ``inmap fit`` / ``VisionProxyResult.save`` (safetensors: nothing
+        is unpickled). With ``model_name``, it must match the model the proxy was fitted with."""
+        res = load_vision_proxy(path)
+        return cls.from_result(res, clip_model=clip_model, model_name=model_name, **kw)
+
+    @classmethod
+    def from_result(cls, res: VisionProxyResult, clip_model=None, model_name=None, **kw):
+        saved = res.metadata.get("model")
+        if model_name is not None and saved is not None and saved != model_name:
+            raise ValueError(f"the proxy was fitted with model {saved!r}, not {model_name!r}")
+        names = json.loads(res.metadata["classnames"]) if "classnames" in res.metadata else None
+        return cls(res.proxy, names, clip_model, model_name=saved or model_name, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clip_model is not None and x.dim() == 4:
+            x = self.clip_model.encode_image(x)
+        if x.shape[-1] != self.proxy.shape[0]:
+            raise ValueError(f"features have D={x.shape[-1]}, the proxy has D={self.proxy.shape[0]}")
+        x = torch.nn.functional.normalize(x.float(), dim=-1)
+        return self.logit_scale * (x @ self.proxy)

@@ -1,0 +1,229 @@
+"""The `inmap` command (also `python -m inmap_ext`).
+
+Exit codes: 0 success; 1 a check failed (`inmap check`); 2 usage error; 3 bad input (a missing
+file, an unknown class, inputs that fail validation); 4 runtime failure; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vision_proxy
+    ("--tau-t", "tau_t", float, 0.01, "temperature of the pseudo labels"),
+    ("--tau-i", "tau_i", float, 0.04, "temperature of the vision proxy softmax"),
+    ("--alpha", "alpha", float, 0.6, "confidence threshold: rows with max > alpha become one-hot"),
+    ("--sinkhorn-iters", "sinkhorn_iters", int, 20, "Sinkhorn balancing iterations (0: none)"),
+    ("--gamma", "gamma", float, 0.0, "class-prior exponent of the balancing (0: uniform)"),
+    ("--iters", "iters", int, 2000, "gradient steps on the vision proxy"),
+    ("--lr", "lr", float, 10.0, "initial learning rate (halved when the gradient norm grows)"),
+    ("--backend", "backend", str, "auto", "auto | ext | torch"),
+    ("--chunk-size", "chunk_size", int, None, "rows per chunk (default: automatic)"),
+    ("--tol", "tol", float, None, "early stop when the largest per-class proxy change < tol"),
+]
+
+
+def _common(p, model_required=True):
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--log", choices=["text", "json", "quiet"], default="text",
+                   help="text with progress bars (default), json lines on stderr, or quiet")
+    p.add_argument("--quiet", "-q", action="store_const", const="quiet", dest="log",
+                   help="same as --log quiet")
+
+
+def _model(p, required=True):
+    p.add_argument("--model", required=required, help="open_clip architecture, e.g. ViT-B-32")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip pretrained tag (downloaded when online), a local checkpoint "
+                        "file, or 'none' for random weights")
+    p.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"], default="fp32",
+                   help="image/text encoder precision; amp = fp16 autocast on CUDA")
+
+
+def _images(p):
+    p.add_argument("--images", required=True,
+                   help="image folder (searched recursively) or a text file listing image paths")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache (default $INMAP_CACHE or ~/.cache/inmap_ext/features)")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="recompute features even if cached")
+
+
+def _classes(p):
+    p.add_argument("--classes", required=True,
+                   help="'imagenet', a text file (one class per line) or JSON (list, or object "
+                        "folder name -> class name)")
+    p.add_argument("--templates", default="simple",
+                   help="'simple' (the paper's 7), 'openai' (80) or a file of templates with "
+                        "{} or {c}")
+
+
+def _hyper(p):
+    g = p.add_argument_group("InMaP hyper-parameters (published defaults)")
+    for flag, dest, typ, default, help_ in HYPER:
+        g.add_argument(flag, dest=dest, type=typ, default=default, help=f"{help_} ({default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="inmap", description="InMaP: turn a CLIP zero-shot classifier into a better one "
+        "using unlabeled images of the target domain.",
+        epilog="exit codes: 0 ok, 1 check failed, 2 usage, 3 bad input, 4 runtime error")
+    ap.add_argument("--version", action="version", version=_version())
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="images + classes -> vision proxy, report, predictions",
+                       description="Fit a vision proxy: writes OUT/proxy.safetensors, "
+                       "OUT/report.json and OUT/predictions.csv.")
+    _model(p)
+    _images(p)
+    _classes(p)
+    p.add_argument("--prompts", default=None,
+                   help="JSON class -> list of prompts (CuPL style), instead of templates")
+    p.add_argument("--labels", choices=["auto", "folder", "none"], default="auto",
+                   help="labels from an ImageFolder layout (auto: when folders match classes)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--topk", type=int, default=5, help="classes per image in predictions.csv")
+    _hyper(p)
+    _common(p)
+
+    p = sub.add_parser("predict", help="saved proxy + images -> predictions CSV")
+    p.add_argument("--proxy", required=True, help="proxy.safetensors written by `inmap fit`")
+    _model(p, required=False)
+    _images(p)
+    p.add_argument("--out", required=True, help="predictions CSV to write")
+    p.add_argument("--topk", type=int, default=5)
+    _common(p)
+
+    p = sub.add_parser("extract", help="image features only, into the cache (reused by fit)")
+    _model(p)
+    _images(p)
+    p.add_argument("--shard-size", type=int, default=4096, help="images per cache shard")
+    _common(p)
+
+    p = sub.add_parser("eval", help="zero-shot vs InMaP accuracy on a labeled image folder")
+    _model(p)
+    _images(p)
+    _classes(p)
+    p.add_argument("--dataset", default=None, help="dataset name for the JSON (default: folder)")
+    p.add_argument("--out", default=None, help="JSON results file (CLIP_benchmark shape)")
+    _hyper(p)
+    _common(p)
+
+    p = sub.add_parser("export", help="proxy -> plain (D, C) tensor for clip_benchmark --load_clfs")
+    p.add_argument("--proxy", required=True)
+    p.add_argument("--out", required=True, help="file to write (torch.save of a D x C tensor)")
+
+    p = sub.add_parser("demo", help="the built-in offline demo (synthetic problem + pipeline)")
+    p.add_argument("--n", type=int, default=10000, help="synthetic images")
+    p.add_argument("--dim", type=int, default=256, help="synthetic feature dimension")
+    p.add_argument("--classes", type=int, default=50, help="synthetic classes")
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--device", default=None, help="default: cpu, and cuda when present")
+    p.add_argument("--no-pipeline", action="store_true", help="only the synthetic comparison")
+
+    p = sub.add_parser("check", help="compiled kernels vs the pure-torch backend on this machine")
+    p.add_argument("--device", action="append", default=None,
+                   help="device(s) to check (default: cpu and cuda when present)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the table as JSON")
+
+    p = sub.add_parser("cache", help="show or clear the feature cache")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--clear", action="store_true", help="delete every cached feature set")
+    return ap
+
+
+def _version() -> str:
+    from .version import __version__
+
+    return f"inmap_ext {__version__}"
+
+
+def _hyper_kwargs(args) -> dict:
+    return {dest: getattr(args, dest) for _, dest, *_ in HYPER}
+
+
+def run(args) -> int:
+    from . import pipeline
+
+    cmd = args.command
+    if cmd == "fit":
+        pipeline.fit_images(
+            model=args.model, pretrained=args.pretrained, images=args.images,
+            classes=args.classes, out=args.out, templates=args.templates, prompts=args.prompts,
+            labels=args.labels, device=args.device, precision=args.precision,
+            batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
+            use_cache=args.use_cache, topk=args.topk, log=pipeline.Log(args.log),
+            **_hyper_kwargs(args))
+    elif cmd == "predict":
+        pipeline.predict_images(
+            proxy=args.proxy, images=args.images, out=args.out, model=args.model,
+            pretrained=args.pretrained, device=args.device, precision=args.precision,
+            batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
+            use_cache=args.use_cache, topk=args.topk, log=pipeline.Log(args.log))
+    elif cmd == "extract":
+        from . import clip as clip_mod
+        from .data import list_images
+
+        log = pipeline.Log(args.log)
+        clip = clip_mod.load_model(args.model, args.pretrained, args.device, args.precision)
+        pipeline.extract(clip, list_images(args.images, labels="none"), log,
+                         cache_dir=args.cache_dir, use_cache=args.use_cache,
+                         batch_size=args.batch_size, workers=args.workers,
+                         shard_size=args.shard_size)
+    elif cmd == "eval":
+        pipeline.eval_images(
+            model=args.model, pretrained=args.pretrained, images=args.images,
+            classes=args.classes, out=args.out, templates=args.templates, device=args.device,
+            precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+            cache_dir=args.cache_dir, use_cache=args.use_cache, dataset=args.dataset,
+            log=pipeline.Log(args.log), **_hyper_kwargs(args))
+    elif cmd == "export":
+        w = pipeline.export_classifier(args.proxy, args.out)
+        print(f"wrote {args.out}: a {tuple(w.shape)} float32 tensor (D x C)", file=sys.stderr)
+    elif cmd == "demo":
+        from . import demo
+
+        return demo.main(args)
+    elif cmd == "check":
+        from .check import run_check
+
+        rows = run_check(args.device)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return EXIT_OK if all(r["ok"] or r["note"] for r in rows) else EXIT_CHECK_FAILED
+    elif cmd == "cache":
+        from .cache import clear_cache, default_cache_dir
+
+        d = args.cache_dir or default_cache_dir()
+        if args.clear:
+            print(f"removed {clear_cache(d)} cached feature set(s) from {d}")
+        else:
+            print(d)
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"inmap {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception as e:  # noqa: BLE001 - reported, never swallowed silently
+        print(f"inmap {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""open_clip glue: models, class names, prompt templates, text proxies and image features.
+
+Everything open_clip already ships is reused (create_model_and_transforms, get_tokenizer,
+build_zero_shot_classifier, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES,
+SIMPLE_IMAGENET_TEMPLATES); this module adds file formats, per-class prompts, the feature cache
+and robust image loading.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .cache import FeatureCache, default_cache_dir, file_fingerprint
+from .data import ImageDataset, ImageSet
+
+Template = Union[str, Callable[[str], str]]
+TEMPLATE_SETS = ("simple", "openai")
+CLASS_SETS = ("imagenet",)
+
+
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError as e:  # pragma: no cover - the clip extra is installed in tests
+        raise ImportError("the CLIP pipeline needs open_clip: pip install 'inmap_ext[clip]' "
+                          "(open_clip_torch)") from e
+    return open_clip
+
+
+# -- class names and prompts --------------------------------------------------------------------
+@dataclass
+class ClassSpec:
+    names: List[str]
+    folder_map: Optional[Dict[str, str]] = None   # image folder name -> class name
+
+
+def load_classnames(spec: str) -> ClassSpec:
+    """``imagenet`` (open_clip's 1000 names), a text file (one name per line), or JSON: a list of
+    names, or an object mapping image-folder names (e.g. ImageNet wnids) to class names."""
+    if spec.lower() in CLASS_SETS:
+        return ClassSpec(list(_open_clip().IMAGENET_CLASSNAMES))
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--classes: {spec!r} is not a built-in set ({', '.join(CLASS_SETS)}) "
+                                "nor a file")
+    if spec.lower().endswith(".json"):
+        with open(spec) as f:
+            data = json.load(f)
+        if isinstance(data, list) and all(isinstance(c, str) for c in data):
+            spec_ = ClassSpec(list(data))
+        elif isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+            spec_ = ClassSpec(list(dict.fromkeys(data.values())), dict(data))
+        else:
+            raise ValueError(f"--classes {spec}: expected a JSON list of names or an object "
+                             "folder -> name")
+    else:
+        with open(spec) as f:
+            spec_ = ClassSpec([ln.strip() for ln in f if ln.strip()])
+    if not spec_.names:
+        raise ValueError(f"--classes {spec}: no class names")
+    dup = sorted({c for c in spec_.names if spec_.names.count(c) > 1})
+    if dup:
+        raise ValueError(f"--classes {spec}: duplicate class names {dup[:5]}")
+    return spec_
+
+
+def _template_from_string(t: str) -> Template:
+    if "{c}" in t:   # CLIP_benchmark's spelling
+        return lambda c, t=t: t.replace("{c}", c)
+    if "{}" in t:
+        return t
+    raise ValueError(f"template {t!r} has no class placeholder ('{{}}' or '{{c}}')")
+
+
+def load_templates(spec: str) -> List[Template]:
+    """``simple`` (the paper's 7), ``openai`` (OpenAI's 80), or a file (.txt one per line, or a
+    JSON list) of templates with a ``{}`` or ``{c}`` placeholder."""
+    oc = _open_clip()
+    if spec.lower() == "simple":
+        return list(oc.SIMPLE_IMAGENET_TEMPLATES)
+    if spec.lower() == "openai":
+        return list(oc.OPENAI_IMAGENET_TEMPLATES)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--templates: {spec!r} is not a built-in set "
+                                f"({', '.join(TEMPLATE_SETS)}) nor a file")
+    with open(spec) as f:
+        items = json.load(f) if spec.lower().endswith(".json") else \
+            [ln.rstrip("\n") for ln in f if ln.strip()]
+    if not items:
+        raise ValueError(f"--templates {spec}: no templates")
+    return [_template_from_string(t) for t in items]
+
+
+def load_prompts(path: str, classnames: Sequence[str]) -> Dict[str, List[str]]:
+    """Per-class prompt lists (CuPL style): JSON object class name -> list of prompts; every
+    class needs at least one."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"--prompts {path}: expected a JSON object class -> [prompts]")
+    missing = [c for c in classnames if not data.get(c)]
+    if missing:
+        raise ValueError(f"--prompts {path}: no prompts for {len(missing)} class(es), e.g. "
+                         f"{missing[:5]}")
+    return {c: list(data[c]) for c in classnames}
+
+
+def template_strings(templates: Sequence[Template]) -> List[str]:
+    """Printable form of templates (callables rendered on a placeholder) for metadata."""
+    return [t if isinstance(t, str) else t("{}") for t in templates]
+
+
+# -- models ---------------------------------------------------------------------------------------
+@dataclass
+class ClipModel:
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    name: str
+    pretrained: Optional[str]
+    weights_id: str
+    device: torch.device
+    precision: str
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.precision in ("amp", "amp_bf16"):
+            dt = torch.bfloat16 if self.precision == "amp_bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dt)
+        return contextlib.nullcontext()
+
+
+def _looks_like_openai_checkpoint(path: str) -> bool:
+    if "openai" in os.path.basename(path).lower():
+        return True
+    try:  # OpenAI released TorchScript archives
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_model(name: str, pretrained: Optional[str], device="cpu",
+               precision: str = "fp32") -> ClipModel:
+    """An open_clip model by architecture name with a pretrained tag (downloaded by open_clip
+    when online), a local checkpoint file, or None / "none" (random weights)."""
+    oc = _open_clip()
+    if precision not in ("fp32", "amp", "amp_bf16"):
+        raise ValueError(f"--precision must be fp32, amp or amp_bf16, got {precision!r}")
+    if name not in oc.list_models():
+        raise ValueError(f"--model {name!r} is not an open_clip architecture "
+                         "(see open_clip.list_models())")
+    if pretrained is not None and pretrained.lower() in ("none", ""):
+        pretrained = None
+    device = torch.device(device)
+    if pretrained is not None and os.path.isfile(pretrained):
+        weights_id = "file:" + file_fingerprint(pretrained)
+        if "quickgelu" not in name.lower() and _looks_like_openai_checkpoint(pretrained):
+            warnings.warn(
+                f"{pretrained} looks like an OpenAI checkpoint but {name} is not a QuickGELU "
+                f"config: open_clip would silently lose accuracy; use {name}-quickgelu",
+                UserWarning, stacklevel=2)
+    else:
+        weights_id = f"tag:{pretrained}" if pretrained else "random-init"
+    model, _, preprocess = oc.create_model_and_transforms(name, pretrained=pretrained,
+                                                          device=device)
+    model.eval()
+    return ClipModel(model, preprocess, oc.get_tokenizer(name), name, pretrained, weights_id,
+                     device, precision)
+
+
+@torch.no_grad()
+def text_proxies(clip: ClipModel, classnames: Sequence[str],
+                 templates: Optional[Sequence[Template]] = None,
+                 prompts: Optional[Dict[str, List[str]]] = None,
+                 progress: bool = False) -> torch.Tensor:
+    """D x C text proxies: per class, encode every prompt, L2-normalise each, average,
+    L2-normalise (open_clip.build_zero_shot_classifier for templates; per-class prompt lists
+    the same way, one class at a time)."""
+    if prompts is None:
+        with clip.autocast():
+            w = _open_clip().build_zero_shot_classifier(
+                clip.model, clip.tokenizer, list(classnames), list(templates),
+                device=clip.device, use_tqdm=progress)
+        return w.float()
+    cols = []
+    for c in classnames:
+        with clip.autocast():
+            e = clip.model.encode_text(clip.tokenizer(prompts[c]).to(clip.device), normalize=True)
+        cols.append(torch.nn.functional.normalize(e.float().mean(0), dim=0))
+    return torch.stack(cols, dim=1)
+
+
+@torch.no_grad()
+def image_features(clip: ClipModel, images: ImageSet, *, cache_dir: Optional[str] = None,
+                   use_cache: bool = True, batch_size: int = 64, workers: int = 4,
+                   shard_size: int = 4096, progress: bool = True,
+                   shard_filter: Optional[Callable[[int], bool]] = None
+                   ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], FeatureCache]:
+    """Features (N x D float32, unit rows) of every image, and an ``ok`` mask (False for files
+    that could not be read; their rows are zero). Finished shards of the cache are reused; a
+    killed run resumes. ``shard_filter`` restricts which shards this process computes (ranks of
+    a sharded extraction); it then returns (None, None, cache) when other shards are missing."""
+    identity = {"model": clip.name, "weights": clip.weights_id,
+                "preprocess": repr(clip.preprocess), "precision": clip.precision}
+    cache = FeatureCache(cache_dir or default_cache_dir(), identity, images.paths, shard_size)
+    todo = cache.missing_shards() if use_cache else list(range(cache.n_shards))
+    if shard_filter is not None:
+        todo = [i for i in todo if shard_filter(i)]
+    if todo:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(cache.shard_rows(i)) for i in todo), desc="image features",
+                       unit="img")
+        for i in todo:
+            rows = cache.shard_rows(i)
+            ds = ImageDataset(images.paths, clip.preprocess, list(rows))
+            loader = torch.utils.data.DataLoader(
+                ds, batch_size=batch_size, num_workers=workers, shuffle=False,
+                pin_memory=clip.device.type == "cuda")
+            feats, oks = [], []
+            for x, _, ok in loader:
+                with clip.autocast():
+                    f = clip.model.encode_image(x.to(clip.device, non_blocking=True),
+                                                normalize=True)
+                f = f.float() * ok.to(f.device)[:, None]
+                feats.append(f.cpu())
+                oks.append(ok)
+                if bar is not None:
+                    bar.update(len(x))
+            cache.write_shard(i, torch.cat(feats), torch.cat(oks))
+        if bar is not None:
+            bar.close()
+    if cache.missing_shards():
+        return None, None, cache
+    feats, ok = cache.load()
+    return feats, ok, cache

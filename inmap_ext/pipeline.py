@@ -1,0 +1,289 @@
+"""The image-folder workflows behind the `inmap` command: images -> features (clip, data, cache)
+-> fit (fit.py) -> proxy file, report and predictions. Each function takes plain arguments, so
+it is usable from Python as well as from the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import clip as clip_mod
+from .data import ImageSet, list_images
+from .fit import fit_vision_proxy
+from .result import VisionProxyResult, load_vision_proxy
+from .version import __version__
+
+
+class Log:
+    """Messages for people (text on stderr), for scripts (one JSON object per line on stderr),
+    or nothing (quiet). Progress bars only in text mode."""
+
+    def __init__(self, mode: str = "text"):
+        if mode not in ("text", "json", "quiet"):
+            raise ValueError(f"log mode must be text, json or quiet, got {mode!r}")
+        self.mode = mode
+
+    @property
+    def progress(self) -> bool:
+        return self.mode == "text"
+
+    def __call__(self, event: str, message: str = "", **fields) -> None:
+        if self.mode == "json":
+            print(json.dumps({"event": event, **fields}, default=str), file=sys.stderr,
+                  flush=True)
+        elif self.mode == "text" and message:
+            print(message, file=sys.stderr, flush=True)
+
+
+def versions() -> Dict[str, str]:
+    out = {"inmap_ext": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import open_clip
+
+        out["open_clip"] = open_clip.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def classification_metrics(indices: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """acc1, acc5 (acc@min(5, C)) and mean per-class recall, as CLIP_benchmark reports them."""
+    labels = labels.to(indices.device)
+    hit1 = indices[:, 0] == labels
+    k = min(5, indices.shape[1])
+    hit5 = (indices[:, :k] == labels[:, None]).any(dim=1)
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    recall = torch.zeros(num_classes, dtype=torch.float64)
+    recall.index_add_(0, labels.cpu(), hit1.double().cpu())
+    recall = recall[present.cpu()] / torch.bincount(labels.cpu(), minlength=num_classes)[present.cpu()]
+    return {"acc1": hit1.double().mean().item(), "acc5": hit5.double().mean().item(),
+            "mean_per_class_recall": recall.mean().item()}
+
+
+def write_predictions(path: str, paths: Sequence[str], values: torch.Tensor,
+                      indices: torch.Tensor, classnames: Sequence[str],
+                      labels: Optional[Sequence[int]] = None) -> None:
+    """CSV: path, [label,] pred_1, score_1, ... pred_k, score_k (classes by name, cosines)."""
+    k = indices.shape[1]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        head = ["path"] + (["label"] if labels is not None else [])
+        for j in range(1, k + 1):
+            head += [f"pred_{j}", f"score_{j}"]
+        w.writerow(head)
+        vals, idx = values.tolist(), indices.tolist()
+        for r, p in enumerate(paths):
+            row = [p] + ([classnames[labels[r]]] if labels is not None else [])
+            for j in range(k):
+                row += [classnames[idx[r][j]], f"{vals[r][j]:.6f}"]
+            w.writerow(row)
+
+
+@dataclass
+class Features:
+    """Image features of an image set, the readable images only, and what was skipped."""
+    images: ImageSet
+    features: torch.Tensor          # n_ok x D
+    keep: torch.Tensor              # N bool
+    skipped: List[str] = field(default_factory=list)
+
+    @property
+    def paths(self) -> List[str]:
+        return [p for p, k in zip(self.images.paths, self.keep.tolist()) if k]
+
+    @property
+    def labels(self) -> Optional[torch.Tensor]:
+        if self.images.labels is None:
+            return None
+        return torch.tensor(self.images.labels)[self.keep]
+
+
+def extract(clip: "clip_mod.ClipModel", images: ImageSet, log: Log, **kw) -> Features:
+    t0 = time.perf_counter()
+    feats, ok, cache = clip_mod.image_features(clip, images, progress=log.progress, **kw)
+    skipped = [p for p, o in zip(images.paths, ok.tolist()) if not o]
+    log("features", f"features: {int(ok.sum())} images ({len(skipped)} unreadable, skipped) "
+        f"in {time.perf_counter() - t0:.1f}s; cache {cache.dir}", n=int(ok.sum()),
+        skipped=len(skipped), cache=cache.dir, seconds=time.perf_counter() - t0)
+    if not bool(ok.any()):
+        raise ValueError(f"none of the {len(images)} images could be read")
+    return Features(images, feats[ok], ok, skipped)
+
+
+def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: str, out: str,
+               templates: str = "simple", prompts: Optional[str] = None, labels: str = "auto",
+               device: str = "cpu", precision: str = "fp32", batch_size: int = 64,
+               workers: int = 4, cache_dir: Optional[str] = None, use_cache: bool = True,
+               topk: int = 5, log: Optional[Log] = None, **hyper) -> dict:
+    """``inmap fit``: writes out/proxy.safetensors, out/report.json, out/predictions.csv and
+    returns the report."""
+    log = log or Log()
+    timings = {}
+    t0 = time.perf_counter()
+    spec = clip_mod.load_classnames(classes)
+    tmpl = clip_mod.load_templates(templates)
+    per_class = clip_mod.load_prompts(prompts, spec.names) if prompts else None
+    image_set = list_images(images, spec.names, labels, spec.folder_map)
+    log("images", f"images: {len(image_set)} under {image_set.root} "
+        f"({'labeled by folder' if image_set.labels is not None else 'unlabeled'}); "
+        f"classes: {len(spec.names)}", n=len(image_set), labeled=image_set.labels is not None)
+    clip = clip_mod.load_model(model, pretrained, device, precision)
+    timings["load_model_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    text = clip_mod.text_proxies(clip, spec.names, tmpl, per_class, progress=log.progress)
+    timings["text_proxies_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    feats = extract(clip, image_set, log, cache_dir=cache_dir, use_cache=use_cache,
+                    batch_size=batch_size, workers=workers)
+    timings["features_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    x = feats.features.to(clip.device)
+    res = fit_vision_proxy(x, text.to(clip.device), progress=log.progress, **hyper)
+    timings["fit_s"] = time.perf_counter() - t0
+    log("fit", f"fit: {res.n_iters} steps on the {res.backend} backend in {timings['fit_s']:.2f}s",
+        n_iters=res.n_iters, backend=res.backend, seconds=timings["fit_s"])
+
+    t0 = time.perf_counter()
+    k = min(topk, len(spec.names))
+    vals, idx = res.topk(x, k)
+    zs_idx = res.zero_shot_predict(x, k=min(5, len(spec.names)))
+    if zs_idx.dim() == 1:
+        zs_idx = zs_idx[:, None]
+    timings["predict_s"] = time.perf_counter() - t0
+
+    os.makedirs(out, exist_ok=True)
+    meta = {"model": model, "pretrained": str(pretrained), "weights_id": clip.weights_id,
+            "classnames": json.dumps(spec.names),
+            "templates": json.dumps(clip_mod.template_strings(tmpl) if per_class is None
+                                    else "per-class prompts: " + os.path.abspath(prompts)),
+            "versions": json.dumps(versions())}
+    res.save(os.path.join(out, "proxy.safetensors"), metadata=meta)
+    lab = feats.labels
+    write_predictions(os.path.join(out, "predictions.csv"), feats.paths, vals, idx, spec.names,
+                      lab.tolist() if lab is not None else None)
+    report = {
+        "model": model, "pretrained": str(pretrained), "device": str(clip.device),
+        "images": image_set.root, "n_images": len(image_set), "n_used": int(feats.keep.sum()),
+        "n_skipped": len(feats.skipped), "skipped": feats.skipped,
+        "num_classes": len(spec.names), "backend": res.backend, "hyper": res.hyper,
+        "pseudo_labels": {
+            "confident_fraction": res.confident_fraction,
+            "class_counts_min": int(res.class_counts.min()),
+            "class_counts_max": int(res.class_counts.max()),
+            "classes_without_pseudo_label": int((res.class_counts == 0).sum()),
+        },
+        "descent": {"n_iters": res.n_iters, "converged": res.converged,
+                    "final_grad_norm": float(res.grad_norm[-1]) if res.n_iters else None,
+                    "final_lr": float(res.lr[-1]) if res.n_iters else None},
+        "timings": {**timings, **{f"fit.{k}": v for k, v in res.timings.items()}},
+        "outputs": {"proxy": os.path.join(out, "proxy.safetensors"),
+                    "predictions": os.path.join(out, "predictions.csv")},
+        "versions": versions(),
+    }
+    if lab is not None:
+        report["zero_shot"] = classification_metrics(zs_idx.cpu(), lab, len(spec.names))
+        report["inmap"] = classification_metrics(idx.cpu(), lab, len(spec.names))
+        log("accuracy", f"top-1: zero-shot {report['zero_shot']['acc1']:.4f} -> InMaP "
+            f"{report['inmap']['acc1']:.4f}", zero_shot=report["zero_shot"], inmap=report["inmap"])
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    log("done", f"wrote {out}/proxy.safetensors, report.json, predictions.csv", out=out)
+    return report
+
+
+def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = None,
+                   pretrained: Optional[str] = None, device: str = "cpu",
+                   precision: str = "fp32", batch_size: int = 64, workers: int = 4,
+                   cache_dir: Optional[str] = None, use_cache: bool = True, topk: int = 5,
+                   log: Optional[Log] = None) -> dict:
+    """``inmap predict``: a saved proxy + images -> predictions CSV. The model and weights come
+    from the proxy's metadata unless given."""
+    log = log or Log()
+    res = load_vision_proxy(proxy)
+    meta = res.metadata
+    model = model or meta.get("model")
+    if pretrained is None:
+        pretrained = meta.get("pretrained")
+    if not model:
+        raise ValueError(f"{proxy} names no model in its metadata: pass --model and --pretrained")
+    if meta.get("model") and meta["model"] != model:
+        log("warning", f"warning: the proxy was fitted with {meta['model']}, predicting with "
+            f"{model}", fitted=meta["model"], using=model)
+    names = json.loads(meta["classnames"]) if "classnames" in meta else \
+        [str(i) for i in range(res.num_classes)]
+    image_set = list_images(images, names, "none")
+    clip = clip_mod.load_model(model, pretrained, device, precision)
+    from .classifier import VisionProxyClassifier
+
+    VisionProxyClassifier(res.proxy, names)._check_model(clip.model)
+    feats = extract(clip, image_set, log, cache_dir=cache_dir, use_cache=use_cache,
+                    batch_size=batch_size, workers=workers)
+    vals, idx = res.topk(feats.features.to(clip.device), min(topk, len(names)))
+    write_predictions(out, feats.paths, vals, idx, names)
+    log("done", f"wrote {out} ({len(feats.paths)} images)", out=out)
+    return {"n_images": len(image_set), "n_skipped": len(feats.skipped), "skipped": feats.skipped,
+            "out": out}
+
+
+def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: str,
+                out: Optional[str] = None, templates: str = "simple", device: str = "cpu",
+                precision: str = "fp32", batch_size: int = 64, workers: int = 4,
+                cache_dir: Optional[str] = None, use_cache: bool = True,
+                dataset: Optional[str] = None, log: Optional[Log] = None, **hyper) -> List[dict]:
+    """``inmap eval``: zero-shot vs InMaP (without and with Sinkhorn) on a labeled folder; one
+    CLIP_benchmark-shaped record per method."""
+    log = log or Log()
+    spec = clip_mod.load_classnames(classes)
+    image_set = list_images(images, spec.names, "folder", spec.folder_map)
+    clip = clip_mod.load_model(model, pretrained, device, precision)
+    text = clip_mod.text_proxies(clip, spec.names, clip_mod.load_templates(templates),
+                                 progress=log.progress)
+    feats = extract(clip, image_set, log, cache_dir=cache_dir, use_cache=use_cache,
+                    batch_size=batch_size, workers=workers)
+    x, t, y = feats.features.to(clip.device), text.to(clip.device), feats.labels
+    k = min(5, len(spec.names))
+    sinkhorn = hyper.pop("sinkhorn_iters", 20) or 20
+    runs = {"text proxy (zero-shot)": None,
+            "vision proxy (InMaP)": dict(hyper, sinkhorn_iters=0),
+            "vision proxy + Sinkhorn (InMaP)": dict(hyper, sinkhorn_iters=sinkhorn)}
+    from .functional import zero_shot_topk
+
+    records = []
+    for method, kw in runs.items():
+        if kw is None:
+            idx = zero_shot_topk(x, t, k)[1]
+        else:
+            idx = fit_vision_proxy(x, t, progress=log.progress, **kw).predict(x, k=k)
+            idx = idx[:, None] if idx.dim() == 1 else idx
+        m = classification_metrics(idx.cpu(), y, len(spec.names))
+        records.append({"dataset": dataset or os.path.basename(os.path.abspath(images)),
+                        "model": model, "pretrained": str(pretrained),
+                        "task": "zeroshot_classification", "method": method, "metrics": m,
+                        "n_images": int(feats.keep.sum()), "n_skipped": len(feats.skipped)})
+        log("eval", f"{method:34s} acc1 {m['acc1']:.4f}  acc5 {m['acc5']:.4f}  "
+            f"mean recall {m['mean_per_class_recall']:.4f}", method=method, metrics=m)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(records, f, indent=2)
+    return records
+
+
+def export_classifier(proxy: str, out: str) -> torch.Tensor:
+    """The proxy as the plain (D, C) float32 tensor file that ``clip_benchmark eval --load_clfs``
+    reads (torch.save of a tensor; loadable with weights_only=True)."""
+    res: VisionProxyResult = load_vision_proxy(proxy)
+    w = res.proxy.float().contiguous().cpu()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save(w, out)
+    return w
