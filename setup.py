@@ -30,6 +30,29 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _cublas_paths(cuda_home):
+    """Include and library flags for cuBLAS. A full toolkit has them under CUDA_HOME; a minimal
+    one (nvcc + cudart) does not, and then the headers and libraries of the NVIDIA pip wheels
+    that torch itself depends on (site-packages/nvidia/*) are used."""
+    roots = [cuda_home]
+    try:
+        import nvidia
+
+        roots += [d for base in nvidia.__path__ for d in sorted(glob.glob(os.path.join(base, "*")))]
+    except ImportError:
+        pass
+    inc = next((os.path.join(r, "include") for r in roots
+                if os.path.exists(os.path.join(r, "include", "cublas_v2.h"))), None)
+    libs = [p for r in roots for sub in ("lib64", "lib")
+            for p in sorted(glob.glob(os.path.join(r, sub, "libcublas.so*")))]
+    if inc is None or not libs:
+        raise RuntimeError(f"cuBLAS headers/libraries not found under {roots}; install the CUDA "
+                           "toolkit's cuBLAS or set FORCE_ONLY_CPU=1")
+    lib = libs[0] if os.path.basename(libs[0]) == "libcublas.so" else libs[-1]
+    include_dirs = [] if inc == os.path.join(cuda_home, "include") else [inc]
+    return include_dirs, ["-L" + os.path.dirname(lib), "-l:" + os.path.basename(lib)]
+
+
 def _extensions():
     if _flag("INMAP_NO_EXTENSION"):
         return [], {}
@@ -55,12 +78,14 @@ def _extensions():
     if want_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         define_macros.append(("INMAP_WITH_CUDA", None))
+        include_dirs, cublas_link = _cublas_paths(ce.CUDA_HOME)
         ext = ce.CUDAExtension(
             "inmap_ext._C",
             sources + cuda_sources,
             define_macros=define_macros,
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=link,
+            extra_link_args=link + cublas_link,
         )
     else:
         ext = ce.CppExtension(

@@ -22,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor> topk_scores(const at::Tensor& x, const at::Te
   const int64_t cs = std::max<int64_t>(1, std::min(chunk, N));
   for (int64_t start = 0; start < N; start += cs) {
     const int64_t rows = std::min(cs, N - start);
-    at::Tensor z = at::mm(x.narrow(0, start, rows), w);
+    // Scores in the accumulation dtype: 16-bit inputs are not ranked on 16-bit logits.
+    at::Tensor z = at::mm(x.narrow(0, start, rows).to(acc), w.to(acc));
     auto top = at::topk(z, k, /*dim=*/1, /*largest=*/true, /*sorted=*/true);
     values.narrow(0, start, rows).copy_(std::get<0>(top));
     indices.narrow(0, start, rows).copy_(std::get<1>(top));

@@ -57,6 +57,7 @@ class FeatureCache:
                  shard_size: int = DEFAULT_SHARD_SIZE):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.identity_base = dict(identity)
         self.identity = dict(identity, images=images_fingerprint(paths), n=str(len(paths)),
                              shard_size=str(shard_size))
         self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:24]

@@ -1,0 +1,214 @@
+// Building blocks of the CUDA kernels (design (b) of DESIGN.md): per row chunk, one cuBLAS GEMM
+// for the logits (fp16/bf16/fp32/fp64 inputs, fp32 or fp64 output: logits are never rounded to
+// 16 bits), a fused row-softmax epilogue kernel (temperature, per-column log-bias, confidence
+// threshold, one-hot, argmax), and a second cuBLAS GEMM accumulating X^T P into an fp32 (fp64)
+// D x C result. Only chunk x C buffers exist; no N x C matrix.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublas_v2.h>
+
+#include <limits>
+
+#include "../checks.h"
+
+namespace inmap {
+namespace cuda {
+
+constexpr int kThreads = 256;  // threads per row in the row kernels
+
+inline void check_cuda_inputs(const at::Tensor& x, const at::Tensor& w,
+                              const c10::optional<at::Tensor>& bias, int64_t chunk,
+                              const char* op) {
+  check_pair(x, w, op);
+  check_bias(bias, w, op);
+  check_chunk(chunk, op);
+  TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors, got ", x.device());
+}
+
+inline cudaDataType_t cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return CUDA_R_16F;
+    case at::kBFloat16: return CUDA_R_16BF;
+    case at::kFloat: return CUDA_R_32F;
+    case at::kDouble: return CUDA_R_64F;
+    default: TORCH_CHECK(false, "inmap_ext CUDA kernels: unsupported dtype ", t);
+  }
+}
+
+// fp32 inputs use TF32 tensor cores only where torch allows it
+// (torch.backends.cuda.matmul.allow_tf32); 16-bit inputs always accumulate in fp32.
+inline cublasComputeType_t compute_type(at::ScalarType t) {
+  if (t == at::kDouble) return CUBLAS_COMPUTE_64F;
+  if (t == at::kFloat && at::globalContext().allowTF32CuBLAS()) return CUBLAS_COMPUTE_32F_FAST_TF32;
+  return CUBLAS_COMPUTE_32F;
+}
+
+// Row-major C[m_rows x n] (=|+=) A-op times B-op through column-major cuBLAS. beta 0 or 1.
+//   logits:  z[rows x C]  = xc[rows x D] @ w[D x C]
+//   reduce:  G[D x C]    += xc[rows x D]^T @ p[rows x C]
+inline void gemm_logits(const at::Tensor& xc, const at::Tensor& w, at::Tensor& z) {
+  const int64_t rows = xc.size(0), D = xc.size(1), C = w.size(1);
+  const auto in = xc.scalar_type();
+  const auto ct = compute_type(in);
+  cublasHandle_t h = at::cuda::getCurrentCUDABlasHandle();
+  if (in == at::kDouble) {
+    const double one = 1.0, zero = 0.0;
+    TORCH_CUDABLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, C, rows, D, &one,
+                                      w.data_ptr(), CUDA_R_64F, C, xc.data_ptr(), CUDA_R_64F, D,
+                                      &zero, z.data_ptr(), CUDA_R_64F, C, ct,
+                                      CUBLAS_GEMM_DEFAULT));
+  } else {
+    const float one = 1.f, zero = 0.f;
+    TORCH_CUDABLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, C, rows, D, &one,
+                                      w.data_ptr(), cuda_dtype(in), C, xc.data_ptr(),
+                                      cuda_dtype(in), D, &zero, z.data_ptr(), CUDA_R_32F, C, ct,
+                                      CUBLAS_GEMM_DEFAULT));
+  }
+}
+
+inline void gemm_xt_p_accumulate(const at::Tensor& xc, const at::Tensor& p, at::Tensor& G) {
+  const int64_t rows = xc.size(0), D = xc.size(1), C = p.size(1);
+  const auto in = xc.scalar_type();
+  const auto ct = compute_type(in);
+  cublasHandle_t h = at::cuda::getCurrentCUDABlasHandle();
+  if (in == at::kDouble) {
+    const double one = 1.0;
+    TORCH_CUDABLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, C, D, rows, &one,
+                                      p.data_ptr(), CUDA_R_64F, C, xc.data_ptr(), CUDA_R_64F, D,
+                                      &one, G.data_ptr(), CUDA_R_64F, C, ct,
+                                      CUBLAS_GEMM_DEFAULT));
+  } else {
+    const float one = 1.f;
+    TORCH_CUDABLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, C, D, rows, &one,
+                                      p.data_ptr(), cuda_dtype(in), C, xc.data_ptr(),
+                                      cuda_dtype(in), D, &one, G.data_ptr(), CUDA_R_32F, C, ct,
+                                      CUBLAS_GEMM_DEFAULT));
+  }
+}
+
+__device__ __forceinline__ float dev_exp(float v) { return ::expf(v); }
+__device__ __forceinline__ double dev_exp(double v) { return ::exp(v); }
+
+// (max, sum of exp(v - max)) pairs: the online log-sum-exp state.
+template <typename acc_t>
+struct Lse {
+  acc_t m, s;
+  __device__ __forceinline__ void add(acc_t v) {
+    if (v > m) {
+      s = s * dev_exp(m - v) + acc_t(1);
+      m = v;
+    } else {
+      s += dev_exp(v - m);
+    }
+  }
+  __device__ __forceinline__ void merge(Lse o) {
+    if (o.m == -std::numeric_limits<acc_t>::infinity()) return;
+    if (m == -std::numeric_limits<acc_t>::infinity()) { *this = o; return; }
+    const acc_t mm = m > o.m ? m : o.m;
+    s = s * dev_exp(m - mm) + o.s * dev_exp(o.m - mm);
+    m = mm;
+  }
+};
+
+enum class RowMode { kProbs, kProbsThreshold, kLse };
+
+// One block per row of z (rows x C): v_j = z_j * inv_tau + bias_j.
+//   kLse:            lse[row] = log sum_j exp(v_j)
+//   kProbs:          p[row, j] = softmax(v)_j  (in out_t)
+//   kProbsThreshold: as kProbs, and rows whose largest probability is > alpha become the one-hot
+//                    of their argmax (first maximal index); arg[row], confident[row] written.
+template <typename acc_t, typename out_t, RowMode kMode>
+__global__ void __launch_bounds__(kThreads) row_softmax_kernel(
+    const acc_t* __restrict__ z, int64_t C, acc_t inv_tau, const acc_t* __restrict__ bias,
+    out_t* __restrict__ p, acc_t* __restrict__ lse, acc_t alpha, int64_t* __restrict__ arg,
+    uint8_t* __restrict__ confident) {
+  const int64_t row = blockIdx.x;
+  const acc_t* zr = z + row * C;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  Lse<acc_t> st{ninf, acc_t(0)};
+  int64_t best = C;  // argmax of this thread's entries (first index of the max)
+  acc_t best_v = ninf;
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    const acc_t v = zr[j] * inv_tau + (bias ? bias[j] : acc_t(0));
+    st.add(v);
+    if (v > best_v) { best_v = v; best = j; }
+  }
+  // Block reduction of (lse state, argmax): warp shuffles, then one warp over the warp results.
+  __shared__ acc_t sh_m[kThreads / 32], sh_s[kThreads / 32], sh_bv[kThreads / 32];
+  __shared__ int64_t sh_b[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int off = 16; off > 0; off >>= 1) {
+    Lse<acc_t> o{__shfl_down_sync(0xffffffff, st.m, off), __shfl_down_sync(0xffffffff, st.s, off)};
+    const acc_t ov = __shfl_down_sync(0xffffffff, best_v, off);
+    const int64_t ob = __shfl_down_sync(0xffffffff, best, off);
+    st.merge(o);
+    if (ov > best_v || (ov == best_v && ob < best)) { best_v = ov; best = ob; }
+  }
+  if (lane == 0) { sh_m[warp] = st.m; sh_s[warp] = st.s; sh_bv[warp] = best_v; sh_b[warp] = best; }
+  __syncthreads();
+  if (warp == 0) {
+    const int nw = blockDim.x / 32;
+    st = Lse<acc_t>{lane < nw ? sh_m[lane] : ninf, lane < nw ? sh_s[lane] : acc_t(0)};
+    best_v = lane < nw ? sh_bv[lane] : ninf;
+    best = lane < nw ? sh_b[lane] : C;
+    for (int off = 16; off > 0; off >>= 1) {
+      Lse<acc_t> o{__shfl_down_sync(0xffffffff, st.m, off), __shfl_down_sync(0xffffffff, st.s, off)};
+      const acc_t ov = __shfl_down_sync(0xffffffff, best_v, off);
+      const int64_t ob = __shfl_down_sync(0xffffffff, best, off);
+      st.merge(o);
+      if (ov > best_v || (ov == best_v && ob < best)) { best_v = ov; best = ob; }
+    }
+    if (lane == 0) { sh_m[0] = st.m; sh_s[0] = st.s; sh_b[0] = best; }
+  }
+  __syncthreads();
+  const acc_t M = sh_m[0], S = sh_s[0];
+  if (kMode == RowMode::kLse) {
+    if (threadIdx.x == 0) lse[row] = M + ::log(S);
+    return;
+  }
+  bool one_hot = false;
+  const int64_t b = sh_b[0];
+  if (kMode == RowMode::kProbsThreshold) {
+    one_hot = acc_t(1) / S > alpha;  // the largest probability is exp(0) / S
+    if (threadIdx.x == 0) {
+      arg[row] = b;
+      confident[row] = one_hot ? 1 : 0;
+    }
+  }
+  out_t* pr = p + row * C;
+  const acc_t inv_s = acc_t(1) / S;
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    acc_t q;
+    if (one_hot) {
+      q = j == b ? acc_t(1) : acc_t(0);
+    } else {
+      q = dev_exp(zr[j] * inv_tau + (bias ? bias[j] : acc_t(0)) - M) * inv_s;
+    }
+    pr[j] = static_cast<out_t>(q);
+  }
+}
+
+// Row chunks of x as contiguous tensors (a copy only when x is strided), with z = xc @ w in the
+// accumulation dtype computed into a reused buffer. f(start, rows, xc, z).
+template <typename F>
+void for_each_chunk(const at::Tensor& x, const at::Tensor& w, int64_t chunk, F&& f) {
+  const int64_t N = x.size(0), C = w.size(1);
+  if (N == 0) return;
+  const int64_t cs = std::min(chunk, N);
+  at::Tensor zbuf = at::empty({cs, C}, x.options().dtype(acc_type(x.scalar_type())));
+  for (int64_t start = 0; start < N; start += cs) {
+    const int64_t rows = std::min(cs, N - start);
+    at::Tensor xc = x.narrow(0, start, rows).contiguous();
+    at::Tensor z = zbuf.narrow(0, 0, rows);
+    gemm_logits(xc, w, z);
+    f(start, rows, xc, z);
+  }
+}
+
+}  // namespace cuda
+}  // namespace inmap

@@ -1,0 +1,236 @@
+"""The CLIP pipeline and the `inmap` command, offline: a real open_clip architecture with random
+weights saved to a local checkpoint file, generated image folders (labeled and flat, a corrupt
+file, nested folders, odd extensions)."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+open_clip = pytest.importorskip("open_clip")
+
+from inmap_ext import clip as clip_mod  # noqa: E402
+from inmap_ext.cache import FeatureCache  # noqa: E402
+from inmap_ext.classifier import VisionProxyClassifier  # noqa: E402
+from inmap_ext.cli import main  # noqa: E402
+from inmap_ext.data import list_images  # noqa: E402
+from inmap_ext.result import load_vision_proxy  # noqa: E402
+from inmap_ext.synthetic import make_image_folder  # noqa: E402
+
+MODEL = "ViT-B-32"
+CLASSES = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Workspace: checkpoint, classes file, labeled folder (with a corrupt file, an upper-case
+    extension and a non-image), flat folder with nesting."""
+    root = tmp_path_factory.mktemp("ws")
+    torch.manual_seed(0)
+    model = open_clip.create_model(MODEL, pretrained=None)
+    ckpt = root / "tiny_random.pt"
+    torch.save(model.state_dict(), ckpt)
+    labeled = root / "labeled"
+    make_image_folder(str(labeled), CLASSES, per_class=4, size=40)
+    os.rename(labeled / "red" / "000.png", labeled / "red" / "000.PNG")
+    (labeled / "green" / "broken.jpg").write_bytes(b"not an image at all")
+    (labeled / "blue" / "notes.txt").write_text("ignored")
+    flat = root / "flat"
+    make_image_folder(str(flat), ["purple", "orange"], per_class=3, size=40, labeled=False)
+    make_image_folder(str(flat / "deeper" / "still"), ["yellow"], per_class=2, size=40,
+                      labeled=False)
+    classes = root / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    return dict(root=root, ckpt=str(ckpt), labeled=str(labeled), flat=str(flat),
+                classes=str(classes), cache=str(root / "cache"))
+
+
+def test_list_images_layouts(ws):
+    s = list_images(ws["labeled"], CLASSES)
+    assert len(s) == 13 and s.labels is not None            # 12 + broken.jpg; notes.txt ignored
+    assert any(p.endswith("000.PNG") for p in s.paths)
+    assert {CLASSES[l] for l in s.labels} == set(CLASSES)
+    assert all(os.path.basename(os.path.dirname(p)) == CLASSES[l]
+               for p, l in zip(s.paths, s.labels))
+    flat = list_images(ws["flat"], CLASSES)
+    assert flat.labels is None and len(flat) == 8           # recursive
+    with pytest.raises(ValueError, match=r"1 image folder\(s\) match no class name: 'blue'"):
+        list_images(ws["labeled"], ["red", "green", "cyan"], labels="folder")
+    lst = ws["root"] / "list.txt"
+    lst.write_text("\n".join(flat.paths[:3]) + "\n")
+    assert list_images(str(lst)).paths == flat.paths[:3]
+
+
+def test_templates_and_classes(ws, tmp_path):
+    (tmp_path / "t.txt").write_text("a photo of a {c}.\nart of the {}.\n")
+    t = clip_mod.load_templates(str(tmp_path / "t.txt"))
+    assert [x if isinstance(x, str) else x("cat") for x in t] == ["a photo of a cat.",
+                                                                  "art of the {}."]
+    assert len(clip_mod.load_templates("openai")) == 80
+    assert len(clip_mod.load_templates("simple")) == 7
+    assert len(clip_mod.load_classnames("imagenet").names) == 1000
+    (tmp_path / "bad.txt").write_text("no placeholder\n")
+    with pytest.raises(ValueError, match="has no class placeholder"):
+        clip_mod.load_templates(str(tmp_path / "bad.txt"))
+    (tmp_path / "map.json").write_text(json.dumps({"n001": "red", "n002": "green"}))
+    spec = clip_mod.load_classnames(str(tmp_path / "map.json"))
+    assert spec.names == ["red", "green"] and spec.folder_map["n002"] == "green"
+
+
+def test_text_proxies_templates_and_prompts(ws):
+    clip = clip_mod.load_model(MODEL, ws["ckpt"])
+    t = clip_mod.text_proxies(clip, CLASSES, clip_mod.load_templates("simple"))
+    ref = open_clip.build_zero_shot_classifier(clip.model, clip.tokenizer, CLASSES,
+                                               open_clip.SIMPLE_IMAGENET_TEMPLATES)
+    torch.testing.assert_close(t, ref)
+    prompts = {c: [f"a {c} disc", f"something {c}"] for c in CLASSES}
+    p = clip_mod.text_proxies(clip, CLASSES, prompts=prompts)
+    assert p.shape == t.shape
+    torch.testing.assert_close(p.norm(dim=0), torch.ones(3))
+    # per-class prompts equal to the templates reproduce the template path
+    same = {c: [tp(c) for tp in open_clip.SIMPLE_IMAGENET_TEMPLATES] for c in CLASSES}
+    torch.testing.assert_close(clip_mod.text_proxies(clip, CLASSES, prompts=same), t,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_quickgelu_warning(ws, tmp_path):
+    path = tmp_path / "openai_vit_b32.pt"
+    path.write_bytes(open(ws["ckpt"], "rb").read())
+    with pytest.warns(UserWarning, match="QuickGELU"):
+        clip_mod.load_model(MODEL, str(path))
+
+
+def test_cli_fit_predict_export_eval(ws, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["labeled"],
+               "--classes", ws["classes"], "--out", str(out), "--workers", "0",
+               "--cache-dir", ws["cache"], "--iters", "50", "--topk", "2", "--log", "json"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_images"] == 13 and report["n_used"] == 12 and report["n_skipped"] == 1
+    assert report["skipped"][0].endswith("broken.jpg")
+    assert set(report["zero_shot"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert report["num_classes"] == 3 and report["descent"]["n_iters"] == 50
+    assert report["hyper"]["iters"] == 50
+    events = [json.loads(l)["event"] for l in capsys.readouterr().err.splitlines()
+              if l.startswith("{")]
+    assert {"images", "features", "fit", "accuracy", "done"} <= set(events)
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 12 and set(rows[0]) == {"path", "label", "pred_1", "score_1", "pred_2",
+                                                 "score_2"}
+    assert all(r["pred_1"] in CLASSES for r in rows)
+    res = load_vision_proxy(out / "proxy.safetensors")
+    assert res.metadata["model"] == MODEL and json.loads(res.metadata["classnames"]) == CLASSES
+    assert res.proxy.shape == (512, 3)
+
+    pred_csv = tmp_path / "pred.csv"
+    assert main(["predict", "--proxy", str(out / "proxy.safetensors"), "--images", ws["flat"],
+                 "--out", str(pred_csv), "--workers", "0", "--cache-dir", ws["cache"],
+                 "-q"]) == 0
+    prow = list(csv.DictReader(open(pred_csv)))
+    assert len(prow) == 8 and "pred_3" in prow[0]
+
+    clf = tmp_path / "clf.pt"
+    assert main(["export", "--proxy", str(out / "proxy.safetensors"), "--out", str(clf)]) == 0
+    w = torch.load(clf, weights_only=True)
+    assert isinstance(w, torch.Tensor) and torch.equal(w, res.proxy)
+
+    ev = tmp_path / "eval.json"
+    assert main(["eval", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["labeled"],
+                 "--classes", ws["classes"], "--out", str(ev), "--workers", "0",
+                 "--cache-dir", ws["cache"], "--iters", "30", "-q"]) == 0
+    recs = json.loads(ev.read_text())
+    assert [r["method"] for r in recs] == ["text proxy (zero-shot)", "vision proxy (InMaP)",
+                                           "vision proxy + Sinkhorn (InMaP)"]
+    assert all(set(r["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"} for r in recs)
+    assert recs[0]["metrics"]["acc1"] == pytest.approx(report["zero_shot"]["acc1"])
+
+
+def test_cli_exit_codes(ws, tmp_path, capsys):
+    assert main(["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images",
+                 str(tmp_path / "missing"), "--classes", ws["classes"], "--out",
+                 str(tmp_path / "o"), "-q"]) == 3
+    assert "neither a folder nor a file list" in capsys.readouterr().err
+    assert main(["fit", "--model", "NoSuchNet", "--images", ws["labeled"], "--classes",
+                 ws["classes"], "--out", str(tmp_path / "o"), "-q"]) == 3
+    assert main(["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["labeled"],
+                 "--classes", ws["classes"], "--out", str(tmp_path / "o"), "--tau-t", "0",
+                 "--workers", "0", "--cache-dir", ws["cache"], "-q"]) == 3
+    assert "tau_t must be a finite number > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--images", ws["labeled"]])
+    assert e.value.code == 2
+
+
+def test_cache_resume_and_staleness(ws, tmp_path):
+    clip = clip_mod.load_model(MODEL, ws["ckpt"])
+    images = list_images(ws["flat"])
+    cache_dir = str(tmp_path / "cache")
+    calls = []
+    real = clip.model.encode_image
+
+    def counting(x, **kw):
+        calls.append(len(x))
+        return real(x, **kw)
+
+    clip.model.encode_image = counting
+    kw = dict(cache_dir=cache_dir, batch_size=2, workers=0, shard_size=3, progress=False)
+    # A "killed" extraction: only shard 0 gets written.
+    f, ok, cache = clip_mod.image_features(clip, images, shard_filter=lambda i: i == 0, **kw)
+    assert f is None and cache.missing_shards() == [1, 2]
+    assert sum(calls) == 3
+    calls.clear()
+    feats, ok, cache2 = clip_mod.image_features(clip, images, **kw)
+    assert cache2.dir == cache.dir and sum(calls) == 5      # only the 5 missing images
+    calls.clear()
+    again, _, _ = clip_mod.image_features(clip, images, **kw)
+    assert sum(calls) == 0 and torch.equal(again, feats)    # fully cached
+    fresh, _, _ = clip_mod.image_features(clip, images, use_cache=False, **kw)
+    torch.testing.assert_close(fresh, feats)
+    assert ok.all() and feats.shape == (8, 512)
+
+    # Stale features are never reused: changed image list, changed file, model, preprocessing.
+    fewer = list_images(ws["flat"])
+    fewer.paths = fewer.paths[:-1]
+    assert FeatureCache(cache_dir, cache.identity_base, fewer.paths, 3).key != cache.key
+    touched = images.paths[0]
+    st = os.stat(touched)
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        assert FeatureCache(cache_dir, cache.identity_base, images.paths, 3).key != cache.key
+    finally:
+        os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert FeatureCache(cache_dir, cache.identity_base, images.paths, 3).key == cache.key
+    for field, value in [("model", "ViT-B-16"), ("weights", "tag:openai"),
+                         ("preprocess", "Compose(Resize(336))")]:
+        other = dict(cache.identity_base, **{field: value})
+        assert FeatureCache(cache_dir, other, images.paths, 3).key != cache.key, field
+
+
+def test_classifier_module_matches_fit(ws, tmp_path):
+    out = tmp_path / "out"
+    assert main(["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["labeled"],
+                 "--classes", ws["classes"], "--out", str(out), "--workers", "0",
+                 "--cache-dir", ws["cache"], "--iters", "20", "-q"]) == 0
+    res = load_vision_proxy(out / "proxy.safetensors")
+    clip = clip_mod.load_model(MODEL, ws["ckpt"])
+    head = VisionProxyClassifier.from_file(out / "proxy.safetensors", clip_model=clip.model,
+                                           model_name=MODEL)
+    assert head.classnames == CLASSES
+    images = list_images(ws["labeled"], CLASSES)
+    feats, ok, _ = clip_mod.image_features(clip, images, cache_dir=ws["cache"], workers=0,
+                                           progress=False)
+    logits = head(feats[ok])
+    assert torch.equal(logits.argmax(1), res.predict(feats[ok]))
+    from PIL import Image
+
+    x = torch.stack([clip.preprocess(Image.open(p).convert("RGB"))
+                     for p in images.paths[:2]])
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), head(clip.model.encode_image(x)))
+    with pytest.raises(ValueError, match="fitted with model 'ViT-B-32', not 'RN50'"):
+        VisionProxyClassifier.from_file(out / "proxy.safetensors", model_name="RN50")
+    with pytest.raises(ValueError, match="D=1024 but the proxy has D=512"):
+        VisionProxyClassifier.from_file(out / "proxy.safetensors",
+                                        clip_model=open_clip.create_model("RN50"))
