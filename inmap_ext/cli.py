@@ -22,6 +22,8 @@ HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vis
     ("--backend", "backend", str, "auto", "auto | ext | torch"),
     ("--chunk-size", "chunk_size", int, None, "rows per chunk (default: automatic)"),
     ("--tol", "tol", float, None, "early stop when the largest per-class proxy change < tol"),
+    ("--compute-precision", "precision", str, "auto",
+     "GEMM precision of the fit: auto | fp64 | fp32 | tf32 | fp16 | bf16 (16-bit: CUDA)"),
 ]
 
 
@@ -38,8 +40,9 @@ def _model(p, required=True):
     p.add_argument("--pretrained", default=None,
                    help="open_clip pretrained tag (downloaded when online), a local checkpoint "
                         "file, or 'none' for random weights")
-    p.add_argument("--precision", choices=["fp32", "amp", "amp_bf16"], default="fp32",
-                   help="image/text encoder precision; amp = fp16 autocast on CUDA")
+    p.add_argument("--precision", dest="model_precision", choices=["fp32", "amp", "amp_bf16"],
+                   default="fp32", help="image/text encoder precision; amp = fp16 autocast on "
+                   "CUDA (the fit's own precision: --compute-precision)")
 
 
 def _images(p):
@@ -157,14 +160,14 @@ def run(args) -> int:
         pipeline.fit_images(
             model=args.model, pretrained=args.pretrained, images=args.images,
             classes=args.classes, out=args.out, templates=args.templates, prompts=args.prompts,
-            labels=args.labels, device=args.device, precision=args.precision,
+            labels=args.labels, device=args.device, model_precision=args.model_precision,
             batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
             use_cache=args.use_cache, topk=args.topk, log=pipeline.Log(args.log),
             **_hyper_kwargs(args))
     elif cmd == "predict":
         pipeline.predict_images(
             proxy=args.proxy, images=args.images, out=args.out, model=args.model,
-            pretrained=args.pretrained, device=args.device, precision=args.precision,
+            pretrained=args.pretrained, device=args.device, model_precision=args.model_precision,
             batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
             use_cache=args.use_cache, topk=args.topk, log=pipeline.Log(args.log))
     elif cmd == "extract":
@@ -172,7 +175,8 @@ def run(args) -> int:
         from .data import list_images
 
         log = pipeline.Log(args.log)
-        clip = clip_mod.load_model(args.model, args.pretrained, args.device, args.precision)
+        clip = clip_mod.load_model(args.model, args.pretrained, args.device,
+                                   args.model_precision)
         pipeline.extract(clip, list_images(args.images, labels="none"), log,
                          cache_dir=args.cache_dir, use_cache=args.use_cache,
                          batch_size=args.batch_size, workers=args.workers,
@@ -181,7 +185,7 @@ def run(args) -> int:
         pipeline.eval_images(
             model=args.model, pretrained=args.pretrained, images=args.images,
             classes=args.classes, out=args.out, templates=args.templates, device=args.device,
-            precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+            model_precision=args.model_precision, batch_size=args.batch_size, workers=args.workers,
             cache_dir=args.cache_dir, use_cache=args.use_cache, dataset=args.dataset,
             log=pipeline.Log(args.log), **_hyper_kwargs(args))
     elif cmd == "export":

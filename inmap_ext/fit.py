@@ -4,7 +4,9 @@ on the vision proxy. Heavy work goes through ``functional.Runner`` (compiled ops
 this module holds only the method's arithmetic on D x C and C-sized tensors."""
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -21,8 +23,8 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
                      tau_i: float = 0.04, alpha: float = 0.6, sinkhorn_iters: int = 20,
                      gamma: float = 0.0, iters: int = 2000, lr: float = 10.0,
                      backend: str = "auto", chunk_size: Optional[int] = None,
-                     tol: Optional[float] = None, progress: bool = False,
-                     process_group=None) -> VisionProxyResult:
+                     tol: Optional[float] = None, precision: str = "auto",
+                     progress: bool = False, process_group=None) -> VisionProxyResult:
     """Learn an InMaP vision proxy from unlabeled image features.
 
     Args:
@@ -46,6 +48,13 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
             max_j ||w_j^new - w_j||_2, is below ``tol``, stop (this reads a scalar back from
             the device every step). None (default) runs all ``iters`` steps: the published
             algorithm.
+        precision: compute precision of the image-feature GEMMs. "auto": the input's dtype
+            (float32 inputs use TF32 only if torch.backends.cuda.matmul.allow_tf32 is set);
+            "fp64"; "fp32" (exact float32, TF32 off); "tf32" (float32 through TF32 tensor
+            cores, CUDA); "fp16" / "bf16" (features cast to 16 bits once, tensor-core GEMMs,
+            CUDA only). Whatever the inputs, logits, softmax statistics, Sinkhorn log-biases,
+            gradients and the proxy stay float32 (float64 for "fp64"); reduced precision
+            changes a small share of predictions (see README, "Precision").
         progress: show a tqdm progress bar over the gradient steps.
         process_group: a torch.distributed group over which the rows are sharded (each rank
             passes its own rows; see ``inmap_ext.distributed``). None: one process.
@@ -69,6 +78,48 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         from .distributed import check_shard
 
         x, t = check_shard(image_features, text_proxies, process_group)
+    x, tf32 = _apply_precision(x, precision)
+    with _tf32(tf32):
+        return _fit(x, t, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, backend,
+                    chunk_size, tol, progress, process_group, precision)
+
+
+PRECISIONS = ("auto", "fp64", "fp32", "tf32", "fp16", "bf16")
+_PRECISION_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch.float32,
+                     "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _apply_precision(x: Tensor, precision: str):
+    """(features in the compute dtype, TF32 switch: True/False, or None = leave torch's)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return x, None
+    if precision in ("fp16", "bf16") and x.device.type != "cuda":
+        raise ValueError(f"precision={precision!r} needs CUDA tensors (16-bit tensor-core "
+                         f"GEMMs); on {x.device.type} use 'fp32' or 'fp64'")
+    return x.to(_PRECISION_DTYPES[precision]), {"fp32": False, "tf32": True}.get(precision)
+
+
+@contextlib.contextmanager
+def _tf32(enabled):
+    if enabled is None:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _fit(x, t, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, backend, chunk_size, tol,
+         progress, process_group, precision) -> VisionProxyResult:
     dt = acc_dtype(x.dtype)
     t = t.to(dt)
     n_local, C = x.shape[0], t.shape[1]
@@ -124,7 +175,8 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
             f"in the '{runner.backend}' backend: please report it with the shapes and dtypes")
 
     hyper = dict(tau_t=tau_t, tau_i=tau_i, alpha=alpha, sinkhorn_iters=sinkhorn_iters,
-                 gamma=gamma, iters=iters, lr=lr, tol=tol, chunk_size=runner.chunk)
+                 gamma=gamma, iters=iters, lr=lr, tol=tol, chunk_size=runner.chunk,
+                 precision=precision, compute_dtype=str(x.dtype).replace("torch.", ""))
     return VisionProxyResult(
         proxy=W, text_proxies=t, log_bias=beta, class_counts=counts, class_mass=mass,
         confident_fraction=float(n_confident) / n, grad_norm=grad_norm[:n_run],

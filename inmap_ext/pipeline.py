@@ -120,7 +120,7 @@ def extract(clip: "clip_mod.ClipModel", images: ImageSet, log: Log, **kw) -> Fea
 
 def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: str, out: str,
                templates: str = "simple", prompts: Optional[str] = None, labels: str = "auto",
-               device: str = "cpu", precision: str = "fp32", batch_size: int = 64,
+               device: str = "cpu", model_precision: str = "fp32", batch_size: int = 64,
                workers: int = 4, cache_dir: Optional[str] = None, use_cache: bool = True,
                topk: int = 5, log: Optional[Log] = None, **hyper) -> dict:
     """``inmap fit``: writes out/proxy.safetensors, out/report.json, out/predictions.csv and
@@ -135,7 +135,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     log("images", f"images: {len(image_set)} under {image_set.root} "
         f"({'labeled by folder' if image_set.labels is not None else 'unlabeled'}); "
         f"classes: {len(spec.names)}", n=len(image_set), labeled=image_set.labels is not None)
-    clip = clip_mod.load_model(model, pretrained, device, precision)
+    clip = clip_mod.load_model(model, pretrained, device, model_precision)
     timings["load_model_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -203,7 +203,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
 
 def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = None,
                    pretrained: Optional[str] = None, device: str = "cpu",
-                   precision: str = "fp32", batch_size: int = 64, workers: int = 4,
+                   model_precision: str = "fp32", batch_size: int = 64, workers: int = 4,
                    cache_dir: Optional[str] = None, use_cache: bool = True, topk: int = 5,
                    log: Optional[Log] = None) -> dict:
     """``inmap predict``: a saved proxy + images -> predictions CSV. The model and weights come
@@ -222,7 +222,7 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
     names = json.loads(meta["classnames"]) if "classnames" in meta else \
         [str(i) for i in range(res.num_classes)]
     image_set = list_images(images, names, "none")
-    clip = clip_mod.load_model(model, pretrained, device, precision)
+    clip = clip_mod.load_model(model, pretrained, device, model_precision)
     from .classifier import VisionProxyClassifier
 
     VisionProxyClassifier(res.proxy, names)._check_model(clip.model)
@@ -237,7 +237,7 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
 
 def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: str,
                 out: Optional[str] = None, templates: str = "simple", device: str = "cpu",
-                precision: str = "fp32", batch_size: int = 64, workers: int = 4,
+                model_precision: str = "fp32", batch_size: int = 64, workers: int = 4,
                 cache_dir: Optional[str] = None, use_cache: bool = True,
                 dataset: Optional[str] = None, log: Optional[Log] = None, **hyper) -> List[dict]:
     """``inmap eval``: zero-shot vs InMaP (without and with Sinkhorn) on a labeled folder; one
@@ -245,7 +245,7 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
     log = log or Log()
     spec = clip_mod.load_classnames(classes)
     image_set = list_images(images, spec.names, "folder", spec.folder_map)
-    clip = clip_mod.load_model(model, pretrained, device, precision)
+    clip = clip_mod.load_model(model, pretrained, device, model_precision)
     text = clip_mod.text_proxies(clip, spec.names, clip_mod.load_templates(templates),
                                  progress=log.progress)
     feats = extract(clip, image_set, log, cache_dir=cache_dir, use_cache=use_cache,

@@ -80,3 +80,12 @@ def test_building_block_errors():
         inmap_ext.proxy_gradient(X, T, torch.zeros(4, 8))
     with pytest.raises(ValueError, match=r"proxies has D=8"):
         inmap_ext.zero_shot_topk(X[:, :7], T)
+
+
+def test_precision_argument():
+    with pytest.raises(ValueError, match=r"precision must be one of"):
+        fit(X, T, iters=1, precision="int8")
+    with pytest.raises(ValueError, match=r"precision='fp16' needs CUDA tensors"):
+        fit(X, T, iters=1, precision="fp16")
+    r = fit(X, T, iters=3, precision="fp64")
+    assert r.proxy.dtype == torch.float64 and r.hyper["compute_dtype"] == "float64"

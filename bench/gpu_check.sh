@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with an NVIDIA GPU, the CUDA toolkit and torch (nothing else
+# needed), build the extension, run the GPU tests, `inmap check`, compute-sanitizer on a small
+# case and the benchmark, writing logs and tables into the folder given.
+#   bash bench/gpu_check.sh OUTDIR [bench/run.py arguments...]
+set -uo pipefail
+OUT=${1:?usage: bench/gpu_check.sh OUTDIR [bench args]}
+shift
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+status=0
+echo "== build" | tee "$OUT/build.log"
+$PY -m pip install --no-build-isolation --no-deps -v . >> "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -30 "$OUT/build.log"; exit 1; }
+echo "== tests (GPU + core)"
+(cd tests && $PY -m pytest -q -x -p no:cacheprovider test_cuda.py test_ops.py test_faithful.py \
+   test_dead_class.py test_validation.py test_result.py test_install.py) > "$OUT/tests.log" 2>&1 || status=1
+tail -3 "$OUT/tests.log"
+echo "== inmap check"
+(cd /tmp && $PY -m inmap_ext check --json "$OUT/check.json") > "$OUT/check.log" 2>&1 || status=1
+tail -3 "$OUT/check.log"
+echo "== compute-sanitizer (memcheck) on a small case"
+SMALL='import torch, inmap_ext
+from inmap_ext.synthetic import make_problem
+p = make_problem(3000, 96, 37, device="cuda")
+for prec in ("fp32", "fp16", "bf16"):
+    r = inmap_ext.fit_vision_proxy(p.image_features, p.text_proxies, iters=3, sinkhorn_iters=2, precision=prec, chunk_size=700)
+    assert torch.isfinite(r.proxy).all()
+print("sanitizer case ran")'
+if command -v compute-sanitizer >/dev/null; then
+  (cd /tmp && compute-sanitizer --tool memcheck --error-exitcode 9 $PY -c "$SMALL") > "$OUT/sanitizer.log" 2>&1 || status=1
+  tail -3 "$OUT/sanitizer.log"
+else
+  echo "compute-sanitizer not found" | tee "$OUT/sanitizer.log"
+fi
+echo "== benchmark"
+$PY bench/run.py --device cuda --out "$OUT" --tag gpu "$@" > "$OUT/bench.log" 2>&1 || status=1
+tail -40 "$OUT/bench.log"
+exit $status
