@@ -1,0 +1,62 @@
+"""Worker functions for test_distributed.py (spawned processes import them from here)."""
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+def _init(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+
+
+def fit_worker(rank, world, init_file, out_dir, sizes, dtype, kw, backend):
+    import inmap_ext
+    from testing import clip_like
+
+    torch.set_num_threads(1)
+    try:
+        _init(rank, world, init_file)
+        X, T, _ = clip_like(sum(sizes), 24, 7, seed=13, dtype=dtype)
+        start = sum(sizes[:rank])
+        shard = X[start:start + sizes[rank]]
+        res = inmap_ext.fit_vision_proxy(shard, T if rank == 0 else None, backend=backend,
+                                         process_group=dist.group.WORLD, **kw)
+        torch.save({"proxy": res.proxy, "counts": res.class_counts, "mass": res.class_mass,
+                    "conf": res.confident_fraction, "grad_norm": res.grad_norm,
+                    "n": res.n_images}, os.path.join(out_dir, f"rank{rank}.pt"))
+    except Exception:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def mismatch_worker(rank, world, init_file, out_dir, case):
+    import inmap_ext
+    from testing import clip_like
+
+    try:
+        _init(rank, world, init_file)
+        X, T, _ = clip_like(40, 12, 5, seed=1, dtype=torch.float32)
+        if case == "dim" and rank == 1:
+            X = X[:, :10]
+        if case == "dtype" and rank == 1:
+            X = X.double()
+        if case == "classes" and rank == 1:
+            T = T[:, :4]
+        if case == "nan" and rank == 1:
+            X = X.clone()
+            X[3, 2] = float("nan")
+        inmap_ext.fit_vision_proxy(X, T, iters=2, process_group=dist.group.WORLD)
+        msg = "no error"
+    except ValueError as e:
+        msg = str(e)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.msg"), "w") as f:
+        f.write(msg)

@@ -1,0 +1,74 @@
+"""Sharded fit on the CPU with gloo: world sizes 1-3, uneven and empty shards, equality with the
+single-process fit, and mismatched shards failing with the same clear error on every rank."""
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist_workers
+from testing import BACKENDS, clip_like, inmap_ext, skip_if_no_ext
+from inmap_ext.distributed import shard_rows
+
+
+def _spawn(fn, world, tmp_path, *args):
+    init_file = tmp_path / "init"
+    mp.start_processes(fn, args=(world, str(init_file), str(tmp_path)) + args, nprocs=world,
+                       join=True, start_method="spawn")
+
+
+@pytest.mark.parametrize("sizes", [[301], [150, 151], [200, 0, 101], [1, 299, 1]],
+                         ids=["world1", "world2", "world3-empty", "world3-tiny"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_equals_single_process_float64(tmp_path, sizes, backend):
+    if backend == "ext":
+        skip_if_no_ext("cpu")
+    kw = dict(iters=150, sinkhorn_iters=10, gamma=0.5)
+    _spawn(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw, backend)
+    errs = [p for p in os.listdir(tmp_path) if p.endswith(".err")]
+    assert not errs, (tmp_path / errs[0]).read_text()
+    X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
+    single = inmap_ext.fit_vision_proxy(X, T, backend=backend, **kw)
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
+    for o in outs:
+        assert torch.equal(o["proxy"], outs[0]["proxy"])           # every rank, same proxy
+        torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
+        assert torch.equal(o["counts"], single.class_counts)
+        torch.testing.assert_close(o["mass"], single.class_mass)
+        assert o["conf"] == pytest.approx(single.confident_fraction)
+        assert o["n"] == sum(sizes)
+
+
+def test_sharded_float32_predictions_agree(tmp_path):
+    sizes = [700, 500, 800]
+    _spawn(dist_workers.fit_worker, 3, tmp_path, sizes, torch.float32, dict(iters=200), "auto")
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".err")]
+    X, T, _ = clip_like(sum(sizes), 24, 7, seed=13, dtype=torch.float32)
+    single = inmap_ext.fit_vision_proxy(X, T, iters=200)
+    proxy = torch.load(tmp_path / "rank2.pt")["proxy"]
+    agree = ((X @ proxy).argmax(1) == single.predict(X)).double().mean()
+    assert agree >= 0.999
+
+
+@pytest.mark.parametrize("case, match", [
+    ("dim", r"rank 1 has image_features D=10 but rank 0 has D=12"),
+    ("dtype", r"rank 1 has image_features dtype=torch.float64"),
+    ("classes", r"rank 1 has 4 classes but rank 0 has 5"),
+    ("nan", r"rank 1: image_features contains NaN or Inf"),
+])
+def test_mismatched_shards_fail_on_every_rank(tmp_path, case, match):
+    import re
+
+    _spawn(dist_workers.mismatch_worker, 2, tmp_path, case)
+    for r in range(2):
+        msg = (tmp_path / f"rank{r}.msg").read_text()
+        assert re.search(match, msg), (r, msg)
+
+
+def test_shard_rows_cover_in_order():
+    for n in (0, 1, 7, 10, 1001):
+        for world in (1, 2, 3, 8):
+            got = [i for r in range(world) for i in shard_rows(n, r, world)]
+            assert got == list(range(n))
+            sizes = [len(shard_rows(n, r, world)) for r in range(world)]
+            assert max(sizes) - min(sizes) <= 1
