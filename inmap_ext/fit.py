@@ -24,7 +24,8 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
                      gamma: float = 0.0, iters: int = 2000, lr: float = 10.0,
                      backend: str = "auto", chunk_size: Optional[int] = None,
                      tol: Optional[float] = None, precision: str = "auto",
-                     progress: bool = False, process_group=None) -> VisionProxyResult:
+                     progress: bool = False, process_group=None, device=None,
+                     stream: bool = False) -> VisionProxyResult:
     """Learn an InMaP vision proxy from unlabeled image features.
 
     Args:
@@ -58,6 +59,12 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         progress: show a tqdm progress bar over the gradient steps.
         process_group: a torch.distributed group over which the rows are sharded (each rank
             passes its own rows; see ``inmap_ext.distributed``). None: one process.
+        device: the compute device. None: the features' device. A device other than the
+            features' (e.g. features in host memory or memory-mapped from disk, device="cuda")
+            streams the features to it chunk by chunk every pass (out-of-core: the features
+            are never copied whole; host-to-device copies overlap compute).
+        stream: stream even when the features are on the compute device (e.g. memory-mapped
+            CPU features, which then are never normalised into a full copy).
 
     Returns:
         VisionProxyResult with ``.proxy`` (D x C, unit columns, on the input's device),
@@ -72,16 +79,55 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     lr = validation.positive(lr, "lr")
     if tol is not None:
         tol = validation.positive(tol, "tol")
-    if process_group is None:
-        x, t = validation.check_features_and_proxies(image_features, text_proxies)
+    if chunk_size is not None:
+        chunk_size = validation.count(chunk_size, "chunk_size", 1)
+    streaming = stream or (device is not None and isinstance(image_features, torch.Tensor)
+                           and torch.device(device) != image_features.device)
+    if streaming:
+        runner, x, t = _streaming_setup(image_features, text_proxies, device, backend,
+                                        chunk_size, precision, process_group)
+        tf32 = {"fp32": False, "tf32": True}.get(precision)
     else:
-        from .distributed import check_shard
+        if process_group is None:
+            x, t = validation.check_features_and_proxies(image_features, text_proxies)
+        else:
+            from .distributed import check_shard
 
-        x, t = check_shard(image_features, text_proxies, process_group)
-    x, tf32 = _apply_precision(x, precision)
+            x, t = check_shard(image_features, text_proxies, process_group)
+        x, tf32 = _apply_precision(x, precision)
+        runner = Runner(x.device, backend, chunk_size, x.shape[0], t.shape[1], x.dtype,
+                        process_group)
     with _tf32(tf32):
-        return _fit(x, t, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, backend,
-                    chunk_size, tol, progress, process_group, precision)
+        return _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
+                    progress, precision)
+
+
+def _streaming_setup(features, text_proxies, device, backend, chunk_size, precision, group):
+    from .streaming import StreamingRunner, check_host_features
+
+    if group is not None:
+        raise ValueError("streaming (device= / stream=True) with a process_group is not "
+                         "supported yet: give each rank its shard in memory")
+    device = torch.device(device if device is not None else features.device)
+    x = validation.check_matrix(features, "image_features", "N x D: one row per image")
+    t = validation.check_matrix(text_proxies, "text_proxies", "D x C: one column per class")
+    if x.shape[1] != t.shape[0]:
+        raise ValueError(f"image_features has D={x.shape[1]} but text_proxies has "
+                         f"D={t.shape[0]}")
+    t = t.to(device)
+    t = validation.normalise(t, validation.check_finite(t, "text_proxies", 0), 0)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    dtype = _PRECISION_DTYPES.get(precision, x.dtype)
+    if dtype in (torch.float16, torch.bfloat16) and device.type != "cuda":
+        if precision != "auto":
+            raise ValueError(f"precision={precision!r} needs a CUDA device")
+        dtype = torch.float32
+    probe = Runner(device, backend, chunk_size, x.shape[0], t.shape[1], dtype)
+    scale = check_host_features(x, probe.chunk)
+    runner = StreamingRunner(device, backend, probe.chunk, x.shape[0], t.shape[1], dtype,
+                             None, scale)
+    return runner, x, t
 
 
 PRECISIONS = ("auto", "fp64", "fp32", "tf32", "fp16", "bf16")
@@ -118,32 +164,31 @@ def _tf32(enabled):
             torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def _fit(x, t, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, backend, chunk_size, tol,
-         progress, process_group, precision) -> VisionProxyResult:
-    dt = acc_dtype(x.dtype)
-    t = t.to(dt)
-    n_local, C = x.shape[0], t.shape[1]
-    runner = Runner(x.device, backend, chunk_size, n_local, C, x.dtype, process_group)
-    n = int(runner.sum_(torch.tensor(n_local, device=x.device)).item())
+def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, progress,
+         precision) -> VisionProxyResult:
+    device = runner.device
+    dt = acc_dtype(runner.dtype)
+    t = t.to(device=device, dtype=dt)
+    n = int(runner.sum_(torch.tensor(x.shape[0], device=device)).item())
     timings = {}
 
     # Steps 1-3: pseudo labels (never stored), Sinkhorn-balanced, confident rows one-hot.
-    t0 = _now(x)
+    t0 = _now(device)
     beta = runner.sinkhorn_log_bias(x, t, tau_t, sinkhorn_iters, gamma, n)
-    timings["sinkhorn_s"] = _now(x) - t0
+    timings["sinkhorn_s"] = _now(device) - t0
     # Step 4: B = X^T P.
-    t0 = _now(x)
+    t0 = _now(device)
     B, mass, counts, n_confident = runner.pseudo_labels(x, t, beta, 1.0 / tau_t, alpha)
-    timings["pseudo_labels_s"] = _now(x) - t0
+    timings["pseudo_labels_s"] = _now(device) - t0
 
     # Step 5: gradient descent on W from W = T. Scalars stay on the device (no sync per step).
-    t0 = _now(x)
+    t0 = _now(device)
     W = t.clone()
-    eta = torch.tensor(lr, dtype=dt, device=x.device)
-    prev = torch.tensor(float("inf"), dtype=dt, device=x.device)
-    scale = torch.tensor(n * tau_i, dtype=dt, device=x.device)
-    grad_norm = torch.empty(iters, dtype=dt, device=x.device)
-    lr_used = torch.empty(iters, dtype=dt, device=x.device)
+    eta = torch.tensor(lr, dtype=dt, device=device)
+    prev = torch.tensor(float("inf"), dtype=dt, device=device)
+    scale = torch.tensor(n * tau_i, dtype=dt, device=device)
+    grad_norm = torch.empty(iters, dtype=dt, device=device)
+    lr_used = torch.empty(iters, dtype=dt, device=device)
     steps = range(iters)
     if progress:
         from tqdm.auto import tqdm
@@ -168,7 +213,7 @@ def _fit(x, t, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, backend, c
                 break
         else:
             W = W_new
-    timings["descent_s"] = _now(x) - t0
+    timings["descent_s"] = _now(device) - t0
     if not bool(torch.isfinite(W).all()):  # never hand back garbage silently
         raise FloatingPointError(
             "fit_vision_proxy produced a non-finite proxy; inputs were finite, so this is a bug "
@@ -176,7 +221,8 @@ def _fit(x, t, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, backend, c
 
     hyper = dict(tau_t=tau_t, tau_i=tau_i, alpha=alpha, sinkhorn_iters=sinkhorn_iters,
                  gamma=gamma, iters=iters, lr=lr, tol=tol, chunk_size=runner.chunk,
-                 precision=precision, compute_dtype=str(x.dtype).replace("torch.", ""))
+                 precision=precision, compute_dtype=str(runner.dtype).replace("torch.", ""),
+                 streamed=isinstance(runner, _streaming_runner_type()))
     return VisionProxyResult(
         proxy=W, text_proxies=t, log_bias=beta, class_counts=counts, class_mass=mass,
         confident_fraction=float(n_confident) / n, grad_norm=grad_norm[:n_run],
@@ -184,7 +230,13 @@ def _fit(x, t, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, backend, c
         backend=runner.backend, hyper=hyper, timings=timings)
 
 
-def _now(x: Tensor) -> float:
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def _streaming_runner_type():
+    from .streaming import StreamingRunner
+
+    return StreamingRunner

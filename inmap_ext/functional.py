@@ -35,6 +35,8 @@ class Runner:
 
     def __init__(self, device, backend: str = "auto", chunk_size: Optional[int] = None,
                  n: int = 1, c: int = 1, dtype=torch.float32, process_group=None):
+        self.device = torch.device(device)
+        self.dtype = dtype                  # compute dtype of the features
         self.backend = _ops.resolve_backend(backend, device)
         self.chunk = (validation.count(chunk_size, "chunk_size", 1) if chunk_size is not None
                       else auto_chunk_size(n, c, device, dtype))
@@ -82,7 +84,7 @@ class Runner:
             return None
         C = t.shape[1]
         log_n = math.log(n_total)
-        beta = torch.zeros(C, dtype=acc_dtype(x.dtype), device=x.device)
+        beta = torch.zeros(C, dtype=acc_dtype(self.dtype), device=self.device)
         log_colsum = self.column_lse(x, t, beta, 1.0 / tau_t) - log_n
         if gamma > 0:
             log_q = gamma * log_colsum

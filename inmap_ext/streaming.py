@@ -1,0 +1,115 @@
+"""Out-of-core fitting: image features that stay in host memory or on disk (a memory-mapped
+tensor, e.g. ``safetensors.safe_open`` or ``torch.from_file``) and are streamed to the compute
+device chunk by chunk, every pass.
+
+On CUDA, chunks go through two pinned staging buffers and a side stream: while the GPU computes
+on chunk k, the host copies chunk k+1 into the other pinned buffer and the side stream copies it
+to the device, so host-to-device traffic overlaps compute. Rows are L2-normalised on the device
+per chunk (the norms come from one streamed validation pass), so the host array is never copied
+whole. Every op of the method is a sum (or a log-sum-exp merge) over rows, so chunk results
+compose exactly like the in-memory ones.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from . import validation
+from .functional import Runner, _ops
+from .reference import acc_dtype
+
+Tensor = torch.Tensor
+
+
+def check_host_features(x, chunk: int):
+    """Validate a host N x D feature array by streaming over it; returns 1/row-norm (float32,
+    None when every row is already unit) without copying the array."""
+    x = validation.check_matrix(x, "image_features", "N x D: one row per image")
+    scales, unit = [], True
+    for s in range(0, x.shape[0], chunk):
+        norms = validation.check_finite(x[s:s + chunk], "image_features", 1)
+        if not bool(((norms - 1).abs() <= validation.UNIT_NORM_ATOL[x.dtype]).all()):
+            unit = False
+        scales.append(1.0 / norms.float())
+    return None if unit else torch.cat(scales)
+
+
+class StreamingRunner(Runner):
+    """A Runner whose ``x`` lives in host memory; ops run on ``device`` one chunk at a time."""
+
+    def __init__(self, device, backend, chunk_size, n, c, compute_dtype, process_group=None,
+                 row_scale: Optional[Tensor] = None):
+        super().__init__(device, backend, chunk_size, n, c, compute_dtype, process_group)
+        self.row_scale = None if row_scale is None else row_scale.to(self.device)
+        self._bufs = None
+
+    def _buffers(self, x: Tensor):
+        if self._bufs is None:
+            cs, D = self.chunk, x.shape[1]
+            pinned = [torch.empty(cs, D, dtype=x.dtype, pin_memory=True) for _ in range(2)]
+            dev = [torch.empty(cs, D, dtype=x.dtype, device=self.device) for _ in range(2)]
+            events = [[torch.cuda.Event() for _ in range(2)] for _ in range(2)]
+            self._bufs = (pinned, dev, events, torch.cuda.Stream(self.device))
+        return self._bufs
+
+    def chunks(self, x: Tensor) -> Iterator[Tensor]:
+        """Device copies of consecutive row chunks, normalised, in the compute dtype."""
+        n = x.shape[0]
+        if self.device.type != "cuda":
+            for s in range(0, n, self.chunk):
+                yield self._finish(x[s:s + self.chunk], s)
+            return
+        pinned, dev, (copied, consumed), side = self._buffers(x)
+        main = torch.cuda.current_stream(self.device)
+        for i, s in enumerate(range(0, n, self.chunk)):
+            k, rows = i % 2, min(self.chunk, n - s)
+            copied[k].synchronize()              # the last H2D copy out of pinned[k] is done
+            pinned[k][:rows].copy_(x[s:s + rows])
+            with torch.cuda.stream(side):
+                side.wait_event(consumed[k])     # compute is done with dev[k]
+                dev[k][:rows].copy_(pinned[k][:rows], non_blocking=True)
+                copied[k].record(side)
+            main.wait_event(copied[k])
+            yield self._finish(dev[k][:rows], s)
+            consumed[k].record(main)
+
+    def _finish(self, xc: Tensor, start: int) -> Tensor:
+        if self.row_scale is not None:
+            scale = self.row_scale[start:start + xc.shape[0], None]
+            return (xc.to(acc_dtype(self.dtype)) * scale).to(self.dtype)
+        return xc.to(self.dtype)
+
+    # -- the ops, composed over chunks ------------------------------------------------------
+    def column_lse(self, x, w, bias, inv_tau):
+        out = torch.full((w.shape[1],), float("-inf"), dtype=acc_dtype(self.dtype),
+                         device=self.device)
+        f = _ops.op("softmax_column_lse", self.backend)
+        for xc in self.chunks(x):
+            out = torch.logaddexp(out, f(xc, w.to(xc.dtype), bias, inv_tau, self.chunk))
+        return self.lse_(out)
+
+    def pseudo_labels(self, x, w, bias, inv_tau, alpha):
+        f = _ops.op("pseudo_label_reduce", self.backend)
+        D, C = w.shape
+        acc = acc_dtype(self.dtype)
+        tot = [torch.zeros(D, C, dtype=acc, device=self.device),
+               torch.zeros(C, dtype=acc, device=self.device),
+               torch.zeros(C, dtype=torch.int64, device=self.device),
+               torch.zeros((), dtype=torch.int64, device=self.device)]
+        for xc in self.chunks(x):
+            for t, part in zip(tot, f(xc, w.to(xc.dtype), bias, inv_tau, alpha, self.chunk)):
+                t += part
+        return tuple(self.sum_(t) for t in tot)
+
+    def xt_softmax(self, x, w, inv_tau):
+        f = _ops.op("xt_softmax", self.backend)
+        G = torch.zeros(w.shape, dtype=acc_dtype(self.dtype), device=self.device)
+        for xc in self.chunks(x):
+            G += f(xc, w.to(xc.dtype), inv_tau, self.chunk)
+        return self.sum_(G)
+
+    def topk(self, x, w, k):
+        f = _ops.op("topk_scores", self.backend)
+        vals, idx = zip(*(f(xc, w.to(xc.dtype), k, self.chunk) for xc in self.chunks(x)))
+        return torch.cat(vals), torch.cat(idx)
