@@ -14,6 +14,7 @@ from .functional import (
     softmax_column_lse,
     zero_shot_topk,
 )
+from . import distributed
 from .result import VisionProxyResult, load_vision_proxy
 from .version import __version__
 from .classifier import VisionProxyClassifier

@@ -148,6 +148,12 @@ def _version() -> str:
     return f"inmap_ext {__version__}"
 
 
+def torch_rank(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group)
+
+
 def _hyper_kwargs(args) -> dict:
     return {dest: getattr(args, dest) for _, dest, *_ in HYPER}
 
@@ -174,10 +180,11 @@ def run(args) -> int:
         from . import clip as clip_mod
         from .data import list_images
 
-        log = pipeline.Log(args.log)
+        group = pipeline._group(args.device)
+        log = pipeline.Log(args.log if group is None or torch_rank(group) == 0 else "quiet")
         clip = clip_mod.load_model(args.model, args.pretrained, args.device,
                                    args.model_precision)
-        pipeline.extract(clip, list_images(args.images, labels="none"), log,
+        pipeline.extract(clip, list_images(args.images, labels="none"), log, group=group,
                          cache_dir=args.cache_dir, use_cache=args.use_cache,
                          batch_size=args.batch_size, workers=args.workers,
                          shard_size=args.shard_size)

@@ -106,8 +106,22 @@ class Features:
         return torch.tensor(self.images.labels)[self.keep]
 
 
-def extract(clip: "clip_mod.ClipModel", images: ImageSet, log: Log, **kw) -> Features:
+def extract(clip: "clip_mod.ClipModel", images: ImageSet, log: Log, group=None,
+            **kw) -> Features:
+    """Features of every image (from the cache where present). Under torchrun (``group``), rank
+    r extracts cache shards r, r + world, ... into the shared cache; after a barrier every rank
+    reads the whole set back in the original order."""
     t0 = time.perf_counter()
+    if group is not None:
+        import torch.distributed as dist
+
+        from .distributed import rank_and_world
+
+        rank, world = rank_and_world(group)
+        clip_mod.image_features(clip, images, progress=log.progress and rank == 0,
+                                shard_filter=lambda i: i % world == rank, **kw)
+        dist.barrier(group)
+        kw = dict(kw, use_cache=True)
     feats, ok, cache = clip_mod.image_features(clip, images, progress=log.progress, **kw)
     skipped = [p for p, o in zip(images.paths, ok.tolist()) if not o]
     log("features", f"features: {int(ok.sum())} images ({len(skipped)} unreadable, skipped) "
@@ -126,6 +140,10 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     """``inmap fit``: writes out/proxy.safetensors, out/report.json, out/predictions.csv and
     returns the report."""
     log = log or Log()
+    group = _group(device)
+    rank = 0 if group is None else torch.distributed.get_rank(group)
+    if rank != 0:
+        log = Log("quiet")
     timings = {}
     t0 = time.perf_counter()
     spec = clip_mod.load_classnames(classes)
@@ -142,13 +160,22 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     text = clip_mod.text_proxies(clip, spec.names, tmpl, per_class, progress=log.progress)
     timings["text_proxies_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    feats = extract(clip, image_set, log, cache_dir=cache_dir, use_cache=use_cache,
-                    batch_size=batch_size, workers=workers)
+    feats = extract(clip, image_set, log, group=group, cache_dir=cache_dir,
+                    use_cache=use_cache, batch_size=batch_size, workers=workers)
     timings["features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     x = feats.features.to(clip.device)
-    res = fit_vision_proxy(x, text.to(clip.device), progress=log.progress, **hyper)
+    if group is None:
+        res = fit_vision_proxy(x, text.to(clip.device), progress=log.progress, **hyper)
+    else:   # sharded fit: this rank's block of rows; every rank gets the same proxy
+        from .distributed import rank_and_world, shard_rows
+
+        rows = shard_rows(x.shape[0], *rank_and_world(group))
+        res = fit_vision_proxy(x[rows.start:rows.stop], text.to(clip.device),
+                               progress=log.progress, process_group=group, **hyper)
+        if rank != 0:
+            return {}
     timings["fit_s"] = time.perf_counter() - t0
     log("fit", f"fit: {res.n_iters} steps on the {res.backend} backend in {timings['fit_s']:.2f}s",
         n_iters=res.n_iters, backend=res.backend, seconds=timings["fit_s"])
@@ -199,6 +226,16 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
         json.dump(report, f, indent=2)
     log("done", f"wrote {out}/proxy.safetensors, report.json, predictions.csv", out=out)
     return report
+
+
+def _group(device: str = "cpu"):
+    """The torchrun process group when launched by torchrun (WORLD_SIZE set), else None:
+    NCCL for CUDA devices, gloo for the CPU."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    from .distributed import init_from_env
+
+    return init_from_env("nccl" if str(device).startswith("cuda") else "gloo")
 
 
 def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = None,

@@ -234,3 +234,47 @@ def test_classifier_module_matches_fit(ws, tmp_path):
     with pytest.raises(ValueError, match="D=1024 but the proxy has D=512"):
         VisionProxyClassifier.from_file(out / "proxy.safetensors",
                                         clip_model=open_clip.create_model("RN50"))
+
+
+def _torchrun(args, tmp_path, nproc=2):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "inmap_ext"] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                          cwd=str(tmp_path))
+
+
+def test_torchrun_sharded_extract_and_fit(ws, tmp_path):
+    """torchrun splits the image list across ranks (each rank writes its own cache shards) and
+    fit runs sharded; the cache and the proxy equal the single-process ones."""
+    cache = str(tmp_path / "cache")
+    out = _torchrun(["extract", "--model", MODEL, "--pretrained", ws["ckpt"], "--images",
+                     ws["labeled"], "--cache-dir", cache, "--workers", "0", "--shard-size", "3",
+                     "-q"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    clip = clip_mod.load_model(MODEL, ws["ckpt"])
+    images = list_images(ws["labeled"], labels="none")
+    single, ok, c = clip_mod.image_features(clip, images, cache_dir=str(tmp_path / "c1"),
+                                            workers=0, shard_size=3, progress=False)
+    shared = FeatureCache(cache, c.identity_base, images.paths, 3)
+    assert shared.missing_shards() == [] and shared.n_shards == 5
+    feats, ok2 = shared.load()
+    assert torch.equal(ok, ok2)
+    torch.testing.assert_close(feats, single, rtol=1e-4, atol=1e-5)   # same rows, same order
+
+    dist_out = tmp_path / "dist"
+    out = _torchrun(["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images",
+                     ws["labeled"], "--classes", ws["classes"], "--out", str(dist_out),
+                     "--cache-dir", cache, "--workers", "0", "--iters", "40", "-q"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert main(["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["labeled"],
+                 "--classes", ws["classes"], "--out", str(tmp_path / "one"), "--cache-dir",
+                 cache, "--workers", "0", "--iters", "40", "-q"]) == 0
+    a = load_vision_proxy(dist_out / "proxy.safetensors")
+    b = load_vision_proxy(tmp_path / "one" / "proxy.safetensors")
+    torch.testing.assert_close(a.proxy, b.proxy, rtol=1e-4, atol=1e-4)
+    rep = json.loads((dist_out / "report.json").read_text())
+    assert rep["n_used"] == 12 and rep["descent"]["n_iters"] == 40
