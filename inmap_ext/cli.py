@@ -162,20 +162,20 @@ def run(args) -> int:
     from . import pipeline
 
     cmd = args.command
+    if cmd in ("fit", "predict", "eval"):
+        # options shared by the image commands (_model, _images, _common)
+        common = dict(pretrained=args.pretrained, images=args.images, device=args.device,
+                      model_precision=args.model_precision, batch_size=args.batch_size,
+                      workers=args.workers, cache_dir=args.cache_dir, use_cache=args.use_cache,
+                      log=pipeline.Log(args.log), model=args.model, out=args.out)
     if cmd == "fit":
-        pipeline.fit_images(
-            model=args.model, pretrained=args.pretrained, images=args.images,
-            classes=args.classes, out=args.out, templates=args.templates, prompts=args.prompts,
-            labels=args.labels, device=args.device, model_precision=args.model_precision,
-            batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
-            use_cache=args.use_cache, topk=args.topk, log=pipeline.Log(args.log),
-            **_hyper_kwargs(args))
+        pipeline.fit_images(classes=args.classes, templates=args.templates, prompts=args.prompts,
+                            labels=args.labels, topk=args.topk, **common, **_hyper_kwargs(args))
     elif cmd == "predict":
-        pipeline.predict_images(
-            proxy=args.proxy, images=args.images, out=args.out, model=args.model,
-            pretrained=args.pretrained, device=args.device, model_precision=args.model_precision,
-            batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir,
-            use_cache=args.use_cache, topk=args.topk, log=pipeline.Log(args.log))
+        pipeline.predict_images(proxy=args.proxy, topk=args.topk, **common)
+    elif cmd == "eval":
+        pipeline.eval_images(classes=args.classes, templates=args.templates,
+                             dataset=args.dataset, **common, **_hyper_kwargs(args))
     elif cmd == "extract":
         from . import clip as clip_mod
         from .data import list_images
@@ -188,13 +188,6 @@ def run(args) -> int:
                          cache_dir=args.cache_dir, use_cache=args.use_cache,
                          batch_size=args.batch_size, workers=args.workers,
                          shard_size=args.shard_size)
-    elif cmd == "eval":
-        pipeline.eval_images(
-            model=args.model, pretrained=args.pretrained, images=args.images,
-            classes=args.classes, out=args.out, templates=args.templates, device=args.device,
-            model_precision=args.model_precision, batch_size=args.batch_size, workers=args.workers,
-            cache_dir=args.cache_dir, use_cache=args.use_cache, dataset=args.dataset,
-            log=pipeline.Log(args.log), **_hyper_kwargs(args))
     elif cmd == "export":
         w = pipeline.export_classifier(args.proxy, args.out)
         print(f"wrote {args.out}: a {tuple(w.shape)} float32 tensor (D x C)", file=sys.stderr)

@@ -48,47 +48,35 @@ inline cublasComputeType_t compute_type(at::ScalarType t) {
   return CUBLAS_COMPUTE_32F;
 }
 
-// Row-major C[m_rows x n] (=|+=) A-op times B-op through column-major cuBLAS. beta 0 or 1.
-//   logits:  z[rows x C]  = xc[rows x D] @ w[D x C]
-//   reduce:  G[D x C]    += xc[rows x D]^T @ p[rows x C]
+// One cuBLAS GEMM in column-major terms, C = A-op * B-op (+ C when accumulate): inputs in `in`
+// (fp16/bf16/fp32/fp64), output fp32 (fp64 for fp64 inputs).
+inline void gemm(cublasOperation_t opa, cublasOperation_t opb, int64_t m, int64_t n, int64_t k,
+                 const at::Tensor& a, int64_t lda, const at::Tensor& b, int64_t ldb, at::Tensor& c,
+                 int64_t ldc, bool accumulate) {
+  const auto in = b.scalar_type();
+  const bool dbl = in == at::kDouble;
+  const double one_d = 1.0, beta_d = accumulate ? 1.0 : 0.0;
+  const float one_f = 1.f, beta_f = accumulate ? 1.f : 0.f;
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+      at::cuda::getCurrentCUDABlasHandle(), opa, opb, m, n, k,
+      dbl ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f), a.data_ptr(),
+      cuda_dtype(in), lda, b.data_ptr(), cuda_dtype(in), ldb,
+      dbl ? static_cast<const void*>(&beta_d) : static_cast<const void*>(&beta_f), c.data_ptr(),
+      dbl ? CUDA_R_64F : CUDA_R_32F, ldc, compute_type(in), CUBLAS_GEMM_DEFAULT));
+}
+
+// Row-major products through column-major cuBLAS (a row-major M x N matrix is a column-major
+// N x M one), all operands contiguous:
+//   logits:  z[rows x C]  = xc[rows x D] @ w[D x C]        ->  z^T = w^T xc^T
+//   reduce:  G[D x C]    += xc[rows x D]^T @ p[rows x C]   ->  G^T += p^T xc
 inline void gemm_logits(const at::Tensor& xc, const at::Tensor& w, at::Tensor& z) {
   const int64_t rows = xc.size(0), D = xc.size(1), C = w.size(1);
-  const auto in = xc.scalar_type();
-  const auto ct = compute_type(in);
-  cublasHandle_t h = at::cuda::getCurrentCUDABlasHandle();
-  if (in == at::kDouble) {
-    const double one = 1.0, zero = 0.0;
-    TORCH_CUDABLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, C, rows, D, &one,
-                                      w.data_ptr(), CUDA_R_64F, C, xc.data_ptr(), CUDA_R_64F, D,
-                                      &zero, z.data_ptr(), CUDA_R_64F, C, ct,
-                                      CUBLAS_GEMM_DEFAULT));
-  } else {
-    const float one = 1.f, zero = 0.f;
-    TORCH_CUDABLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, C, rows, D, &one,
-                                      w.data_ptr(), cuda_dtype(in), C, xc.data_ptr(),
-                                      cuda_dtype(in), D, &zero, z.data_ptr(), CUDA_R_32F, C, ct,
-                                      CUBLAS_GEMM_DEFAULT));
-  }
+  gemm(CUBLAS_OP_N, CUBLAS_OP_N, C, rows, D, w, C, xc, D, z, C, /*accumulate=*/false);
 }
 
 inline void gemm_xt_p_accumulate(const at::Tensor& xc, const at::Tensor& p, at::Tensor& G) {
   const int64_t rows = xc.size(0), D = xc.size(1), C = p.size(1);
-  const auto in = xc.scalar_type();
-  const auto ct = compute_type(in);
-  cublasHandle_t h = at::cuda::getCurrentCUDABlasHandle();
-  if (in == at::kDouble) {
-    const double one = 1.0;
-    TORCH_CUDABLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, C, D, rows, &one,
-                                      p.data_ptr(), CUDA_R_64F, C, xc.data_ptr(), CUDA_R_64F, D,
-                                      &one, G.data_ptr(), CUDA_R_64F, C, ct,
-                                      CUBLAS_GEMM_DEFAULT));
-  } else {
-    const float one = 1.f;
-    TORCH_CUDABLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, C, D, rows, &one,
-                                      p.data_ptr(), cuda_dtype(in), C, xc.data_ptr(),
-                                      cuda_dtype(in), D, &one, G.data_ptr(), CUDA_R_32F, C, ct,
-                                      CUBLAS_GEMM_DEFAULT));
-  }
+  gemm(CUBLAS_OP_N, CUBLAS_OP_T, C, D, rows, p, C, xc, D, G, C, /*accumulate=*/true);
 }
 
 __device__ __forceinline__ float dev_exp(float v) { return ::expf(v); }
@@ -114,6 +102,18 @@ struct Lse {
     m = mm;
   }
 };
+
+// Lane 0 ends with the warp's merged log-sum-exp state and its argmax (ties: smallest index).
+template <typename acc_t>
+__device__ __forceinline__ void warp_reduce(Lse<acc_t>& st, acc_t& best_v, int64_t& best) {
+  for (int off = 16; off > 0; off >>= 1) {
+    Lse<acc_t> o{__shfl_down_sync(0xffffffff, st.m, off), __shfl_down_sync(0xffffffff, st.s, off)};
+    const acc_t ov = __shfl_down_sync(0xffffffff, best_v, off);
+    const int64_t ob = __shfl_down_sync(0xffffffff, best, off);
+    st.merge(o);
+    if (ov > best_v || (ov == best_v && ob < best)) { best_v = ov; best = ob; }
+  }
+}
 
 enum class RowMode { kProbs, kProbsThreshold, kLse };
 
@@ -142,13 +142,7 @@ __global__ void __launch_bounds__(kThreads) row_softmax_kernel(
   __shared__ acc_t sh_m[kThreads / 32], sh_s[kThreads / 32], sh_bv[kThreads / 32];
   __shared__ int64_t sh_b[kThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int off = 16; off > 0; off >>= 1) {
-    Lse<acc_t> o{__shfl_down_sync(0xffffffff, st.m, off), __shfl_down_sync(0xffffffff, st.s, off)};
-    const acc_t ov = __shfl_down_sync(0xffffffff, best_v, off);
-    const int64_t ob = __shfl_down_sync(0xffffffff, best, off);
-    st.merge(o);
-    if (ov > best_v || (ov == best_v && ob < best)) { best_v = ov; best = ob; }
-  }
+  warp_reduce(st, best_v, best);
   if (lane == 0) { sh_m[warp] = st.m; sh_s[warp] = st.s; sh_bv[warp] = best_v; sh_b[warp] = best; }
   __syncthreads();
   if (warp == 0) {
@@ -156,13 +150,7 @@ __global__ void __launch_bounds__(kThreads) row_softmax_kernel(
     st = Lse<acc_t>{lane < nw ? sh_m[lane] : ninf, lane < nw ? sh_s[lane] : acc_t(0)};
     best_v = lane < nw ? sh_bv[lane] : ninf;
     best = lane < nw ? sh_b[lane] : C;
-    for (int off = 16; off > 0; off >>= 1) {
-      Lse<acc_t> o{__shfl_down_sync(0xffffffff, st.m, off), __shfl_down_sync(0xffffffff, st.s, off)};
-      const acc_t ov = __shfl_down_sync(0xffffffff, best_v, off);
-      const int64_t ob = __shfl_down_sync(0xffffffff, best, off);
-      st.merge(o);
-      if (ov > best_v || (ov == best_v && ob < best)) { best_v = ov; best = ob; }
-    }
+    warp_reduce(st, best_v, best);
     if (lane == 0) { sh_m[0] = st.m; sh_s[0] = st.s; sh_b[0] = best; }
   }
   __syncthreads();
