@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="proxy -> plain (D, C) tensor for clip_benchmark --load_clfs")
     p.add_argument("--proxy", required=True)
     p.add_argument("--out", required=True, help="file to write (torch.save of a D x C tensor)")
+    p.add_argument("--device", default="cpu", help="accepted by every subcommand; the export "
+                   "itself runs on the CPU")
 
     p = sub.add_parser("demo", help="the built-in offline demo (synthetic problem + pipeline)")
     p.add_argument("--n", type=int, default=10000, help="synthetic images")
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="show or clear the feature cache")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--clear", action="store_true", help="delete every cached feature set")
+    p.add_argument("--device", default="cpu", help="accepted by every subcommand; unused here")
     return ap
 
 

@@ -69,8 +69,10 @@ def check_shard(image_features, text_proxies, group):
             meta["C"] = text_proxies.shape[1]
     except (ValueError, TypeError) as e:
         meta["error"] = f"rank {rank}: {e}"
+    from .functional import _collective
+
     metas = [None] * dist.get_world_size(group)
-    dist.all_gather_object(metas, meta, group=group)
+    _collective(dist.all_gather_object, metas, meta, group=group)
     errors = [m["error"] for m in metas if "error" in m]
     if errors:
         raise ValueError("sharded fit: " + "; ".join(errors))
@@ -89,7 +91,7 @@ def check_shard(image_features, text_proxies, group):
         t = t.to(device=x.device, dtype=x.dtype).contiguous()
     else:
         t = torch.empty(ref["D"], ref["C"], dtype=x.dtype, device=x.device)
-    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+    _collective(dist.broadcast, t, src=dist.get_global_rank(group, 0), group=group)
     return x, t
 
 

@@ -45,17 +45,18 @@ class Runner:
     # -- reductions over the rows of every rank (identity in a single process) ---------------
     def sum_(self, t: Tensor) -> Tensor:
         if self.group is not None:
-            torch.distributed.all_reduce(t, group=self.group)
+            _collective(torch.distributed.all_reduce, t, group=self.group)
         return t
 
     def lse_(self, t: Tensor) -> Tensor:
         """log-sum-exp across ranks of per-rank log-sums (in place)."""
         if self.group is not None:
             m = t.clone()
-            torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            _collective(torch.distributed.all_reduce, m, op=torch.distributed.ReduceOp.MAX,
+                        group=self.group)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             s = torch.exp(t - m)
-            torch.distributed.all_reduce(s, group=self.group)
+            _collective(torch.distributed.all_reduce, s, group=self.group)
             t.copy_(m + torch.log(s))
         return t
 
@@ -96,6 +97,17 @@ class Runner:
                 log_colsum = self.column_lse(x, t, beta, 1.0 / tau_t) - log_n
             beta = beta + log_q - log_colsum
         return beta
+
+
+def _collective(fn, *args, **kwargs):
+    """Run a torch.distributed collective; a failure (a rank exited, or the process group's
+    timeout passed) becomes one clear error instead of a backend-specific message."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        raise RuntimeError(
+            "sharded fit: communication with the other ranks failed (a rank exited or the "
+            f"process group's timeout passed): {type(e).__name__}: {e}") from e
 
 
 def _prepare(features, proxies, backend, chunk_size, proxies_name="text_proxies"):

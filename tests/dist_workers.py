@@ -60,3 +60,26 @@ def mismatch_worker(rank, world, init_file, out_dir, case):
             dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.msg"), "w") as f:
         f.write(msg)
+
+
+def dying_worker(rank, world, init_file, out_dir):
+    """Rank 1 exits right after joining; rank 0's fit must fail with a clear error, quickly."""
+    import time
+
+    import inmap_ext
+    from testing import clip_like
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=15))
+    if rank == 1:
+        os._exit(0)                      # dies without a word
+    X, T, _ = clip_like(40, 12, 5, seed=1, dtype=torch.float32)
+    t0 = time.time()
+    try:
+        inmap_ext.fit_vision_proxy(X, T, iters=5, process_group=dist.group.WORLD)
+        msg = "no error"
+    except Exception as e:  # noqa: BLE001
+        msg = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, "rank0.msg"), "w") as f:
+        f.write(f"{time.time() - t0:.1f}\n{msg}")
+    os._exit(0)

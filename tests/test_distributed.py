@@ -72,3 +72,19 @@ def test_shard_rows_cover_in_order():
             assert got == list(range(n))
             sizes = [len(shard_rows(n, r, world)) for r in range(world)]
             assert max(sizes) - min(sizes) <= 1
+
+
+def test_dead_rank_gives_a_clear_error_not_a_hang(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=dist_workers.dying_worker,
+                         args=(r, 2, str(tmp_path / "init"), str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert not p.is_alive(), "a rank hung past the process group's timeout"
+    seconds, msg = (tmp_path / "rank0.msg").read_text().split("\n", 1)
+    assert "sharded fit: communication with the other ranks failed" in msg, msg
+    assert float(seconds) < 60

@@ -208,6 +208,37 @@ def test_cache_resume_and_staleness(ws, tmp_path):
         assert FeatureCache(cache_dir, other, images.paths, 3).key != cache.key, field
 
 
+def test_killed_extraction_resumes(ws, tmp_path):
+    """An extraction that dies in its third shard keeps the two finished shards; the rerun
+    computes only the rest."""
+    clip = clip_mod.load_model(MODEL, ws["ckpt"])
+    images = list_images(ws["flat"])
+    real = clip.model.encode_image
+    seen = []
+
+    def dies_in_third_shard(x, **kw):
+        if sum(seen) >= 6:
+            raise KeyboardInterrupt("killed")
+        seen.append(len(x))
+        return real(x, **kw)
+
+    clip.model.encode_image = dies_in_third_shard
+    kw = dict(cache_dir=str(tmp_path / "cache"), batch_size=3, workers=0, shard_size=3,
+              progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        clip_mod.image_features(clip, images, **kw)
+    clip.model.encode_image = real
+    cache = FeatureCache(kw["cache_dir"], {"model": MODEL, "weights": clip.weights_id,
+                                           "preprocess": repr(clip.preprocess),
+                                           "precision": "fp32"}, images.paths, 3)
+    assert cache.missing_shards() == [2]
+    assert not [f for f in os.listdir(cache.dir) if ".tmp" in f]     # no partial shard left
+    calls = []
+    clip.model.encode_image = lambda x, **k: calls.append(len(x)) or real(x, **k)
+    feats, ok, _ = clip_mod.image_features(clip, images, **kw)
+    assert sum(calls) == 2 and feats.shape == (8, 512)
+
+
 def test_classifier_module_matches_fit(ws, tmp_path):
     out = tmp_path / "out"
     assert main(["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["labeled"],
