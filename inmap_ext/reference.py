@@ -88,7 +88,8 @@ def topk_scores(x: Tensor, w: Tensor, k: int, chunk: int) -> Tuple[Tensor, Tenso
     indices = torch.empty(N, k, dtype=torch.int64, device=x.device)
     start = 0
     for xc in _chunks(x, chunk):
-        v, i = torch.topk(xc @ w, k, dim=1)
+        dt = values.dtype
+        v, i = torch.topk(xc.to(dt) @ w.to(dt), k, dim=1)
         values[start:start + len(xc)] = v
         indices[start:start + len(xc)] = i
         start += len(xc)
