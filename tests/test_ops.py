@@ -8,7 +8,7 @@ from testing import DEVICES, FLOAT_DTYPES, skip_if_no_ext, unit_cols, unit_rows
 
 # (N, D, C, chunk): N < C, C = 1, D not a multiple of 8, one row, ragged last chunk, chunk > N.
 SHAPES = [(1, 5, 3, 4), (7, 13, 1, 3), (5, 9, 40, 2), (257, 31, 17, 64), (300, 8, 130, 1000),
-          (1000, 67, 9, 333)]
+          (1000, 67, 9, 333), (20000, 96, 300, 4096)]
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
@@ -80,6 +80,35 @@ def test_topk_scores(device, dtype, shape):
         rv, ri = reference.topk_scores(x, w, k, chunk)
         torch.testing.assert_close(vals, rv, **TOL[dtype])
         assert torch.equal(idx, ri)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_problems_through_the_public_blocks(seed):
+    """Random shapes and hyper-parameters: every building block, ext against torch."""
+    skip_if_no_ext("cpu")
+    import inmap_ext
+
+    g = torch.Generator().manual_seed(100 + seed)
+    n, d, c = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in
+               ((1, 900), (1, 70), (1, 60)))
+    x, w, bias = _inputs(n, d, c, torch.float64, "cpu", seed=seed)
+    tau = float(torch.empty(1).uniform_(0.005, 0.2, generator=g))
+    alpha = float(torch.rand(1, generator=g))
+    chunk = int(torch.randint(1, n + 5, (1,), generator=g))
+    kw = dict(chunk_size=chunk)
+    for fn, args in [(inmap_ext.softmax_column_lse, (x, w, tau, bias)),
+                     (inmap_ext.sinkhorn_log_bias, (x, w)),
+                     (inmap_ext.zero_shot_topk, (x, w, min(4, c)))]:
+        a, b = fn(*args, backend="ext", **kw), fn(*args, backend="torch", **kw)
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9)
+    a = inmap_ext.pseudo_label_reduce(x, w, bias, tau_t=tau, alpha=alpha, backend="ext", **kw)
+    b = inmap_ext.pseudo_label_reduce(x, w, bias, tau_t=tau, alpha=alpha, backend="torch", **kw)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9)
+    a = inmap_ext.proxy_gradient(x, w, a[0], tau_i=tau, backend="ext", **kw)
+    b = inmap_ext.proxy_gradient(x, w, b[0], tau_i=tau, backend="torch", **kw)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_non_contiguous_and_offset_inputs():
