@@ -42,28 +42,42 @@ def rank_and_world(group=None):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def check_shard(image_features, text_proxies, group):
+def check_shard(image_features, text_proxies, group, stream_chunk=None, device=None):
     """Validate this rank's shard and agree on the problem across ranks.
 
-    Returns (x, t): this rank's rows L2-normalised (possibly zero rows) and rank 0's text
-    proxies (broadcast). Any rank's bad input raises the same ValueError on every rank."""
+    Returns (x, t, row_scale): this rank's rows (possibly zero), rank 0's text proxies
+    (broadcast) and, when streaming (``stream_chunk`` rows per chunk, compute ``device``), the
+    rows' 1/norm for per-chunk normalisation (x then stays where it is, unnormalised); in memory
+    x comes back L2-normalised and row_scale is None. Any rank's bad input raises the same
+    ValueError on every rank."""
     if not dist.is_initialized():
         raise ValueError("process_group was given but torch.distributed is not initialised")
     rank = dist.get_rank(group)
-    meta, x, t = {}, None, None
+    meta, x, t, scale = {}, None, None, None
     try:
         if not isinstance(image_features, torch.Tensor) or image_features.dim() != 2:
             raise ValueError("image_features must be a 2-D tensor (N x D)")
         if image_features.dtype not in validation.FLOAT_DTYPES:
             raise TypeError(f"image_features must be a floating tensor, got {image_features.dtype}")
-        x = validation.cpu_upcast(image_features)
-        if x.shape[0]:
-            x = validation.normalise(x, validation.check_finite(x, "image_features", 1), 1)
-        meta.update(D=x.shape[1], N=x.shape[0], dtype=str(x.dtype), device=x.device.type)
+        if stream_chunk is not None:
+            from .streaming import check_host_features
+
+            x = image_features
+            if x.shape[0]:
+                scale = check_host_features(x, stream_chunk)
+            compute = torch.device(device)
+        else:
+            x = validation.cpu_upcast(image_features)
+            if x.shape[0]:
+                x = validation.normalise(x, validation.check_finite(x, "image_features", 1), 1)
+            compute = x.device
+        meta.update(D=x.shape[1], N=x.shape[0], dtype=str(x.dtype), device=compute.type)
         if rank == 0:
-            probe = x[:1] if x.shape[0] else torch.ones(1, x.shape[1], dtype=x.dtype,
-                                                        device=x.device)
-            _, t = validation.check_features_and_proxies(probe, text_proxies)
+            probe = torch.ones(1, x.shape[1], dtype=x.dtype, device=compute)
+            _, t = validation.check_features_and_proxies(probe, text_proxies.to(compute)
+                                                         if isinstance(text_proxies,
+                                                                       torch.Tensor)
+                                                         else text_proxies)
             meta["C"] = t.shape[1]
         elif isinstance(text_proxies, torch.Tensor) and text_proxies.dim() == 2:
             meta["C"] = text_proxies.shape[1]
@@ -87,12 +101,15 @@ def check_shard(image_features, text_proxies, group):
                              f"{ref['C']}; every rank must use the same class list")
     if sum(m["N"] for m in metas) == 0:
         raise ValueError("sharded fit: image_features is empty on every rank")
+    from .reference import acc_dtype
+
+    t_dtype = acc_dtype(x.dtype)      # proxies are never rounded to 16 bits on the way
     if rank == 0:
-        t = t.to(device=x.device, dtype=x.dtype).contiguous()
+        t = t.to(device=compute, dtype=t_dtype).contiguous()
     else:
-        t = torch.empty(ref["D"], ref["C"], dtype=x.dtype, device=x.device)
+        t = torch.empty(ref["D"], ref["C"], dtype=t_dtype, device=compute)
     _collective(dist.broadcast, t, src=dist.get_global_rank(group, 0), group=group)
-    return x, t
+    return x, t, scale
 
 
 def shard_rows(n: int, rank: int, world: int) -> range:

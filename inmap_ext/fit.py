@@ -93,7 +93,7 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         else:
             from .distributed import check_shard
 
-            x, t = check_shard(image_features, text_proxies, process_group)
+            x, t, _ = check_shard(image_features, text_proxies, process_group)
         x, tf32 = _apply_precision(x, precision)
         runner = Runner(x.device, backend, chunk_size, x.shape[0], t.shape[1], x.dtype,
                         process_group)
@@ -103,30 +103,31 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
 
 
 def _streaming_setup(features, text_proxies, device, backend, chunk_size, precision, group):
-    from .streaming import StreamingRunner, check_host_features
+    from .streaming import VALIDATION_CHUNK, StreamingRunner, check_host_features
 
-    if group is not None:
-        raise ValueError("streaming (device= / stream=True) with a process_group is not "
-                         "supported yet: give each rank its shard in memory")
-    device = torch.device(device if device is not None else features.device)
-    x = validation.check_matrix(features, "image_features", "N x D: one row per image")
-    t = validation.check_matrix(text_proxies, "text_proxies", "D x C: one column per class")
-    if x.shape[1] != t.shape[0]:
-        raise ValueError(f"image_features has D={x.shape[1]} but text_proxies has "
-                         f"D={t.shape[0]}")
-    t = t.to(device)
-    t = validation.normalise(t, validation.check_finite(t, "text_proxies", 0), 0)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device if device is not None else features.device)
+    if group is not None:
+        from .distributed import check_shard
+
+        x, t, scale = check_shard(features, text_proxies, group, VALIDATION_CHUNK, device)
+    else:
+        x = validation.check_matrix(features, "image_features", "N x D: one row per image")
+        t = validation.check_matrix(text_proxies, "text_proxies", "D x C: one column per class")
+        if x.shape[1] != t.shape[0]:
+            raise ValueError(f"image_features has D={x.shape[1]} but text_proxies has "
+                             f"D={t.shape[0]}")
+        t = t.to(device)
+        t = validation.normalise(t, validation.check_finite(t, "text_proxies", 0), 0)
+        scale = check_host_features(x, VALIDATION_CHUNK)
     dtype = _PRECISION_DTYPES.get(precision, x.dtype)
     if dtype in (torch.float16, torch.bfloat16) and device.type != "cuda":
         if precision != "auto":
             raise ValueError(f"precision={precision!r} needs a CUDA device")
         dtype = torch.float32
-    probe = Runner(device, backend, chunk_size, x.shape[0], t.shape[1], dtype)
-    scale = check_host_features(x, probe.chunk)
-    runner = StreamingRunner(device, backend, probe.chunk, x.shape[0], t.shape[1], dtype,
-                             None, scale)
+    runner = StreamingRunner(device, backend, chunk_size, x.shape[0], t.shape[1], dtype, group,
+                             scale)
     return runner, x, t
 
 

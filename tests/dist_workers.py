@@ -83,3 +83,27 @@ def dying_worker(rank, world, init_file, out_dir):
     with open(os.path.join(out_dir, "rank0.msg"), "w") as f:
         f.write(f"{time.time() - t0:.1f}\n{msg}")
     os._exit(0)
+
+
+def stream_worker(rank, world, init_file, out_dir, sizes):
+    """Sharded and streamed: each rank's rows stay in (memory-mapped) host memory."""
+    import inmap_ext
+    from testing import clip_like
+
+    torch.set_num_threads(1)
+    try:
+        _init(rank, world, init_file)
+        X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
+        X = X * 3.0                                    # not unit: normalised per chunk
+        start = sum(sizes[:rank])
+        res = inmap_ext.fit_vision_proxy(X[start:start + sizes[rank]], T if rank == 0 else None,
+                                         iters=120, stream=True, chunk_size=50,
+                                         process_group=dist.group.WORLD)
+        torch.save({"proxy": res.proxy, "streamed": res.hyper["streamed"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    except Exception:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

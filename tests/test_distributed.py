@@ -88,3 +88,16 @@ def test_dead_rank_gives_a_clear_error_not_a_hang(tmp_path):
     seconds, msg = (tmp_path / "rank0.msg").read_text().split("\n", 1)
     assert "sharded fit: communication with the other ranks failed" in msg, msg
     assert float(seconds) < 60
+
+
+def test_sharded_and_streamed(tmp_path):
+    sizes = [180, 0, 121]
+    _spawn(dist_workers.stream_worker, 3, tmp_path, sizes)
+    errs = [p for p in os.listdir(tmp_path) if p.endswith(".err")]
+    assert not errs, (tmp_path / errs[0]).read_text()
+    X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
+    single = inmap_ext.fit_vision_proxy(X, T, iters=120)
+    for r in range(3):
+        o = torch.load(tmp_path / f"rank{r}.pt")
+        assert o["streamed"]
+        torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
