@@ -6,7 +6,6 @@ kernel, and nothing is silently wrong.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -111,7 +110,3 @@ def count(value, name: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
-
-
-def optional_count(value: Optional[int], name: str, minimum: int = 1) -> Optional[int]:
-    return None if value is None else count(value, name, minimum)

@@ -1,4 +1,5 @@
 """Worker functions for test_distributed.py (spawned processes import them from here)."""
+import contextlib
 import datetime
 import os
 import traceback
@@ -12,12 +13,25 @@ def _init(rank, world, init_file):
                             world_size=world, timeout=datetime.timedelta(seconds=60))
 
 
+@contextlib.contextmanager
+def _rank_guard(rank, out_dir):
+    """A failure in this rank is written to rank<r>.err for the parent; the group is closed."""
+    try:
+        yield
+    except Exception:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def fit_worker(rank, world, init_file, out_dir, sizes, dtype, kw, backend):
     import inmap_ext
     from testing import clip_like
 
     torch.set_num_threads(1)
-    try:
+    with _rank_guard(rank, out_dir):
         _init(rank, world, init_file)
         X, T, _ = clip_like(sum(sizes), 24, 7, seed=13, dtype=dtype)
         start = sum(sizes[:rank])
@@ -27,12 +41,6 @@ def fit_worker(rank, world, init_file, out_dir, sizes, dtype, kw, backend):
         torch.save({"proxy": res.proxy, "counts": res.class_counts, "mass": res.class_mass,
                     "conf": res.confident_fraction, "grad_norm": res.grad_norm,
                     "n": res.n_images}, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def mismatch_worker(rank, world, init_file, out_dir, case):
@@ -91,7 +99,7 @@ def stream_worker(rank, world, init_file, out_dir, sizes):
     from testing import clip_like
 
     torch.set_num_threads(1)
-    try:
+    with _rank_guard(rank, out_dir):
         _init(rank, world, init_file)
         X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
         X = X * 3.0                                    # not unit: normalised per chunk
@@ -101,9 +109,3 @@ def stream_worker(rank, world, init_file, out_dir, sizes):
                                          process_group=dist.group.WORLD)
         torch.save({"proxy": res.proxy, "streamed": res.hyper["streamed"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
