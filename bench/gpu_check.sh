@@ -36,6 +36,7 @@ else
   echo "compute-sanitizer not found" | tee "$OUT/sanitizer.log"
 fi
 echo "== benchmark"
-$PY bench/run.py --device cuda --out "$OUT" --tag gpu "$@" > "$OUT/bench.log" 2>&1 || status=1
+# default: the preset sized for one 10-minute call; pass bench/run.py arguments to change it
+$PY bench/run.py --device cuda --out "$OUT" --tag gpu ${@:---preset gpu-check} > "$OUT/bench.log" 2>&1 || status=1
 tail -40 "$OUT/bench.log"
 exit $status

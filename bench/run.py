@@ -29,6 +29,16 @@ from inmap_ext.reference import acc_dtype  # noqa: E402
 FULL_N = [50_000, 1_281_167, 10_000_000]
 FULL_C = [1_000, 21_841]
 FULL_D = [512, 768, 1024]
+# The GPU check's sweep (fits the device tool's 10-minute call): the target shapes.
+# (N, D, C, precisions, backends); None = every backend available.
+PRESETS = {
+    "gpu-check": [
+        (50_000, 768, 1_000, ["fp32", "tf32", "bf16", "fp16"], None),
+        (1_281_167, 768, 1_000, ["fp32", "tf32", "bf16", "fp16"], None),
+        (1_281_167, 512, 21_841, ["bf16", "fp16"], ["ext"]),
+        (10_000_000, 768, 21_841, ["fp16"], ["ext"]),
+    ],
+}
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
           "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -212,6 +222,8 @@ def main(argv=None):
     ap.add_argument("--d", type=int, nargs="*", default=None)
     ap.add_argument("--c", type=int, nargs="*", default=None)
     ap.add_argument("--precision", nargs="*", default=None)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="a named list of configurations instead of the N x D x C sweep")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--tag", default=None, help="file name stem (default: device + date)")
@@ -224,25 +236,28 @@ def main(argv=None):
     precisions = args.precision or (["fp32"] if dev.type == "cpu" else ["fp32", "tf32", "bf16",
                                                                          "fp16"])
     backends = ["ext", "torch"] if _ops.ext_available(dev) else ["torch"]
+    if args.preset:
+        configs = [(n, d, c, ps, [b for b in (bk or backends) if b in backends])
+                   for n, d, c, ps, bk in PRESETS[args.preset]]
+    else:
+        configs = [(n, d, c, precisions,
+                    backends if n * c <= 2e9 else ["ext"][:len(backends)])
+                   for n in ns for d in ds for c in cs]
     info = device_info(dev)
     rows = []
-    for n in ns:
-        for d in ds:
-            for c in cs:
-                for i, p in enumerate(precisions):
-                    bk = backends if n * c <= 2e9 or p != "fp32" else ["ext"][:len(backends)]
-                    try:
-                        got = bench_config(n, d, c, p, dev, bk, do_dense=(i == 0),
-                                           repeat=args.repeat)
-                    except torch.OutOfMemoryError as e:
-                        got = [dict(N=n, D=d, C=c, precision=p, backend="+".join(bk), chunk=None,
-                                    step_ms=None, sinkhorn_ms=None, fit_s=None, tflops=None,
-                                    gemm_tflops=None, vs_gemm=None, peak_gib=None,
-                                    note=f"OOM: {str(e)[:80]}")]
-                        torch.cuda.empty_cache()
-                    rows += got
-                    for r in got:
-                        print(json.dumps(r), flush=True)
+    for n, d, c, ps, bk in configs:
+        for i, p in enumerate(ps):
+            try:
+                got = bench_config(n, d, c, p, dev, bk, do_dense=(i == 0), repeat=args.repeat)
+            except torch.OutOfMemoryError as e:
+                got = [dict(N=n, D=d, C=c, precision=p, backend="+".join(bk), chunk=None,
+                            step_ms=None, sinkhorn_ms=None, fit_s=None, tflops=None,
+                            gemm_tflops=None, vs_gemm=None, peak_gib=None,
+                            note=f"OOM: {str(e)[:80]}")]
+                torch.cuda.empty_cache()
+            rows += got
+            for r in got:
+                print(json.dumps(r), flush=True)
     os.makedirs(args.out, exist_ok=True)
     stem = args.tag or f"{info['device'].replace(' ', '_')}_{info['date']}"
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
