@@ -19,6 +19,7 @@ from .result import VisionProxyResult
 Tensor = torch.Tensor
 
 
+@torch.no_grad()
 def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: float = 0.01,
                      tau_i: float = 0.04, alpha: float = 0.6, sinkhorn_iters: int = 20,
                      gamma: float = 0.0, iters: int = 2000, lr: float = 10.0,

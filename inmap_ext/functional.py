@@ -118,6 +118,7 @@ def _prepare(features, proxies, backend, chunk_size, proxies_name="text_proxies"
     return x, w, runner
 
 
+@torch.no_grad()
 def zero_shot_topk(image_features: Tensor, proxies: Tensor, k: int = 1, *, backend: str = "auto",
                    chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Top-k classes of every image by cosine with the class proxies (D x C), without storing
@@ -129,6 +130,7 @@ def zero_shot_topk(image_features: Tensor, proxies: Tensor, k: int = 1, *, backe
     return runner.topk(x, w, k)
 
 
+@torch.no_grad()
 def softmax_column_lse(image_features: Tensor, proxies: Tensor, tau: float,
                        log_bias: Optional[Tensor] = None, *, backend: str = "auto",
                        chunk_size: Optional[int] = None) -> Tensor:
@@ -139,6 +141,7 @@ def softmax_column_lse(image_features: Tensor, proxies: Tensor, tau: float,
     return runner.column_lse(x, w, _check_bias(log_bias, w), 1.0 / tau)
 
 
+@torch.no_grad()
 def sinkhorn_log_bias(image_features: Tensor, text_proxies: Tensor, *, tau_t: float = 0.01,
                       sinkhorn_iters: int = 20, gamma: float = 0.0, backend: str = "auto",
                       chunk_size: Optional[int] = None) -> Optional[Tensor]:
@@ -150,6 +153,7 @@ def sinkhorn_log_bias(image_features: Tensor, text_proxies: Tensor, *, tau_t: fl
                                     validation.non_negative(gamma, "gamma"), x.shape[0])
 
 
+@torch.no_grad()
 def pseudo_label_reduce(image_features: Tensor, text_proxies: Tensor,
                         log_bias: Optional[Tensor] = None, *, tau_t: float = 0.01,
                         alpha: float = 0.6, backend: str = "auto",
@@ -163,6 +167,7 @@ def pseudo_label_reduce(image_features: Tensor, text_proxies: Tensor,
                                 validation.in_unit_interval(alpha, "alpha"))
 
 
+@torch.no_grad()
 def proxy_gradient(image_features: Tensor, proxy: Tensor, target: Tensor, *, tau_i: float = 0.04,
                    backend: str = "auto", chunk_size: Optional[int] = None) -> Tensor:
     """G = X^T softmax(X W / tau_i) - B (D x C): N * tau_i times the gradient of the

@@ -89,3 +89,13 @@ def test_precision_argument():
         fit(X, T, iters=1, precision="fp16")
     r = fit(X, T, iters=3, precision="fp64")
     assert r.proxy.dtype == torch.float64 and r.hyper["compute_dtype"] == "float64"
+
+
+def test_inputs_that_require_grad():
+    """A fit is not differentiated: inputs from a model's forward (requires_grad) are fine and
+    no autograd graph is kept."""
+    x = X.clone().requires_grad_()
+    r = fit(x, T, iters=5)
+    assert not r.proxy.requires_grad
+    torch.testing.assert_close(r.proxy, fit(X, T, iters=5).proxy)
+    assert not inmap_ext.zero_shot_topk(x, T, k=2)[0].requires_grad
