@@ -165,17 +165,26 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     timings["features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    x = feats.features.to(clip.device)
-    if group is None:
-        res = fit_vision_proxy(x, text.to(clip.device), progress=log.progress, **hyper)
-    else:   # sharded fit: this rank's block of rows; every rank gets the same proxy
+    x = feats.features
+    if group is not None:   # sharded fit: this rank's block of rows; every rank gets the same proxy
         from .distributed import rank_and_world, shard_rows
 
         rows = shard_rows(x.shape[0], *rank_and_world(group))
-        res = fit_vision_proxy(x[rows.start:rows.stop], text.to(clip.device),
-                               progress=log.progress, process_group=group, **hyper)
-        if rank != 0:
-            return {}
+        x = x[rows.start:rows.stop]
+    if _fits_on_device(x, clip.device):
+        x = x.to(clip.device)
+    else:                   # larger than half the free device memory: stream it (out-of-core)
+        log("stream", f"features ({x.numel() * x.element_size() / 2**30:.1f} GiB) stay in host "
+            f"memory and are streamed to {clip.device}", device=str(clip.device))
+        hyper = dict(hyper, device=clip.device)
+    res = fit_vision_proxy(x, text.to(clip.device), progress=log.progress, process_group=group,
+                           **hyper)
+    if rank != 0:
+        return {}
+    if group is not None or x.device != clip.device:   # predictions for every image (rank 0)
+        x = feats.features
+        if _fits_on_device(x, clip.device):
+            x = x.to(clip.device)
     timings["fit_s"] = time.perf_counter() - t0
     log("fit", f"fit: {res.n_iters} steps on the {res.backend} backend in {timings['fit_s']:.2f}s",
         n_iters=res.n_iters, backend=res.backend, seconds=timings["fit_s"])
@@ -226,6 +235,13 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
         json.dump(report, f, indent=2)
     log("done", f"wrote {out}/proxy.safetensors, report.json, predictions.csv", out=out)
     return report
+
+
+def _fits_on_device(x: torch.Tensor, device: torch.device) -> bool:
+    """True unless ``device`` is a GPU with less than twice x's size free."""
+    if device.type != "cuda":
+        return True
+    return x.numel() * x.element_size() * 2 <= torch.cuda.mem_get_info(device)[0]
 
 
 def _group(device: str = "cpu"):
