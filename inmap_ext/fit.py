@@ -85,9 +85,8 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     streaming = stream or (device is not None and isinstance(image_features, torch.Tensor)
                            and torch.device(device) != image_features.device)
     if streaming:
-        runner, x, t = _streaming_setup(image_features, text_proxies, device, backend,
-                                        chunk_size, precision, process_group)
-        tf32 = {"fp32": False, "tf32": True}.get(precision)
+        runner, x, t, tf32 = _streaming_setup(image_features, text_proxies, device, backend,
+                                              chunk_size, precision, process_group)
     else:
         if process_group is None:
             x, t = validation.check_features_and_proxies(image_features, text_proxies)
@@ -95,7 +94,8 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
             from .distributed import check_shard
 
             x, t, _ = check_shard(image_features, text_proxies, process_group)
-        x, tf32 = _apply_precision(x, precision)
+        dtype, tf32 = _compute_dtype(precision, x.dtype, x.device)
+        x = x.to(dtype)
         runner = Runner(x.device, backend, chunk_size, x.shape[0], t.shape[1], x.dtype,
                         process_group)
     with _tf32(tf32):
@@ -106,30 +106,20 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
 def _streaming_setup(features, text_proxies, device, backend, chunk_size, precision, group):
     from .streaming import VALIDATION_CHUNK, StreamingRunner, check_host_features
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device if device is not None else features.device)
     if group is not None:
         from .distributed import check_shard
 
         x, t, scale = check_shard(features, text_proxies, group, VALIDATION_CHUNK, device)
     else:
-        x = validation.check_matrix(features, "image_features", "N x D: one row per image")
-        t = validation.check_matrix(text_proxies, "text_proxies", "D x C: one column per class")
-        if x.shape[1] != t.shape[0]:
-            raise ValueError(f"image_features has D={x.shape[1]} but text_proxies has "
-                             f"D={t.shape[0]}")
+        x, t = validation.check_shapes(features, text_proxies)
         t = t.to(device)
         t = validation.normalise(t, validation.check_finite(t, "text_proxies", 0), 0)
         scale = check_host_features(x, VALIDATION_CHUNK)
-    dtype = _PRECISION_DTYPES.get(precision, x.dtype)
-    if dtype in (torch.float16, torch.bfloat16) and device.type != "cuda":
-        if precision != "auto":
-            raise ValueError(f"precision={precision!r} needs a CUDA device")
-        dtype = torch.float32
+    dtype, tf32 = _compute_dtype(precision, x.dtype, device)
     runner = StreamingRunner(device, backend, chunk_size, x.shape[0], t.shape[1], dtype, group,
                              scale)
-    return runner, x, t
+    return runner, x, t, tf32
 
 
 PRECISIONS = ("auto", "fp64", "fp32", "tf32", "fp16", "bf16")
@@ -137,16 +127,17 @@ _PRECISION_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch
                      "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _apply_precision(x: Tensor, precision: str):
-    """(features in the compute dtype, TF32 switch: True/False, or None = leave torch's)."""
+def _compute_dtype(precision: str, dtype: torch.dtype, device: torch.device):
+    """(compute dtype of the features, TF32 switch: True/False, or None = leave torch's)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return x, None
-    if precision in ("fp16", "bf16") and x.device.type != "cuda":
+    if precision in ("fp16", "bf16") and device.type != "cuda":
         raise ValueError(f"precision={precision!r} needs CUDA tensors (16-bit tensor-core "
-                         f"GEMMs); on {x.device.type} use 'fp32' or 'fp64'")
-    return x.to(_PRECISION_DTYPES[precision]), {"fp32": False, "tf32": True}.get(precision)
+                         f"GEMMs); on {device.type} use 'fp32' or 'fp64'")
+    dtype = _PRECISION_DTYPES.get(precision, dtype)
+    if device.type != "cuda" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32          # "auto" on the CPU: its kernels compute in float32
+    return dtype, {"fp32": False, "tf32": True}.get(precision)
 
 
 @contextlib.contextmanager
@@ -224,7 +215,7 @@ def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, to
     hyper = dict(tau_t=tau_t, tau_i=tau_i, alpha=alpha, sinkhorn_iters=sinkhorn_iters,
                  gamma=gamma, iters=iters, lr=lr, tol=tol, chunk_size=runner.chunk,
                  precision=precision, compute_dtype=str(runner.dtype).replace("torch.", ""),
-                 streamed=isinstance(runner, _streaming_runner_type()))
+                 streamed=runner.streams)
     return VisionProxyResult(
         proxy=W, text_proxies=t, log_bias=beta, class_counts=counts, class_mass=mass,
         confident_fraction=float(n_confident) / n, grad_norm=grad_norm[:n_run],
@@ -237,8 +228,3 @@ def _now(device: torch.device) -> float:
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
-
-def _streaming_runner_type():
-    from .streaming import StreamingRunner
-
-    return StreamingRunner

@@ -33,6 +33,8 @@ class Runner:
     """Runs the ops for one problem: resolved backend, chunk size, and the reductions across
     ranks when a process group shards the rows (``distributed.py``)."""
 
+    streams = False   # x is on the compute device (StreamingRunner: x stays in host memory)
+
     def __init__(self, device, backend: str = "auto", chunk_size: Optional[int] = None,
                  n: int = 1, c: int = 1, dtype=torch.float32, process_group=None):
         self.device = torch.device(device)

@@ -41,6 +41,8 @@ def check_host_features(x, chunk: int):
 class StreamingRunner(Runner):
     """A Runner whose ``x`` lives in host memory; ops run on ``device`` one chunk at a time."""
 
+    streams = True
+
     def __init__(self, device, backend, chunk_size, n, c, compute_dtype, process_group=None,
                  row_scale: Optional[Tensor] = None):
         super().__init__(device, backend, chunk_size, n, c, compute_dtype, process_group)

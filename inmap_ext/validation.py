@@ -59,9 +59,8 @@ def normalise(t: torch.Tensor, norms: torch.Tensor, dim: int) -> torch.Tensor:
     return (t / norms.to(t.dtype).reshape(shape)).to(t.dtype)
 
 
-def check_features_and_proxies(image_features, text_proxies, xname="image_features",
-                                tname="text_proxies"):
-    """Validate X (N x D) and T (D x C); returns them L2-normalised (rows of X, columns of T)."""
+def check_shapes(image_features, text_proxies, xname="image_features", tname="text_proxies"):
+    """X (N x D) and T (D x C) are floating matrices with the same D (nothing is copied)."""
     x = check_matrix(image_features, xname, "N x D: one row per image")
     t = check_matrix(text_proxies, tname, "D x C: one column per class, as "
                      "open_clip.build_zero_shot_classifier returns")
@@ -69,6 +68,13 @@ def check_features_and_proxies(image_features, text_proxies, xname="image_featur
         raise ValueError(f"{xname} has D={x.shape[1]} but {tname} has D={t.shape[0]} "
                          f"(expected {xname} N x D and {tname} D x C; pass "
                          f"{tname}.T if yours is C x D)")
+    return x, t
+
+
+def check_features_and_proxies(image_features, text_proxies, xname="image_features",
+                                tname="text_proxies"):
+    """Validate X (N x D) and T (D x C); returns them L2-normalised (rows of X, columns of T)."""
+    x, t = check_shapes(image_features, text_proxies, xname, tname)
     if x.device != t.device:
         raise ValueError(f"{xname} is on {x.device} but {tname} is on {t.device}; "
                          "move both to one device")
