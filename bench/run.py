@@ -11,6 +11,7 @@ Writes JSON, a markdown table and (with matplotlib) a PNG plot, with device, dri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -35,8 +36,8 @@ PRESETS = {
     "gpu-check": [
         (50_000, 768, 1_000, ["fp32", "tf32", "bf16", "fp16"], None),
         (1_281_167, 768, 1_000, ["fp32", "tf32", "bf16", "fp16"], None),
-        (1_281_167, 512, 21_841, ["bf16", "fp16"], ["ext"]),
-        (10_000_000, 768, 21_841, ["fp16"], ["ext"]),
+        (1_281_167, 512, 21_841, ["bf16", "fp16"], ["ext", "ext-l2", "ext-fused"]),
+        (10_000_000, 768, 21_841, ["fp16"], ["ext", "ext-fused"]),
     ],
 }
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
@@ -105,6 +106,30 @@ def gemm_pair(x, w, chunk):
     return G
 
 
+# Implementations timed per configuration: name -> (Runner backend, INMAP_CUDA_DESIGN, chunk
+# policy). "ext" is design (b) with the automatic chunk; "ext-l2" the same kernels with chunks
+# whose fp32 logit block (24 MiB) stays in an H100's 50 MB L2 between the kernels; "ext-fused"
+# design (a) (fp16/bf16/tf32 only). See bench/NOTES.md.
+VARIANTS = {"ext": ("ext", "chunked", None), "ext-l2": ("ext", "chunked", 24 << 20),
+            "ext-fused": ("ext", "fused", None), "torch": ("torch", None, None)}
+FUSED_PRECISIONS = ("tf32", "fp16", "bf16")
+
+
+def variants_for(dev, ext):
+    """The implementations a run compares on this device."""
+    if not ext:
+        return ["torch"]
+    return ["ext", "ext-l2", "ext-fused", "torch"] if dev.type == "cuda" else ["ext", "torch"]
+
+
+def runner_for(variant, dev, n, c, dt):
+    """(Runner, the CUDA design context) of one implementation."""
+    backend, design, chunk_bytes = VARIANTS[variant]
+    chunk = None if chunk_bytes is None else max(1, chunk_bytes // (4 * c))
+    ctx = _ops.cuda_design(design) if design else contextlib.nullcontext()
+    return Runner(dev, backend, chunk, n, c, dt), ctx
+
+
 def bench_config(n, d, c, precision, dev, backends, do_dense, repeat):
     dt = DTYPES[precision]
     g = torch.Generator(device=dev).manual_seed(0)
@@ -122,18 +147,20 @@ def bench_config(n, d, c, precision, dev, backends, do_dense, repeat):
         for backend in backends:
             if dt in (torch.float16, torch.bfloat16) and dev.type != "cuda":
                 continue
-            r = Runner(dev, backend, None, n, c, dt)
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            base_mem = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
-            G = r.xt_softmax(x, w, 25.0)
-            results[backend] = G
-            step = timeit(lambda: r.xt_softmax(x, w, 25.0), dev, repeat)
-            sk = timeit(lambda: r.column_lse(x, w, bias, 100.0), dev, repeat)
-            pl = timeit(lambda: r.pseudo_labels(x, w, bias, 100.0, 0.6), dev, 1)
+            if backend == "ext-fused" and precision not in FUSED_PRECISIONS:
+                continue
+            r, design = runner_for(backend, dev, n, c, dt)
+            with design:
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                base_mem = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+                results[backend] = r.xt_softmax(x, w, 25.0)
+                step = timeit(lambda: r.xt_softmax(x, w, 25.0), dev, repeat)
+                sk = timeit(lambda: r.column_lse(x, w, bias, 100.0), dev, repeat)
+                pl = timeit(lambda: r.pseudo_labels(x, w, bias, 100.0, 0.6), dev, 1)
+                peak = (torch.cuda.max_memory_allocated(dev) - base_mem) / 2**30 \
+                    if dev.type == "cuda" else None
             gemm = timeit(lambda: gemm_pair(x, w, r.chunk), dev, repeat)
-            peak = (torch.cuda.max_memory_allocated(dev) - base_mem) / 2**30 \
-                if dev.type == "cuda" else None
             rows.append(dict(N=n, D=d, C=c, precision=precision, backend=backend,
                              chunk=r.chunk, step_ms=step, sinkhorn_ms=sk,
                              fit_s=(2000 * step + 20 * sk + pl) / 1e3,
@@ -160,11 +187,12 @@ def bench_config(n, d, c, precision, dev, backends, do_dense, repeat):
                                  tflops=None, gemm_tflops=None, vs_gemm=None,
                                  peak_gib=dense_gib, note="not run: needs "
                                  f"{dense_gib:.0f} GiB for the N x C matrices"))
-        if "ext" in results and "torch" in results:   # agree before the numbers count
-            a, b = results["ext"].double(), results["torch"].double()
-            rel = float((a - b).norm() / b.norm())
+        if "torch" in results:   # every implementation's G against the chunked torch one
+            b = results["torch"].double()
             for row in rows:
-                row.setdefault("rel_err_vs_torch", rel)
+                if row["backend"] in results:
+                    a = results[row["backend"]].double()
+                    row["rel_err_vs_torch"] = float((a - b).norm() / b.norm())
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
     return rows
@@ -172,17 +200,19 @@ def bench_config(n, d, c, precision, dev, backends, do_dense, repeat):
 
 def markdown(rows, info):
     head = ("| N | D | C | precision | backend | ms/step | ms/Sinkhorn pass | s/fit | TFLOP/s | "
-            "GEMM-only TFLOP/s | % of GEMM rate | peak GiB |")
+            "GEMM-only TFLOP/s | % of GEMM rate | peak GiB | rel. err of G vs torch |")
     lines = [f"Device: {info['device']}; torch {info['torch']}; "
              f"driver {info.get('driver', '-')}; date {info['date']}", "", head,
-             "|" + "---|" * 12]
+             "|" + "---|" * 13]
     f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    err = lambda v: "-" if v is None else f"{v:.1e}"  # noqa: E731
     for r in rows:
         pct = None if r["vs_gemm"] is None else 100 * r["vs_gemm"]
         lines.append(f"| {r['N']:,} | {r['D']} | {r['C']:,} | {r['precision']} | {r['backend']} "
                      f"| {f(r['step_ms'])} | {f(r['sinkhorn_ms'])} | {f(r['fit_s'])} | "
                      f"{f(r['tflops'], 3)} | {f(r['gemm_tflops'], 3)} | {f(pct, 0)} | "
-                     f"{f(r['peak_gib'])} |" + (f" {r['note']}" if r.get("note") else ""))
+                     f"{f(r['peak_gib'])} | {err(r.get('rel_err_vs_torch'))} |"
+                     + (f" {r['note']}" if r.get("note") else ""))
     return "\n".join(lines)
 
 
@@ -194,18 +224,21 @@ def plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    labels = [f"{r['N']//1000}k/{r['D']}/{r['C']}\n{r['precision']}" for r in rows
-              if r["tflops"]]
-    keys = sorted({r["backend"] for r in rows if r["tflops"]})
     import numpy as np
 
-    xs = np.arange(len(labels))
+    timed = [r for r in rows if r["tflops"]]
+    configs = list(dict.fromkeys((r["N"], r["D"], r["C"], r["precision"]) for r in timed))
+    keys = sorted({r["backend"] for r in timed})
+    fig, ax = plt.subplots(figsize=(max(9, len(configs) * 0.9), 4.5))
+    xs = np.arange(len(configs))
+    width = 0.8 / max(1, len(keys))
     for i, k in enumerate(keys):
-        vals = [r["tflops"] if r["backend"] == k else 0 for r in rows if r["tflops"]]
-        ax.bar(xs + i * 0.25, vals, 0.25, label=k)
-    ax.set_xticks(xs + 0.25)
-    ax.set_xticklabels(labels, fontsize=6, rotation=90)
+        vals = {(r["N"], r["D"], r["C"], r["precision"]): r["tflops"] for r in timed
+                if r["backend"] == k}
+        ax.bar(xs + i * width, [vals.get(cfg, 0) for cfg in configs], width, label=k)
+    ax.set_xticks(xs + 0.4 - width / 2)
+    ax.set_xticklabels([f"{n // 1000}k/{d}/{c}\n{p}" for n, d, c, p in configs], fontsize=6,
+                       rotation=90)
     ax.set_ylabel("TFLOP/s per gradient step")
     ax.legend()
     fig.tight_layout()
@@ -235,13 +268,14 @@ def main(argv=None):
     cs = args.c or ([1_000] if quick else FULL_C)
     precisions = args.precision or (["fp32"] if dev.type == "cpu" else ["fp32", "tf32", "bf16",
                                                                          "fp16"])
-    backends = ["ext", "torch"] if _ops.ext_available(dev) else ["torch"]
+    backends = variants_for(dev, _ops.ext_available(dev))
     if args.preset:
         configs = [(n, d, c, ps, [b for b in (bk or backends) if b in backends])
                    for n, d, c, ps, bk in PRESETS[args.preset]]
     else:
         configs = [(n, d, c, precisions,
-                    backends if n * c <= 2e9 else ["ext"][:len(backends)])
+                    backends if n * c <= 2e9 else
+                    [b for b in backends if b != "torch"] or backends)
                    for n in ns for d in ds for c in cs]
     info = device_info(dev)
     rows = []

@@ -6,8 +6,10 @@ same arguments (see ``csrc/inmap.cpp``).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -15,6 +17,10 @@ from . import reference
 
 OP_NAMES = ("softmax_column_lse", "pseudo_label_reduce", "xt_softmax", "topk_scores")
 BACKENDS = ("auto", "ext", "torch")
+# The CUDA kernels' design, read by the compiled ops on every call (csrc/cuda/design.cuh):
+# "chunked" (default) or "fused" (fp16 / bf16 / TF32 on sm_80+; other inputs stay chunked).
+DESIGN_ENV = "INMAP_CUDA_DESIGN"
+CUDA_DESIGNS = ("chunked", "fused")
 
 _LOAD_ERROR: "Exception | None" = None
 try:
@@ -62,6 +68,22 @@ def resolve_backend(backend: str, device: "torch.device | str") -> str:
                else f"it was built without {device.type} kernels")
         raise RuntimeError(f"backend='ext' requested for {device.type} tensors, but {why}")
     return "torch"
+
+
+@contextlib.contextmanager
+def cuda_design(design: str) -> Iterator[None]:
+    """Run the CUDA ops of the enclosed block with ``design`` ("chunked" or "fused")."""
+    if design not in CUDA_DESIGNS:
+        raise ValueError(f"design must be one of {CUDA_DESIGNS}, got {design!r}")
+    before = os.environ.get(DESIGN_ENV)
+    os.environ[DESIGN_ENV] = design
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DESIGN_ENV, None)
+        else:
+            os.environ[DESIGN_ENV] = before
 
 
 def op(name: str, backend: str) -> Callable:

@@ -3,6 +3,7 @@ each device that has kernels; a pass/fail table with errors and timings. The fir
 after installing."""
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import List
 
@@ -68,29 +69,39 @@ def run_check(devices=None, verbose=True) -> List[dict]:
                 "xt_softmax": (x, w, 25.0, chunk),
                 "topk_scores": (x, w, min(5, shape[2]), chunk),
             }
-            for name, args in calls.items():
-                ext, ref = _ops.op(name, "ext"), getattr(reference, name)
-                got, want = ext(*args), ref(*args)
-                got = got if isinstance(got, tuple) else (got,)
-                want = want if isinstance(want, tuple) else (want,)
-                if name == "topk_scores":   # ties may order differently: compare the scores
-                    err = _rel(got[0], want[0])
-                elif name == "pseudo_label_reduce":
-                    err = max(_rel(got[0], want[0]), _rel(got[1], want[1]))
-                else:
-                    err = _rel(got[0], want[0])
-                ok = err <= REL_TOL[dt]
-                rows.append(dict(device=str(dev), op=name, shape="x".join(map(str, shape)),
-                                 dtype=str(dt).replace("torch.", ""), rel_err=err,
-                                 ext_ms=_time(lambda: ext(*args), dev),
-                                 torch_ms=_time(lambda: ref(*args), dev), ok=ok, note=""))
+            # On CUDA, 16-bit inputs run through both kernel designs (csrc/cuda/design.cuh).
+            designs = ["-"] if dev.type != "cuda" else \
+                list(_ops.CUDA_DESIGNS) if dt in (torch.float16, torch.bfloat16) else ["chunked"]
+            for design in designs:
+                with _ops.cuda_design(design) if design != "-" else contextlib.nullcontext():
+                    for name, args in calls.items():
+                        if name == "topk_scores" and design == "fused":
+                            continue  # one GEMM + torch.topk in either design
+                        rows.append(_check_op(dev, name, args, shape, dt, design))
     if verbose:
         print(format_table(rows))
     return rows
 
 
+def _check_op(dev, name, args, shape, dt, design) -> dict:
+    ext, ref = _ops.op(name, "ext"), getattr(reference, name)
+    got, want = ext(*args), ref(*args)
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    if name == "topk_scores":   # ties may order differently: compare the scores
+        err = _rel(got[0], want[0])
+    elif name == "pseudo_label_reduce":
+        err = max(_rel(got[0], want[0]), _rel(got[1], want[1]))
+    else:
+        err = _rel(got[0], want[0])
+    return dict(device=str(dev), op=name, design=design, shape="x".join(map(str, shape)),
+                dtype=str(dt).replace("torch.", ""), rel_err=err,
+                ext_ms=_time(lambda: ext(*args), dev), torch_ms=_time(lambda: ref(*args), dev),
+                ok=err <= REL_TOL[dt], note="")
+
+
 def format_table(rows) -> str:
-    head = f"{'device':6} {'op':20} {'N x D x C':>16} {'dtype':9} {'rel err':>9} " \
+    head = f"{'device':6} {'op':20} {'design':8} {'N x D x C':>16} {'dtype':9} {'rel err':>9} " \
            f"{'ext ms':>9} {'torch ms':>9}  result"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -98,7 +109,8 @@ def format_table(rows) -> str:
         ems = "" if r["ext_ms"] is None else f"{r['ext_ms']:.2f}"
         tms = "" if r["torch_ms"] is None else f"{r['torch_ms']:.2f}"
         verdict = "PASS" if r["ok"] else ("SKIP " + r["note"] if r["note"] else "FAIL")
-        lines.append(f"{r['device']:6} {r['op']:20} {r['shape']:>16} {r['dtype']:9} {err:>9} "
+        lines.append(f"{r['device']:6} {r['op']:20} {r.get('design', '-'):8} {r['shape']:>16} "
+                     f"{r['dtype']:9} {err:>9} "
                      f"{ems:>9} {tms:>9}  {verdict}")
     n_pass = sum(r["ok"] for r in rows)
     n_fail = sum((not r["ok"]) and not r["note"] for r in rows)

@@ -179,3 +179,18 @@ def test_auto_backend_and_errors():
     assert _ops.resolve_backend("auto", "meta") == "torch"   # no kernels for other devices
     with pytest.raises(RuntimeError, match="backend='ext' requested for meta tensors"):
         _ops.resolve_backend("ext", "meta")
+
+
+def test_cuda_design_context_sets_and_restores_the_environment(monkeypatch):
+    import os
+
+    monkeypatch.delenv(_ops.DESIGN_ENV, raising=False)
+    with _ops.cuda_design("fused"):
+        assert os.environ[_ops.DESIGN_ENV] == "fused"
+        with _ops.cuda_design("chunked"):
+            assert os.environ[_ops.DESIGN_ENV] == "chunked"
+        assert os.environ[_ops.DESIGN_ENV] == "fused"
+    assert _ops.DESIGN_ENV not in os.environ
+    with pytest.raises(ValueError, match="design must be one of"):
+        with _ops.cuda_design("fastest"):
+            pass

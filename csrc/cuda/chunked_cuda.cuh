@@ -74,9 +74,11 @@ inline void gemm_logits(const at::Tensor& xc, const at::Tensor& w, at::Tensor& z
   gemm(CUBLAS_OP_N, CUBLAS_OP_N, C, rows, D, w, C, xc, D, z, C, /*accumulate=*/false);
 }
 
+// xc may be wider than G has rows (zero padding along D): its first G.size(0) columns are used.
 inline void gemm_xt_p_accumulate(const at::Tensor& xc, const at::Tensor& p, at::Tensor& G) {
-  const int64_t rows = xc.size(0), D = xc.size(1), C = p.size(1);
-  gemm(CUBLAS_OP_N, CUBLAS_OP_T, C, D, rows, p, C, xc, D, G, C, /*accumulate=*/true);
+  const int64_t rows = xc.size(0), D = G.size(0), C = p.size(1);
+  const int64_t ldx = std::max<int64_t>(xc.stride(0), xc.size(1));  // any stride when rows == 1
+  gemm(CUBLAS_OP_N, CUBLAS_OP_T, C, D, rows, p, C, xc, ldx, G, C, /*accumulate=*/true);
 }
 
 __device__ __forceinline__ float dev_exp(float v) { return ::expf(v); }
@@ -113,6 +115,21 @@ __device__ __forceinline__ void warp_reduce(Lse<acc_t>& st, acc_t& best_v, int64
     st.merge(o);
     if (ov > best_v || (ov == best_v && ob < best)) { best_v = ov; best = ob; }
   }
+}
+
+// Merges per-split column log-sum-exp partials [splits x C] into the running state, in split
+// order (deterministic: no atomics).
+template <typename acc_t>
+__global__ void column_lse_merge_kernel(const acc_t* __restrict__ part_m,
+                                        const acc_t* __restrict__ part_s, int64_t splits,
+                                        int64_t C, acc_t* __restrict__ run_m,
+                                        acc_t* __restrict__ run_s) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= C) return;
+  Lse<acc_t> st{run_m[j], run_s[j]};
+  for (int64_t k = 0; k < splits; ++k) st.merge(Lse<acc_t>{part_m[k * C + j], part_s[k * C + j]});
+  run_m[j] = st.m;
+  run_s[j] = st.s;
 }
 
 enum class RowMode { kProbs, kProbsThreshold, kLse };

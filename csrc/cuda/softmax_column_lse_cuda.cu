@@ -1,10 +1,12 @@
-// CUDA kernel of inmap_ext::softmax_column_lse (schema and meaning: csrc/inmap.cpp):
-// per chunk, z = xc @ w -> row log-sum-exp (row kernel, kLse) -> per-(row split, column) online
+// CUDA kernel of inmap_ext::softmax_column_lse (schema and meaning: csrc/inmap.cpp).
+// Chunked design, per chunk, z = xc @ w -> row log-sum-exp (row kernel, kLse) -> per-(row split, column) online
 // log-sum-exp partials of z * inv_tau + bias - lse_row -> merged in a fixed order into the
-// running column state. No atomics: results are deterministic.
+// running column state. Fused design (design.cuh): row log-sum-exp by fused::row_stats, then
+// per-(row block, column) partials from recomputed tiles, merged the same way. No atomics:
+// results are deterministic.
 #include <torch/library.h>
 
-#include "chunked_cuda.cuh"
+#include "design.cuh"
 
 namespace inmap {
 namespace cuda {
@@ -37,19 +39,6 @@ __global__ void __launch_bounds__(kCols * kRowGroups) column_lse_partial_kernel(
   }
 }
 
-template <typename acc_t>
-__global__ void column_lse_merge_kernel(const acc_t* __restrict__ part_m,
-                                        const acc_t* __restrict__ part_s, int64_t splits,
-                                        int64_t C, acc_t* __restrict__ run_m,
-                                        acc_t* __restrict__ run_s) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= C) return;
-  Lse<acc_t> st{run_m[j], run_s[j]};
-  for (int64_t k = 0; k < splits; ++k) st.merge(Lse<acc_t>{part_m[k * C + j], part_s[k * C + j]});
-  run_m[j] = st.m;
-  run_s[j] = st.s;
-}
-
 at::Tensor softmax_column_lse_cuda(const at::Tensor& x, const at::Tensor& w_in,
                                    const c10::optional<at::Tensor>& bias_in, double inv_tau,
                                    int64_t chunk) {
@@ -62,6 +51,28 @@ at::Tensor softmax_column_lse_cuda(const at::Tensor& x, const at::Tensor& w_in,
   at::Tensor run_m = at::full({C}, -std::numeric_limits<double>::infinity(), x.options().dtype(acc));
   at::Tensor run_s = at::zeros({C}, x.options().dtype(acc));
   const int64_t cs = std::max<int64_t>(1, std::min(chunk, x.size(0)));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (use_fused(x)) {
+    const int64_t blocks = (cs + fused::kBM - 1) / fused::kBM;
+    at::Tensor lse_buf = at::empty({cs}, x.options().dtype(at::kFloat));
+    at::Tensor part_m = at::empty({blocks, C}, x.options().dtype(at::kFloat));
+    at::Tensor part_s = at::empty({blocks, C}, x.options().dtype(at::kFloat));
+    const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    fused::dispatch(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      fused::for_each_chunk<T>(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor&,
+                                                const fused::Operands<T>& op) {
+        at::Tensor lse = lse_buf.narrow(0, 0, rows);
+        fused::row_stats<T>(op, static_cast<float>(inv_tau), bp, 0.f, lse, nullptr, nullptr);
+        fused::column_lse_partials<T>(op, static_cast<float>(inv_tau), bp, lse, part_m, part_s);
+        column_lse_merge_kernel<float><<<(C + 255) / 256, 256, 0, stream>>>(
+            part_m.data_ptr<float>(), part_s.data_ptr<float>(), (rows + fused::kBM - 1) / fused::kBM,
+            C, run_m.data_ptr<float>(), run_s.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    return run_m + at::log(run_s);
+  }
   // Row splits per chunk: enough blocks to fill the GPU, each split >= 64 rows, and the
   // partial buffers (splits x C, two of them) within 64 MiB.
   const int64_t elt = acc == at::kDouble ? 8 : 4;
@@ -70,7 +81,6 @@ at::Tensor softmax_column_lse_cuda(const at::Tensor& x, const at::Tensor& w_in,
   at::Tensor lse_buf = at::empty({cs}, x.options().dtype(acc));
   at::Tensor part_m = at::empty({max_splits, C}, x.options().dtype(acc));
   at::Tensor part_s = at::empty({max_splits, C}, x.options().dtype(acc));
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_column_lse_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;

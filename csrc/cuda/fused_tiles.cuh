@@ -1,0 +1,400 @@
+// Design (a) of the CUDA kernels: the logits are never stored. A tensor-core tile kernel computes
+// S = x[rows] @ w[:, classes] for a 128 x 128 tile into shared memory and an epilogue consumes it
+// there; the softmax normaliser comes from a first pass over all class tiles (online
+// log-sum-exp, FlashAttention style) and the tiles are recomputed in the second pass, which
+// writes P (input dtype) for the cuBLAS GEMM x^T P, or column log-sum-exp partials for the
+// Sinkhorn statistic. Bytes per N x C element: P written and read (2 x 2 for 16-bit inputs)
+// instead of design (b)'s fp32 logits written and read plus P (4 + 4 + 2 x 2); the price is one
+// more x @ w product. Which design is faster is measured by bench/run.py (variants "ext" and
+// "ext-fused"); INMAP_CUDA_DESIGN picks at run time (design_cuda.cuh).
+//
+// Inputs: fp16 and bf16 (WMMA 16x16x16) and fp32 through TF32 (16x16x8); fp32 without TF32 and
+// fp64 stay on design (b). Logits, log-sum-exp and partials are fp32. Operands are prepared on
+// the host so that the tile loop needs no bounds checks along D: x rows and w padded with zeros
+// to D_pad (a multiple of 32), w's columns to a multiple of 8, every row start 16-byte aligned.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include "chunked_cuda.cuh"
+
+namespace inmap {
+namespace cuda {
+namespace fused {
+
+constexpr int kBM = 128, kBN = 128, kBK = 32;  // CTA tile (rows x classes) and K step
+constexpr int kWarpsM = 2, kWarpsN = 4, kThreads = 32 * kWarpsM * kWarpsN;
+constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;  // warp tile: 64 x 32
+constexpr int kStages = 2;                               // cp.async double buffering
+constexpr int kStageLd = kBN + 4;                        // fp32 staging row (floats)
+constexpr int kPadD = kBK, kPadC = 8;                    // host-side operand padding
+
+// WMMA element and fragment types per input dtype.
+template <typename T> struct Mma;
+template <> struct Mma<at::Half> {
+  using elem = __half;
+  using frag = __half;
+  static constexpr int K = 16;
+};
+template <> struct Mma<at::BFloat16> {
+  using elem = __nv_bfloat16;
+  using frag = __nv_bfloat16;
+  static constexpr int K = 16;
+};
+template <> struct Mma<float> {
+  using elem = float;
+  using frag = nvcuda::wmma::precision::tf32;
+  static constexpr int K = 8;
+};
+
+template <typename T> struct Layout {
+  using E = typename Mma<T>::elem;
+  static constexpr int kVec = 16 / sizeof(E);  // elements per 16-byte copy
+  static constexpr int kLdA = kBK + kVec;       // shared rows padded by 16 bytes (bank spread)
+  static constexpr int kLdB = kBN + kVec;
+  static constexpr int kStageElems = kBM * kLdA + kBK * kLdB;
+  static constexpr size_t kPipeBytes = size_t(kStages) * kStageElems * sizeof(E);
+  static constexpr size_t kOutBytes = size_t(kBM) * kStageLd * sizeof(float);
+  static constexpr size_t kSmem = kPipeBytes > kOutBytes ? kPipeBytes : kOutBytes;
+};
+
+// Host-side operands of one chunk: x rows (rows x ldx, ldx = D_pad) and w (D_pad x ldw).
+template <typename T> struct Operands {
+  const typename Mma<T>::elem* x;
+  int64_t rows, ldx;
+  const typename Mma<T>::elem* w;
+  int64_t ldw, d_pad, C;
+};
+
+// fp32 -> element type (torch builds with the implicit __half/__nv_bfloat16 conversions off).
+__device__ __forceinline__ __half to_elem(float v, __half*) { return __float2half_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 to_elem(float v, __nv_bfloat16*) {
+  return __float2bfloat16_rn(v);
+}
+__device__ __forceinline__ float to_elem(float v, float*) { return v; }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define INMAP_FUSED_DEVICE 1
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copies the K step starting at k0 of the x tile (rows r0..) and the w tile (classes c0..) into
+// pipeline stage `buf`. Rows past the chunk and columns past ldw are zero-filled.
+template <typename T>
+__device__ __forceinline__ void load_stage(const Operands<T>& op, int64_t r0, int64_t c0,
+                                           int64_t k0, typename Mma<T>::elem* buf) {
+  using L = Layout<T>;
+  using E = typename Mma<T>::elem;
+  E* sa = buf;
+  E* sb = buf + kBM * L::kLdA;
+  constexpr int a_per_row = kBK / L::kVec, b_per_row = kBN / L::kVec;
+  for (int i = threadIdx.x; i < kBM * a_per_row; i += kThreads) {
+    const int r = i / a_per_row, k = (i % a_per_row) * L::kVec;
+    const bool ok = r0 + r < op.rows;
+    const E* src = ok ? op.x + (r0 + r) * op.ldx + k0 + k : op.x;
+    cp_async16(sa + r * L::kLdA + k, src, ok);
+  }
+  for (int i = threadIdx.x; i < kBK * b_per_row; i += kThreads) {
+    const int k = i / b_per_row, c = (i % b_per_row) * L::kVec;
+    const bool ok = c0 + c < op.ldw;
+    const E* src = ok ? op.w + (k0 + k) * op.ldw + c0 + c : op.w;
+    cp_async16(sb + k * L::kLdB + c, src, ok);
+  }
+}
+
+// S = x[r0 : r0 + 128] @ w[:, c0 : c0 + 128] in fp32, left in `out` (shared, row stride
+// kStageLd) for the epilogue. Ends with a barrier; the caller must barrier again before the
+// next call overwrites the shared memory.
+template <typename T>
+__device__ void tile_logits(const Operands<T>& op, int64_t r0, int64_t c0, char* smem) {
+  namespace wmma = nvcuda::wmma;
+  using L = Layout<T>;
+  using M = Mma<T>;
+  using E = typename M::elem;
+  constexpr int FM = kWM / 16, FN = kWN / 16;
+  E* pipe = reinterpret_cast<E*>(smem);
+  const int warp = threadIdx.x / 32, wm = warp / kWarpsN, wn = warp % kWarpsN;
+  wmma::fragment<wmma::accumulator, 16, 16, M::K, float> acc[FM][FN];
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  const int ksteps = static_cast<int>(op.d_pad / kBK);
+  load_stage<T>(op, r0, c0, 0, pipe);
+  cp_async_commit();
+  for (int kt = 0; kt < ksteps; ++kt) {
+    if (kt + 1 < ksteps)
+      load_stage<T>(op, r0, c0, int64_t(kt + 1) * kBK, pipe + ((kt + 1) % kStages) * L::kStageElems);
+    cp_async_commit();   // possibly empty: keeps the group count uniform
+    cp_async_wait<1>();  // stage kt has landed
+    __syncthreads();
+    const E* sa = pipe + (kt % kStages) * L::kStageElems;
+    const E* sb = sa + kBM * L::kLdA;
+#pragma unroll
+    for (int ks = 0; ks < kBK; ks += M::K) {
+      wmma::fragment<wmma::matrix_b, 16, 16, M::K, typename M::frag, wmma::row_major> b[FN];
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        wmma::load_matrix_sync(b[j], sb + ks * L::kLdB + wn * kWN + j * 16, L::kLdB);
+        if constexpr (std::is_same<E, float>::value) {
+#pragma unroll
+          for (int t = 0; t < b[j].num_elements; ++t) b[j].x[t] = wmma::__float_to_tf32(b[j].x[t]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+        wmma::fragment<wmma::matrix_a, 16, 16, M::K, typename M::frag, wmma::row_major> a;
+        wmma::load_matrix_sync(a, sa + (wm * kWM + i * 16) * L::kLdA + ks, L::kLdA);
+        if constexpr (std::is_same<E, float>::value) {
+#pragma unroll
+          for (int t = 0; t < a.num_elements; ++t) a.x[t] = wmma::__float_to_tf32(a.x[t]);
+        }
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a, b[j], acc[i][j]);
+      }
+    }
+    __syncthreads();  // everyone is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();
+  float* out = reinterpret_cast<float*>(smem);  // the pipeline buffers are free now
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j)
+      wmma::store_matrix_sync(out + (wm * kWM + i * 16) * kStageLd + wn * kWN + j * 16, acc[i][j],
+                              kStageLd, wmma::mem_row_major);
+  __syncthreads();
+}
+#endif  // __CUDA_ARCH__ >= 800
+
+// Pass 1. Grid (row blocks, class splits): each CTA runs over its class tiles keeping, per row,
+// the online log-sum-exp of v = s * inv_tau + bias and the argmax (first maximal index); two
+// threads per row, merged by a shuffle. Partials: [split][row].
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) row_stats_kernel(
+    Operands<T> op, float inv_tau, const float* __restrict__ bias, int tiles_per_split,
+    float* __restrict__ part_m, float* __restrict__ part_s, int64_t* __restrict__ part_arg) {
+#ifdef INMAP_FUSED_DEVICE
+  extern __shared__ __align__(128) char smem[];
+  const float* out = reinterpret_cast<const float*>(smem);
+  const int64_t r0 = int64_t(blockIdx.x) * kBM;
+  const int64_t tiles = (op.C + kBN - 1) / kBN;
+  const int64_t t0 = int64_t(blockIdx.y) * tiles_per_split;
+  const int64_t t1 = std::min<int64_t>(tiles, t0 + tiles_per_split);
+  const int row = threadIdx.x >> 1, half = threadIdx.x & 1;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  Lse<float> st{ninf, 0.f};
+  float best_v = ninf;
+  int64_t best = op.C;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = t * kBN;
+    tile_logits<T>(op, r0, c0, smem);
+    const float* s = out + row * kStageLd;
+    for (int j = half; j < kBN && c0 + j < op.C; j += 2) {
+      const float v = s[j] * inv_tau + (bias ? bias[c0 + j] : 0.f);
+      st.add(v);
+      if (v > best_v) { best_v = v; best = c0 + j; }
+    }
+    __syncthreads();
+  }
+  Lse<float> o{__shfl_xor_sync(0xffffffff, st.m, 1), __shfl_xor_sync(0xffffffff, st.s, 1)};
+  const float ov = __shfl_xor_sync(0xffffffff, best_v, 1);
+  const int64_t ob = __shfl_xor_sync(0xffffffff, best, 1);
+  st.merge(o);
+  if (ov > best_v || (ov == best_v && ob < best)) best = ob;
+  if (half == 0 && r0 + row < op.rows) {
+    const int64_t k = int64_t(blockIdx.y) * op.rows + r0 + row;
+    part_m[k] = st.m;
+    part_s[k] = st.s;
+    part_arg[k] = best;
+  }
+#endif
+}
+
+// Merges pass 1's splits in order: lse[row], argmax[row] and (threshold) the confident flag
+// (largest probability exp(max - lse) = 1 / s > alpha).
+template <typename acc_t>  // float; a template so that every .cu may instantiate it
+__global__ void row_stats_merge_kernel(const acc_t* __restrict__ part_m,
+                                       const acc_t* __restrict__ part_s,
+                                       const int64_t* __restrict__ part_arg, int splits,
+                                       int64_t rows, acc_t alpha, acc_t* __restrict__ lse,
+                                       int64_t* __restrict__ arg, uint8_t* __restrict__ confident) {
+  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  Lse<acc_t> st{part_m[r], part_s[r]};
+  int64_t best = part_arg[r];
+  for (int k = 1; k < splits; ++k) {
+    const acc_t m = part_m[k * rows + r];
+    if (m > st.m) best = part_arg[k * rows + r];  // earlier splits hold smaller indices
+    st.merge(Lse<acc_t>{m, part_s[k * rows + r]});
+  }
+  lse[r] = st.m + ::log(st.s);
+  if (arg) arg[r] = best;
+  if (confident) confident[r] = acc_t(1) / st.s > alpha ? 1 : 0;
+}
+
+enum class Epilogue { kProbs, kProbsThreshold, kColumnLse };
+
+// Pass 2. Grid (row blocks, class tiles): recompute the tile, then
+//   kProbs / kProbsThreshold: p[r, c] = exp(v - lse[r]) (one-hot of arg[r] where confident[r])
+//   kColumnLse: per column, the online log-sum-exp over the tile's rows of v - lse[r], written
+//               as partials [row block][c] (merged in order by column_lse_merge_kernel).
+template <typename T, Epilogue kEpi>
+__global__ void __launch_bounds__(kThreads, 2) tile_epilogue_kernel(
+    Operands<T> op, float inv_tau, const float* __restrict__ bias, const float* __restrict__ lse,
+    const int64_t* __restrict__ arg, const uint8_t* __restrict__ confident,
+    typename Mma<T>::elem* __restrict__ p, float* __restrict__ part_m,
+    float* __restrict__ part_s) {
+#ifdef INMAP_FUSED_DEVICE
+  extern __shared__ __align__(128) char smem[];
+  __shared__ float red_m[kThreads], red_s[kThreads];
+  using E = typename Mma<T>::elem;
+  const int64_t r0 = int64_t(blockIdx.x) * kBM, c0 = int64_t(blockIdx.y) * kBN;
+  tile_logits<T>(op, r0, c0, smem);
+  const float* out = reinterpret_cast<const float*>(smem);
+  constexpr int kRowsPer = kThreads / kBN;  // 2 threads per column
+  const int col = threadIdx.x % kBN, part = threadIdx.x / kBN;
+  const int64_t c = c0 + col;
+  const bool valid_c = c < op.C;
+  const float b = valid_c && bias ? bias[c] : 0.f;
+  const int64_t rows_here = std::min<int64_t>(kBM, op.rows - r0);
+  if constexpr (kEpi == Epilogue::kColumnLse) {
+    Lse<float> st{-std::numeric_limits<float>::infinity(), 0.f};
+    if (valid_c)
+      for (int i = part; i < rows_here; i += kRowsPer)
+        st.add(out[i * kStageLd + col] * inv_tau + b - lse[r0 + i]);
+    red_m[threadIdx.x] = st.m;
+    red_s[threadIdx.x] = st.s;
+    __syncthreads();
+    if (part == 0 && valid_c) {
+      for (int k = 1; k < kRowsPer; ++k)
+        st.merge(Lse<float>{red_m[k * kBN + col], red_s[k * kBN + col]});
+      part_m[int64_t(blockIdx.x) * op.C + c] = st.m;
+      part_s[int64_t(blockIdx.x) * op.C + c] = st.s;
+    }
+  } else {
+    if (!valid_c) return;
+    for (int i = part; i < rows_here; i += kRowsPer) {
+      const int64_t r = r0 + i;
+      float q;
+      if (kEpi == Epilogue::kProbsThreshold && confident[r]) {
+        q = c == arg[r] ? 1.f : 0.f;
+      } else {
+        q = ::expf(out[i * kStageLd + col] * inv_tau + b - lse[r]);
+      }
+      p[r * op.C + c] = to_elem(q, static_cast<E*>(nullptr));
+    }
+  }
+#endif
+}
+
+// ---- host side ----------------------------------------------------------------------------
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
+// Runs f(tag) with tag of the fused element type of `t` (at::Half, at::BFloat16 or float).
+template <typename F>
+void dispatch(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    case at::kFloat: f(float{}); break;
+    default: TORCH_CHECK(false, "inmap_ext fused CUDA kernels: unsupported dtype ", t);
+  }
+}
+
+// Row chunks of x as fused-kernel operands: f(start, rows, xc, op) with xc the chunk as a
+// rows x D_pad tensor (x itself when it is already contiguous, aligned and D % 32 == 0, else a
+// zero-padded copy) and w padded once per call.
+template <typename T, typename F>
+void for_each_chunk(const at::Tensor& x, const at::Tensor& w, int64_t chunk, F&& f) {
+  using E = typename Mma<T>::elem;
+  const int64_t N = x.size(0), D = x.size(1), C = w.size(1);
+  if (N == 0) return;
+  const int64_t d_pad = round_up(D, kPadD), ldw = round_up(C, kPadC);
+  at::Tensor wp = at::zeros({d_pad, ldw}, w.options());
+  wp.narrow(0, 0, D).narrow(1, 0, C).copy_(w);
+  const bool direct = x.is_contiguous() && D == d_pad &&
+                      reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  const int64_t cs = std::min(chunk, N);
+  at::Tensor xbuf = direct ? at::Tensor() : at::zeros({cs, d_pad}, x.options());
+  for (int64_t start = 0; start < N; start += cs) {
+    const int64_t rows = std::min(cs, N - start);
+    at::Tensor xc = direct ? x.narrow(0, start, rows) : xbuf.narrow(0, 0, rows);
+    if (!direct) xc.narrow(1, 0, D).copy_(x.narrow(0, start, rows));
+    const Operands<T> op{reinterpret_cast<const E*>(xc.data_ptr()), rows, d_pad,
+                         reinterpret_cast<const E*>(wp.data_ptr()), ldw, d_pad, C};
+    f(start, rows, xc, op);
+  }
+}
+
+// Pass 1 for one chunk: lse[rows] (fp32) and, when given, arg[rows] and confident[rows].
+template <typename T>
+void row_stats(const Operands<T>& op, float inv_tau, const float* bias, float alpha,
+               at::Tensor& lse, int64_t* arg, uint8_t* confident) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t row_blocks = (op.rows + kBM - 1) / kBM, tiles = (op.C + kBN - 1) / kBN;
+  // Split the classes over CTAs until the grid holds about two CTAs per multiprocessor.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = std::min<int64_t>(tiles, std::max<int64_t>(1, (2 * sms + row_blocks - 1) / row_blocks));
+  const int64_t per_split = (tiles + want - 1) / want;
+  const int64_t splits = (tiles + per_split - 1) / per_split;  // none empty
+  auto opts = lse.options();
+  at::Tensor pm = at::empty({splits, op.rows}, opts), ps = at::empty({splits, op.rows}, opts);
+  at::Tensor pa = at::empty({splits, op.rows}, opts.dtype(at::kLong));
+  allow_smem(row_stats_kernel<T>, Layout<T>::kSmem);
+  row_stats_kernel<T><<<dim3(row_blocks, splits), kThreads, Layout<T>::kSmem, stream>>>(
+      op, inv_tau, bias, static_cast<int>(per_split), pm.data_ptr<float>(), ps.data_ptr<float>(),
+      pa.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  row_stats_merge_kernel<float><<<(op.rows + 255) / 256, 256, 0, stream>>>(
+      pm.data_ptr<float>(), ps.data_ptr<float>(), pa.data_ptr<int64_t>(), static_cast<int>(splits),
+      op.rows, alpha, lse.data_ptr<float>(), arg, confident);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Pass 2 for one chunk: P (rows x C, x's dtype), one-hot where confident when kThreshold.
+template <typename T, bool kThreshold>
+void probs(const Operands<T>& op, float inv_tau, const float* bias, const at::Tensor& lse,
+           const int64_t* arg, const uint8_t* confident, at::Tensor& p) {
+  constexpr Epilogue kEpi = kThreshold ? Epilogue::kProbsThreshold : Epilogue::kProbs;
+  const dim3 grid((op.rows + kBM - 1) / kBM, (op.C + kBN - 1) / kBN);
+  allow_smem(tile_epilogue_kernel<T, kEpi>, Layout<T>::kSmem);
+  tile_epilogue_kernel<T, kEpi><<<grid, kThreads, Layout<T>::kSmem,
+                                  at::cuda::getCurrentCUDAStream()>>>(
+      op, inv_tau, bias, lse.data_ptr<float>(), arg, confident,
+      reinterpret_cast<typename Mma<T>::elem*>(p.data_ptr()), nullptr, nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Pass 2 for the Sinkhorn statistic: column log-sum-exp partials [row blocks x C] of v - lse.
+template <typename T>
+void column_lse_partials(const Operands<T>& op, float inv_tau, const float* bias,
+                         const at::Tensor& lse, at::Tensor& part_m, at::Tensor& part_s) {
+  constexpr Epilogue kEpi = Epilogue::kColumnLse;
+  const dim3 grid((op.rows + kBM - 1) / kBM, (op.C + kBN - 1) / kBN);
+  allow_smem(tile_epilogue_kernel<T, kEpi>, Layout<T>::kSmem);
+  tile_epilogue_kernel<T, kEpi><<<grid, kThreads, Layout<T>::kSmem,
+                                  at::cuda::getCurrentCUDAStream()>>>(
+      op, inv_tau, bias, lse.data_ptr<float>(), nullptr, nullptr, nullptr,
+      part_m.data_ptr<float>(), part_s.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace fused
+}  // namespace cuda
+}  // namespace inmap
