@@ -179,7 +179,7 @@ __device__ void tile_logits(const Operands<T>& op, int64_t r0, int64_t c0, char*
 // the online log-sum-exp of v = s * inv_tau + bias and the argmax (first maximal index); two
 // threads per row, merged by a shuffle. Partials: [split][row].
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) row_stats_kernel(
+__global__ void __launch_bounds__(kThreads, 1) row_stats_kernel(
     Operands<T> op, float inv_tau, const float* __restrict__ bias, int tiles_per_split,
     float* __restrict__ part_m, float* __restrict__ part_s, int64_t* __restrict__ part_arg) {
 #ifdef INMAP_FUSED_DEVICE
