@@ -23,7 +23,7 @@ $PY -m pip install --no-build-isolation --no-deps -v . >> "$OUT/build.log" 2>&1 
 fi
 if has tests; then
 echo "== tests (GPU + core)"
-(cd tests && $PY -m pytest -q --maxfail=25 -p no:cacheprovider test_cuda.py test_ops.py test_faithful.py \
+(cd tests && $PY -m pytest -q --maxfail=25 -p no:cacheprovider test_cuda.py test_triton.py test_ops.py test_faithful.py \
    test_dead_class.py test_validation.py test_result.py test_install.py) > "$OUT/tests.log" 2>&1 || status=1
 tail -3 "$OUT/tests.log"
 fi

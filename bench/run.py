@@ -36,8 +36,8 @@ PRESETS = {
     "gpu-check": [
         (50_000, 768, 1_000, ["fp32", "tf32", "bf16", "fp16"], None),
         (1_281_167, 768, 1_000, ["fp32", "tf32", "bf16", "fp16"], None),
-        (1_281_167, 512, 21_841, ["bf16", "fp16"], ["ext", "ext-l2", "ext-fused"]),
-        (10_000_000, 768, 21_841, ["fp16"], ["ext", "ext-fused"]),
+        (1_281_167, 512, 21_841, ["bf16", "fp16"], ["ext", "ext-l2", "ext-fused", "triton"]),
+        (10_000_000, 768, 21_841, ["fp16"], ["ext", "ext-fused", "triton"]),
     ],
 }
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
@@ -109,9 +109,11 @@ def gemm_pair(x, w, chunk):
 # Implementations timed per configuration: name -> (Runner backend, INMAP_CUDA_DESIGN, chunk
 # policy). "ext" is design (b) with the automatic chunk; "ext-l2" the same kernels with chunks
 # whose fp32 logit block (16 MiB) and P stay in an H100's 50 MB L2 between the kernels; "ext-fused"
-# design (a) (fp16/bf16/tf32 only). See bench/NOTES.md.
+# design (a) (fp16/bf16/tf32 only); "triton" design (c), the same two passes in Triton (wgmma on
+# Hopper). See bench/NOTES.md.
 VARIANTS = {"ext": ("ext", "chunked", None), "ext-l2": ("ext", "chunked", 16 << 20),
-            "ext-fused": ("ext", "fused", None), "torch": ("torch", None, None)}
+            "ext-fused": ("ext", "fused", None), "triton": ("triton", None, None),
+            "torch": ("torch", None, None)}
 FUSED_PRECISIONS = ("tf32", "fp16", "bf16")
 
 
@@ -119,7 +121,10 @@ def variants_for(dev, ext):
     """The implementations a run compares on this device."""
     if not ext:
         return ["torch"]
-    return ["ext", "ext-l2", "ext-fused", "torch"] if dev.type == "cuda" else ["ext", "torch"]
+    if dev.type != "cuda":
+        return ["ext", "torch"]
+    return ["ext", "ext-l2", "ext-fused"] + (["triton"] if _ops.triton_available(dev) is None
+                                             else []) + ["torch"]
 
 
 def runner_for(variant, dev, n, c, dt):
@@ -148,6 +153,8 @@ def bench_config(n, d, c, precision, dev, backends, do_dense, repeat):
             if dt in (torch.float16, torch.bfloat16) and dev.type != "cuda":
                 continue
             if backend == "ext-fused" and precision not in FUSED_PRECISIONS:
+                continue
+            if backend == "triton" and dt == torch.float64:
                 continue
             r, design = runner_for(backend, dev, n, c, dt)
             with design:

@@ -16,7 +16,7 @@ import torch
 from . import reference
 
 OP_NAMES = ("softmax_column_lse", "pseudo_label_reduce", "xt_softmax", "topk_scores")
-BACKENDS = ("auto", "ext", "torch")
+BACKENDS = ("auto", "ext", "torch", "triton")
 # The CUDA kernels' design, read by the compiled ops on every call (csrc/cuda/design.cuh):
 # "chunked" (default) or "fused" (fp16 / bf16 / TF32 on sm_80+; other inputs stay chunked).
 DESIGN_ENV = "INMAP_CUDA_DESIGN"
@@ -54,13 +54,31 @@ def ext_available(device: "torch.device | str") -> bool:
     return key is not None and all(_has_kernel(n, key) for n in OP_NAMES)
 
 
+def triton_available(device: "torch.device | str") -> "str | None":
+    """None when the Triton kernels (triton_ops.py) can run on ``device``, else why not: they
+    need Triton and a CUDA device, or TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"it runs on CUDA tensors (got {torch.device(device).type})"
+    return None
+
+
 def resolve_backend(backend: str, device: "torch.device | str") -> str:
-    """Map "auto" / "ext" / "torch" to the backend that will run: "ext" or "torch"."""
+    """Map "auto" / "ext" / "torch" / "triton" to the backend that will run. "auto" picks the
+    compiled kernels for the device when present, else torch; "triton" is opt-in."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if backend == "torch":
         return "torch"
+    if backend == "triton":
+        why = triton_available(device)
+        if why is not None:
+            raise RuntimeError(f"backend='triton' cannot run: {why}")
+        return "triton"
     if ext_available(device):
         return "ext"
     if backend == "ext":
@@ -87,9 +105,13 @@ def cuda_design(design: str) -> Iterator[None]:
 
 
 def op(name: str, backend: str) -> Callable:
-    """The callable running op ``name`` on a resolved backend ("ext" or "torch")."""
+    """The callable running op ``name`` on a resolved backend ("ext", "torch" or "triton")."""
     if backend == "ext":
         return getattr(torch.ops.inmap_ext, name).default
+    if backend == "triton":
+        from . import triton_ops  # imports Triton: only when asked for
+
+        return getattr(triton_ops, name)
     return getattr(reference, name)
 
 

@@ -1,6 +1,6 @@
-"""`inmap check`: every compiled kernel against the pure-torch backend on fresh random inputs, on
-each device that has kernels; a pass/fail table with errors and timings. The first thing to run
-after installing."""
+"""`inmap check`: every compiled kernel (both CUDA designs, and the Triton kernels where they run)
+against the pure-torch backend on fresh random inputs, on each device that has kernels; a
+pass/fail table with errors and timings. The first thing to run after installing."""
 from __future__ import annotations
 
 import contextlib
@@ -69,22 +69,32 @@ def run_check(devices=None, verbose=True) -> List[dict]:
                 "xt_softmax": (x, w, 25.0, chunk),
                 "topk_scores": (x, w, min(5, shape[2]), chunk),
             }
-            # On CUDA, 16-bit inputs run through both kernel designs (csrc/cuda/design.cuh).
-            designs = ["-"] if dev.type != "cuda" else \
-                list(_ops.CUDA_DESIGNS) if dt in (torch.float16, torch.bfloat16) else ["chunked"]
-            for design in designs:
-                with _ops.cuda_design(design) if design != "-" else contextlib.nullcontext():
+            for design in _designs(dev, dt):
+                ctx = _ops.cuda_design(design) if design in _ops.CUDA_DESIGNS else \
+                    contextlib.nullcontext()
+                with ctx:
                     for name, args in calls.items():
-                        if name == "topk_scores" and design == "fused":
-                            continue  # one GEMM + torch.topk in either design
+                        if name == "topk_scores" and design not in ("-", "chunked"):
+                            continue  # one GEMM + torch.topk in every design
                         rows.append(_check_op(dev, name, args, shape, dt, design))
     if verbose:
         print(format_table(rows))
     return rows
 
 
+def _designs(dev: torch.device, dt: torch.dtype) -> List[str]:
+    """What runs the ops on ``dev``: on the CPU its kernels ("-"); on CUDA both designs of the
+    compiled kernels (csrc/cuda/design.cuh; "fused" takes 16-bit inputs here) and, where Triton
+    runs, the Triton backend (triton_ops.py)."""
+    if dev.type != "cuda":
+        return ["-"]
+    designs = list(_ops.CUDA_DESIGNS) if dt in (torch.float16, torch.bfloat16) else ["chunked"]
+    return designs + (["triton"] if _ops.triton_available(dev) is None else [])
+
+
 def _check_op(dev, name, args, shape, dt, design) -> dict:
-    ext, ref = _ops.op(name, "ext"), getattr(reference, name)
+    ext = _ops.op(name, "triton" if design == "triton" else "ext")
+    ref = getattr(reference, name)
     got, want = ext(*args), ref(*args)
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)

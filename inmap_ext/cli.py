@@ -19,7 +19,7 @@ HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vis
     ("--gamma", "gamma", float, 0.0, "class-prior exponent of the balancing (0: uniform)"),
     ("--iters", "iters", int, 2000, "gradient steps on the vision proxy"),
     ("--lr", "lr", float, 10.0, "initial learning rate (halved when the gradient norm grows)"),
-    ("--backend", "backend", str, "auto", "auto | ext | torch"),
+    ("--backend", "backend", str, "auto", "auto | ext | torch | triton"),
     ("--chunk-size", "chunk_size", int, None, "rows per chunk (default: automatic)"),
     ("--tol", "tol", float, None, "early stop when the largest per-class proxy change < tol"),
     ("--compute-precision", "precision", str, "auto",

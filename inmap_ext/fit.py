@@ -44,7 +44,8 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         iters: gradient steps on the vision proxy.
         lr: initial learning rate eta; halved whenever ||G|| grows.
         backend: "auto" (compiled kernels for the tensors' device when present, else torch),
-            "ext" (compiled kernels or an error), "torch" (pure torch).
+            "ext" (compiled kernels or an error), "torch" (pure torch), "triton" (the fused
+            Triton kernels of triton_ops.py: CUDA, fp16/bf16/fp32 features; opt-in).
         chunk_size: rows per chunk (memory O(chunk_size * C + D * C)); automatic by default.
         tol: optional early stop: after a step whose largest per-class change of the proxy,
             max_j ||w_j^new - w_j||_2, is below ``tol``, stop (this reads a scalar back from
