@@ -58,11 +58,16 @@ def triton_available(device: "torch.device | str") -> "str | None":
     """None when the Triton kernels (triton_ops.py) can run on ``device``, else why not: they
     need Triton and a CUDA device, or TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "Triton is not installed"
-    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"it runs on CUDA tensors (got {torch.device(device).type})"
+    if torch.device(device).type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return f"it runs on CUDA tensors (got {torch.device(device).type})"
+        version = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
+        if version < (3, 8):   # seen with 3.6 + numpy 2.4: loops with run-time bounds fail
+            return (f"Triton's CPU interpreter needs Triton >= 3.8 for these kernels "
+                    f"(found {triton.__version__})")
     return None
 
 

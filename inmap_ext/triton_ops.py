@@ -68,9 +68,10 @@ def _row_stats(x_ptr, w_ptr, b_ptr, pm_ptr, ps_ptr, pa_ptr, N, D, C, sxn, sxd, s
     m = tl.full((BM,), float("-inf"), tl.float32)
     s = tl.zeros((BM,), tl.float32)
     best = tl.zeros((BM,), tl.int64)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(tl.cdiv(C, BN), t0 + tiles_per_split)
-    for t in range(t0, t1):
+    # A split's tiles past the last one (only in the last split) have every column masked to
+    # -inf and leave the state unchanged; every split starts with a real tile.
+    for i in range(0, tiles_per_split):
+        t = pid_s * tiles_per_split + i
         rn = t * BN + tl.arange(0, BN)
         v = _logits(x_ptr, w_ptr, b_ptr, rm, rn, row_ok, rn < C, D, sxn, sxd, swd, swc, inv_tau,
                     HAS_BIAS, BM, BN, BK, PRECISION)

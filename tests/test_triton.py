@@ -12,6 +12,8 @@ from inmap_ext import _ops, reference  # noqa: E402
 from testing import clip_like, inmap_ext, unit_cols, unit_rows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if _ops.triton_available(DEVICE) is not None:
+    pytest.skip(_ops.triton_available(DEVICE), allow_module_level=True)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # (N, D, C, chunk): D not a multiple of 16, C = 1, N < C, several row blocks, class tiles and
