@@ -242,6 +242,23 @@ def markdown(rows, info):
     return "\n".join(lines)
 
 
+def winners(rows) -> str:
+    """Per configuration, the fastest implementation's step (what the defaults should follow)."""
+    best = {}
+    for r in rows:
+        if r["step_ms"] is None:
+            continue
+        key = (r["N"], r["D"], r["C"], r["precision"])
+        if key not in best or r["step_ms"] < best[key]["step_ms"]:
+            best[key] = r
+    lines = ["", "Fastest gradient step per configuration:"]
+    for (n, d, c, p), r in best.items():
+        rate = "" if r["vs_gemm"] is None else \
+            f" ({100 * r['vs_gemm']:.0f}% of the GEMM-pair rate)"
+        lines.append(f"  N={n:,} D={d} C={c:,} {p}: {r['backend']} {r['step_ms']:.3f} ms{rate}")
+    return "\n".join(lines)
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -322,7 +339,7 @@ def main(argv=None):
     stem = args.tag or f"{info['device'].replace(' ', '_')}_{info['date']}"
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
-    md = markdown(rows, info)
+    md = markdown(rows, info) + "\n" + winners(rows)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(md + "\n")
     plot(rows, os.path.join(args.out, stem + ".png"))
