@@ -26,7 +26,6 @@ namespace fused {
 constexpr int kBM = 128, kBN = 128, kBK = 32;  // CTA tile (rows x classes) and K step
 constexpr int kWarpsM = 2, kWarpsN = 4, kThreads = 32 * kWarpsM * kWarpsN;
 constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;  // warp tile: 64 x 32
-constexpr int kStages = 2;                               // cp.async double buffering
 constexpr int kStageLd = kBN + 4;                        // fp32 staging row (floats)
 constexpr int kPadD = kBK, kPadC = 8;                    // host-side operand padding
 
@@ -54,6 +53,9 @@ template <typename T> struct Layout {
   static constexpr int kLdA = kBK + kVec;       // shared rows padded by 16 bytes (bank spread)
   static constexpr int kLdB = kBN + kVec;
   static constexpr int kStageElems = kBM * kLdA + kBK * kLdB;
+  // cp.async pipeline depth: 3 stages for 16-bit inputs (56.8 KB, inside the 67.6 KB the fp32
+  // output tile needs anyway), 2 for fp32 (70.7 KB).
+  static constexpr int kStages = sizeof(E) == 2 ? 3 : 2;
   static constexpr size_t kPipeBytes = size_t(kStages) * kStageElems * sizeof(E);
   static constexpr size_t kOutBytes = size_t(kBM) * kStageLd * sizeof(float);
   static constexpr size_t kSmem = kPipeBytes > kOutBytes ? kPipeBytes : kOutBytes;
@@ -87,7 +89,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Copies the K step starting at k0 of the x tile (rows r0..) and the w tile (classes c0..) into
-// pipeline stage `buf`. Rows past the chunk and columns past ldw are zero-filled.
+// one pipeline stage `buf`. Rows past the chunk and columns past ldw are zero-filled.
 template <typename T>
 __device__ __forceinline__ void load_stage(const Operands<T>& op, int64_t r0, int64_t c0,
                                            int64_t k0, typename Mma<T>::elem* buf) {
@@ -127,16 +129,24 @@ __device__ void tile_logits(const Operands<T>& op, int64_t r0, int64_t c0, char*
   for (int i = 0; i < FM; ++i)
 #pragma unroll
     for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  constexpr int S = L::kStages;
   const int ksteps = static_cast<int>(op.d_pad / kBK);
-  load_stage<T>(op, r0, c0, 0, pipe);
-  cp_async_commit();
+  // K step j travels in commit group j: the prologue fills stages 0..S-2, iteration kt then
+  // prefetches K step kt+S-1 into the buffer iteration kt-1 computed on (free once every thread
+  // has passed this iteration's barrier). Empty groups keep the count uniform.
+#pragma unroll
+  for (int j = 0; j < S - 1; ++j) {
+    if (j < ksteps) load_stage<T>(op, r0, c0, int64_t(j) * kBK, pipe + j * L::kStageElems);
+    cp_async_commit();
+  }
   for (int kt = 0; kt < ksteps; ++kt) {
-    if (kt + 1 < ksteps)
-      load_stage<T>(op, r0, c0, int64_t(kt + 1) * kBK, pipe + ((kt + 1) % kStages) * L::kStageElems);
-    cp_async_commit();   // possibly empty: keeps the group count uniform
-    cp_async_wait<1>();  // stage kt has landed
+    cp_async_wait<S - 2>();  // groups 0..kt have landed
     __syncthreads();
-    const E* sa = pipe + (kt % kStages) * L::kStageElems;
+    const int next = kt + S - 1;
+    if (next < ksteps)
+      load_stage<T>(op, r0, c0, int64_t(next) * kBK, pipe + (next % S) * L::kStageElems);
+    cp_async_commit();
+    const E* sa = pipe + (kt % S) * L::kStageElems;
     const E* sb = sa + kBM * L::kLdA;
 #pragma unroll
     for (int ks = 0; ks < kBK; ks += M::K) {
@@ -161,10 +171,10 @@ __device__ void tile_logits(const Operands<T>& op, int64_t r0, int64_t c0, char*
         for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a, b[j], acc[i][j]);
       }
     }
-    __syncthreads();  // everyone is done with this stage before it is refilled
   }
   cp_async_wait<0>();
-  float* out = reinterpret_cast<float*>(smem);  // the pipeline buffers are free now
+  __syncthreads();  // every warp is done with the pipeline buffers: they become the output tile
+  float* out = reinterpret_cast<float*>(smem);
 #pragma unroll
   for (int i = 0; i < FM; ++i)
 #pragma unroll
