@@ -16,10 +16,10 @@ if _ops.triton_available(DEVICE) is not None:
     pytest.skip(_ops.triton_available(DEVICE), allow_module_level=True)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-# (N, D, C, chunk): D not a multiple of 16, C = 1, N < C, several row blocks, class tiles and
-# class splits (C = 1000 over 8 tiles of 128), ragged last tiles everywhere.
+# (N, D, C, chunk): D not a multiple of 16 (up to 2047), C = 1, N < C, several row blocks,
+# class tiles and class splits (C = 1000 over 8 tiles of 128), ragged last tiles everywhere.
 SHAPES = [(1, 5, 3, 4), (7, 13, 1, 3), (5, 9, 40, 2), (257, 31, 17, 64), (300, 64, 300, 128),
-          (64, 40, 1000, 64)]
+          (64, 40, 1000, 64), (150, 2047, 200, 128)]
 
 
 @pytest.fixture(autouse=True)
