@@ -97,23 +97,45 @@ class FeatureCache:
                    "ok": ok.to(torch.uint8).cpu()}, tmp)
         os.replace(tmp, self.shard_path(i))
 
-    def load(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(features N x D float32, ok N bool) in image-list order; every shard must exist."""
-        from safetensors.torch import load_file
-
+    def _require_complete(self) -> None:
         missing = self.missing_shards()
         if missing:
             raise RuntimeError(f"feature cache {self.dir} is incomplete: {len(missing)} of "
                                f"{self.n_shards} shards missing (run the extraction again)")
-        feats, oks = [], []
+
+    def load_ok(self) -> torch.Tensor:
+        """The ok mask (N bool) alone: each shard's "ok" tensor is read, not its features."""
+        from safetensors import safe_open
+
+        self._require_complete()
+        oks = []
         for i in range(self.n_shards):
+            with safe_open(self.shard_path(i), framework="pt") as f:
+                oks.append(f.get_tensor("ok").bool())
+        return torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
+
+    def load(self, rows: Optional[range] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(features float32, ok bool) of the images ``rows`` (default: all N) in image-list
+        order, reading only the shards that hold them; those shards must exist."""
+        from safetensors.torch import load_file
+
+        rows = range(self.n) if rows is None else rows
+        self._require_complete()
+        if self.n == 0:
+            return torch.zeros(0, 0), torch.zeros(0, dtype=torch.bool)
+        # an empty block still reads one shard: its rows have the features' width
+        first = min(rows.start, self.n - 1) // self.shard_size
+        last = max(first, (rows.stop - 1) // self.shard_size)
+        feats, oks = [], []
+        for i in range(first, last + 1):
             t = load_file(self.shard_path(i))
             if not torch.equal(t["index"], torch.arange(self.shard_rows(i).start,
                                                         self.shard_rows(i).stop)):
                 raise RuntimeError(f"feature cache shard {self.shard_path(i)} is for other rows")
             feats.append(t["features"])
             oks.append(t["ok"].bool())
-        return torch.cat(feats), torch.cat(oks)
+        lo = rows.start - first * self.shard_size
+        return torch.cat(feats)[lo:lo + len(rows)], torch.cat(oks)[lo:lo + len(rows)]
 
 
 def clear_cache(cache_dir: Optional[str] = None) -> int:

@@ -91,9 +91,10 @@ def write_predictions(path: str, paths: Sequence[str], values: torch.Tensor,
 class Features:
     """Image features of an image set, the readable images only, and what was skipped."""
     images: ImageSet
-    features: torch.Tensor          # n_ok x D
+    features: torch.Tensor          # n_ok x D (or the rows ``rows`` of them)
     keep: torch.Tensor              # N bool
     skipped: List[str] = field(default_factory=list)
+    rows: Optional[range] = None    # which readable rows ``features`` holds (None: all)
 
     @property
     def paths(self) -> List[str]:
@@ -107,29 +108,42 @@ class Features:
 
 
 def extract(clip: "clip_mod.ClipModel", images: ImageSet, log: Log, group=None,
-            **kw) -> Features:
+            rank_rows_only: bool = False, **kw) -> Features:
     """Features of every image (from the cache where present). Under torchrun (``group``), rank
     r extracts cache shards r, r + world, ... into the shared cache; after a barrier every rank
-    reads the whole set back in the original order."""
+    reads the set back in the original order: all of it, or with ``rank_rows_only`` (ranks
+    other than 0) only its block of the readable rows (``distributed.shard_rows``), so that
+    host memory per rank is N / world x D."""
     t0 = time.perf_counter()
+    rows = None
     if group is not None:
         import torch.distributed as dist
 
-        from .distributed import rank_and_world
+        from .distributed import rank_and_world, shard_rows
 
         rank, world = rank_and_world(group)
         clip_mod.image_features(clip, images, progress=log.progress and rank == 0,
                                 shard_filter=lambda i: i % world == rank, **kw)
         dist.barrier(group)
         kw = dict(kw, use_cache=True)
-    feats, ok, cache = clip_mod.image_features(clip, images, progress=log.progress, **kw)
+        if rank_rows_only:
+            _, _, cache = clip_mod.image_features(clip, images, progress=False, load=False, **kw)
+            ok = cache.load_ok()
+            readable = torch.nonzero(ok).flatten()
+            rows = shard_rows(len(readable), rank, world)
+            span = range(0, 0) if not len(rows) else \
+                range(int(readable[rows.start]), int(readable[rows.stop - 1]) + 1)
+            block, block_ok = cache.load(span)
+            feats = block[block_ok]
+    if rows is None:
+        feats, ok, cache = clip_mod.image_features(clip, images, progress=log.progress, **kw)
     skipped = [p for p, o in zip(images.paths, ok.tolist()) if not o]
     log("features", f"features: {int(ok.sum())} images ({len(skipped)} unreadable, skipped) "
         f"in {time.perf_counter() - t0:.1f}s; cache {cache.dir}", n=int(ok.sum()),
         skipped=len(skipped), cache=cache.dir, seconds=time.perf_counter() - t0)
     if not bool(ok.any()):
         raise ValueError(f"none of the {len(images)} images could be read")
-    return Features(images, feats[ok], ok, skipped)
+    return Features(images, feats if rows is not None else feats[ok], ok, skipped, rows)
 
 
 def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: str, out: str,
@@ -160,13 +174,15 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     text = clip_mod.text_proxies(clip, spec.names, tmpl, per_class, progress=log.progress)
     timings["text_proxies_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    feats = extract(clip, image_set, log, group=group, cache_dir=cache_dir,
-                    use_cache=use_cache, batch_size=batch_size, workers=workers)
+    feats = extract(clip, image_set, log, group=group, rank_rows_only=rank != 0,
+                    cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
+                    workers=workers)
     timings["features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     x = feats.features
-    if group is not None:   # sharded fit: this rank's block of rows; every rank gets the same proxy
+    if group is not None and feats.rows is None:
+        # sharded fit: this rank's block of rows (rank 0 keeps every row for the predictions)
         from .distributed import rank_and_world, shard_rows
 
         rows = shard_rows(x.shape[0], *rank_and_world(group))

@@ -189,6 +189,12 @@ def test_cache_resume_and_staleness(ws, tmp_path):
     fresh, _, _ = clip_mod.image_features(clip, images, use_cache=False, **kw)
     torch.testing.assert_close(fresh, feats)
     assert ok.all() and feats.shape == (8, 512)
+    # Any block of rows reads only the shards holding it (what a torchrun rank loads).
+    for rows in (range(2, 7), range(3, 6), range(7, 8), range(0, 8), range(4, 4)):
+        part, part_ok = cache2.load(rows)
+        assert torch.equal(part, feats[rows.start:rows.stop]), rows
+        assert torch.equal(part_ok, ok[rows.start:rows.stop]), rows
+    assert torch.equal(cache2.load_ok(), ok)
 
     # Stale features are never reused: changed image list, changed file, model, preprocessing.
     fewer = list_images(ws["flat"])
