@@ -34,11 +34,13 @@ at::Tensor softmax_column_lse_cpu(const at::Tensor& x, const at::Tensor& w,
           std::fill(sloc, sloc + width, scalar_t(0));
           for (int64_t i = 0; i < rows; ++i) {
             const scalar_t* r = zp + i * C + j0;
+_Pragma("omp simd")  // (inside AT_DISPATCH: the operator form)
             for (int64_t j = 0; j < width; ++j) mloc[j] = std::max(mloc[j], r[j]);
           }
           for (int64_t i = 0; i < rows; ++i) {
             const scalar_t* r = zp + i * C + j0;
-            for (int64_t j = 0; j < width; ++j) sloc[j] += std::exp(r[j] - mloc[j]);
+_Pragma("omp simd")
+            for (int64_t j = 0; j < width; ++j) sloc[j] += softmax_exp(r[j] - mloc[j]);
           }
           for (int64_t j = 0; j < width; ++j) {
             const int64_t c = j0 + j;
