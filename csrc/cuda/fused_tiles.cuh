@@ -329,17 +329,23 @@ void dispatch(at::ScalarType t, F&& f) {
 
 // Row chunks of x as fused-kernel operands: f(start, rows, xc, op) with xc the chunk as a
 // rows x D_pad tensor (x itself when it is already contiguous, aligned and D % 32 == 0, else a
-// zero-padded copy) and w padded once per call.
+// zero-padded copy) and w padded once per call (used in place when already in that layout).
 template <typename T, typename F>
 void for_each_chunk(const at::Tensor& x, const at::Tensor& w, int64_t chunk, F&& f) {
   using E = typename Mma<T>::elem;
   const int64_t N = x.size(0), D = x.size(1), C = w.size(1);
   if (N == 0) return;
   const int64_t d_pad = round_up(D, kPadD), ldw = round_up(C, kPadC);
-  at::Tensor wp = at::zeros({d_pad, ldw}, w.options());
-  wp.narrow(0, 0, D).narrow(1, 0, C).copy_(w);
-  const bool direct = x.is_contiguous() && D == d_pad &&
-                      reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  // w as it is when it already has the padded layout (e.g. D = 768, C = 1000), else a copy.
+  at::Tensor wp = w;
+  if (!(w.is_contiguous() && D == d_pad && C == ldw && aligned(w))) {
+    wp = at::zeros({d_pad, ldw}, w.options());
+    wp.narrow(0, 0, D).narrow(1, 0, C).copy_(w);
+  }
+  const bool direct = x.is_contiguous() && D == d_pad && aligned(x);
   const int64_t cs = std::min(chunk, N);
   at::Tensor xbuf = direct ? at::Tensor() : at::zeros({cs, d_pad}, x.options());
   for (int64_t start = 0; start < N; start += cs) {
