@@ -135,10 +135,12 @@ def _config(dtype: torch.dtype) -> dict:
     return dict(BM=128, BN=128, BK=bk, num_warps=8, num_stages=3)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _precision(dtype: torch.dtype) -> Optional[str]:
+    """tl.dot's input_precision: fp32 follows torch's TF32 switch; 16-bit inputs take Triton's
+    default (tensor cores; an explicit "ieee" there could select a slower path)."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _check(x: Tensor, w: Tensor, op: str) -> None:
