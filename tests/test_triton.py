@@ -95,3 +95,26 @@ def test_bad_input_is_a_clear_error(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(RuntimeError, match="backend='triton' cannot run: .*CUDA"):
             _ops.resolve_backend("triton", "cpu")
+
+
+
+def test_kernels_compile_to_tensor_core_code():
+    """The compiled (not interpreted) kernels, built for Hopper and Ampere without a GPU (in a
+    process without TRITON_INTERPRET; tests/triton_aot.py): on sm_90 every kernel's tiles run on
+    wgmma fed by a cp.async pipeline, on sm_80 on mma.sync."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "triton_aot.py")],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(table) == 3 * 3 * 2      # dtypes x kernels x targets
+    for row in table:
+        if row["cc"] == 90:
+            assert row["wgmma"] > 0 and row["cp_async"] > 0, row
+        else:
+            assert row["mma_sync"] > 0 and row["wgmma"] == 0, row
