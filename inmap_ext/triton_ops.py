@@ -62,8 +62,8 @@ def _row_stats(x_ptr, w_ptr, b_ptr, pm_ptr, ps_ptr, pa_ptr, N, D, C, sxn, sxd, s
                inv_tau, tiles_per_split, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
+    pid_s = tl.program_id(1).to(tl.int64)
+    rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)  # int64: rows x stride may pass 2^31
     row_ok = rm < N
     m = tl.full((BM,), float("-inf"), tl.float32)
     s = tl.zeros((BM,), tl.float32)
@@ -91,7 +91,7 @@ def _row_stats(x_ptr, w_ptr, b_ptr, pm_ptr, ps_ptr, pa_ptr, N, D, C, sxn, sxd, s
 def _probs(x_ptr, w_ptr, b_ptr, lse_ptr, arg_ptr, conf_ptr, p_ptr, N, D, C, sxn, sxd, swd, swc,
            spn, inv_tau, HAS_BIAS: tl.constexpr, THRESHOLD: tl.constexpr, BM: tl.constexpr,
            BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     row_ok = rm < N
     col_ok = rn < C
@@ -111,7 +111,7 @@ def _probs(x_ptr, w_ptr, b_ptr, lse_ptr, arg_ptr, conf_ptr, p_ptr, N, D, C, sxn,
 def _column_lse(x_ptr, w_ptr, b_ptr, lse_ptr, pm_ptr, ps_ptr, N, D, C, sxn, sxd, swd, swc,
                 inv_tau, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 BK: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0).to(tl.int64)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     row_ok = rm < N
