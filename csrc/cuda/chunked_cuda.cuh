@@ -21,6 +21,13 @@ namespace cuda {
 
 constexpr int kThreads = 256;  // threads per row in the row kernels
 
+// Rows per chunk buffer: the op's `chunk`, at most N, at least 1, and few enough that a chunk x C
+// buffer has < 2^31 elements (cuBLAS takes 32-bit sizes; the kernels index with them).
+inline int64_t chunk_rows(int64_t chunk, int64_t N, int64_t C) {
+  const int64_t cap = std::max<int64_t>(1, (int64_t(1) << 31) / std::max<int64_t>(C, 1) - 1);
+  return std::max<int64_t>(1, std::min({chunk, N, cap}));
+}
+
 inline void check_cuda_inputs(const at::Tensor& x, const at::Tensor& w,
                               const c10::optional<at::Tensor>& bias, int64_t chunk,
                               const char* op) {
@@ -204,7 +211,7 @@ template <typename F>
 void for_each_chunk(const at::Tensor& x, const at::Tensor& w, int64_t chunk, F&& f) {
   const int64_t N = x.size(0), C = w.size(1);
   if (N == 0) return;
-  const int64_t cs = std::min(chunk, N);
+  const int64_t cs = chunk_rows(chunk, N, C);
   at::Tensor zbuf = at::empty({cs, C}, x.options().dtype(acc_type(x.scalar_type())));
   for (int64_t start = 0; start < N; start += cs) {
     const int64_t rows = std::min(cs, N - start);

@@ -35,7 +35,7 @@ template <bool kThreshold, typename F>
 void for_each_softmax_chunk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                             double inv_tau, double alpha, int64_t chunk, F&& f) {
   const int64_t C = w.size(1);
-  const int64_t cs = std::max<int64_t>(1, std::min(chunk, x.size(0)));
+  const int64_t cs = chunk_rows(chunk, x.size(0), C);
   at::Tensor pbuf = at::empty({cs, C}, x.options());
   at::Tensor argbuf = at::empty({kThreshold ? cs : 0}, x.options().dtype(at::kLong));
   at::Tensor confbuf = at::empty({kThreshold ? cs : 0}, x.options().dtype(at::kByte));

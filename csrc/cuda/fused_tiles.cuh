@@ -346,7 +346,7 @@ void for_each_chunk(const at::Tensor& x, const at::Tensor& w, int64_t chunk, F&&
     wp.narrow(0, 0, D).narrow(1, 0, C).copy_(w);
   }
   const bool direct = x.is_contiguous() && D == d_pad && aligned(x);
-  const int64_t cs = std::min(chunk, N);
+  const int64_t cs = chunk_rows(chunk, N, C);
   at::Tensor xbuf = direct ? at::Tensor() : at::zeros({cs, d_pad}, x.options());
   for (int64_t start = 0; start < N; start += cs) {
     const int64_t rows = std::min(cs, N - start);

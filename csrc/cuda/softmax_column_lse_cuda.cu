@@ -50,7 +50,7 @@ at::Tensor softmax_column_lse_cuda(const at::Tensor& x, const at::Tensor& w_in,
   at::Tensor bias = bias_in.has_value() ? bias_in->to(acc).contiguous() : at::Tensor();
   at::Tensor run_m = at::full({C}, -std::numeric_limits<double>::infinity(), x.options().dtype(acc));
   at::Tensor run_s = at::zeros({C}, x.options().dtype(acc));
-  const int64_t cs = std::max<int64_t>(1, std::min(chunk, x.size(0)));
+  const int64_t cs = chunk_rows(chunk, x.size(0), C);
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (use_fused(x)) {
     const int64_t blocks = (cs + fused::kBM - 1) / fused::kBM;
