@@ -38,7 +38,7 @@ SMALL='import torch, inmap_ext
 from inmap_ext.synthetic import make_problem
 p = make_problem(3000, 96, 37, device="cuda")
 for design in ("chunked", "fused"):
-    with inmap_ext._ops.cuda_design(design):
+    with inmap_ext.cuda_design(design):
         for prec in ("fp32", "tf32", "fp16", "bf16"):
             r = inmap_ext.fit_vision_proxy(p.image_features, p.text_proxies, iters=3, sinkhorn_iters=2, precision=prec, chunk_size=700)
             assert torch.isfinite(r.proxy).all()

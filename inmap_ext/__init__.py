@@ -4,7 +4,7 @@
     result = fit_vision_proxy(image_features, text_proxies)   # N x D, D x C
     labels = result.predict(image_features)
 """
-from ._ops import extension_loaded, ext_available, resolve_backend
+from ._ops import cuda_design, extension_loaded, ext_available, resolve_backend, triton_available
 from .fit import fit_vision_proxy
 from .functional import (
     auto_chunk_size,
@@ -22,5 +22,6 @@ from .classifier import VisionProxyClassifier
 __all__ = [
     "fit_vision_proxy", "VisionProxyResult", "load_vision_proxy", "zero_shot_topk",
     "softmax_column_lse", "sinkhorn_log_bias", "pseudo_label_reduce", "proxy_gradient",
-    "VisionProxyClassifier", "auto_chunk_size", "extension_loaded", "ext_available", "resolve_backend", "__version__",
+    "VisionProxyClassifier", "auto_chunk_size", "extension_loaded", "ext_available",
+    "resolve_backend", "cuda_design", "triton_available", "__version__",
 ]
