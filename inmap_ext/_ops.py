@@ -54,20 +54,27 @@ def ext_available(device: "torch.device | str") -> bool:
     return key is not None and all(_has_kernel(n, key) for n in OP_NAMES)
 
 
-def triton_available(device: "torch.device | str") -> "str | None":
-    """None when the Triton kernels (triton_ops.py) can run on ``device``, else why not: they
-    need Triton and a CUDA device, or TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests)."""
+def triton_version() -> "tuple | None":
+    """(major, minor) of the installed Triton, or None when there is none."""
     try:
         import triton
     except ImportError:
+        return None
+    return tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
+
+
+def triton_available(device: "torch.device | str") -> "str | None":
+    """None when the Triton kernels (triton_ops.py) can run on ``device``, else why not: they
+    need Triton and a CUDA device, or TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests)."""
+    version = triton_version()
+    if version is None:
         return "Triton is not installed"
     if torch.device(device).type != "cuda":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return f"it runs on CUDA tensors (got {torch.device(device).type})"
-        version = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
         if version < (3, 8):   # seen with 3.6 + numpy 2.4: loops with run-time bounds fail
             return (f"Triton's CPU interpreter needs Triton >= 3.8 for these kernels "
-                    f"(found {triton.__version__})")
+                    f"(found {'.'.join(map(str, version))})")
     return None
 
 

@@ -200,14 +200,12 @@ def text_proxies(clip: ClipModel, classnames: Sequence[str],
 def image_features(clip: ClipModel, images: ImageSet, *, cache_dir: Optional[str] = None,
                    use_cache: bool = True, batch_size: int = 64, workers: int = 4,
                    shard_size: int = 4096, progress: bool = True,
-                   shard_filter: Optional[Callable[[int], bool]] = None, load: bool = True
+                   shard_filter: Optional[Callable[[int], bool]] = None
                    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], FeatureCache]:
     """Features (N x D float32, unit rows) of every image, and an ``ok`` mask (False for files
     that could not be read; their rows are zero). Finished shards of the cache are reused; a
     killed run resumes. ``shard_filter`` restricts which shards this process computes (ranks of
-    a sharded extraction); it then returns (None, None, cache) when other shards are missing.
-    ``load=False`` computes what is missing and returns (None, None, cache) without reading the
-    features back (``cache.load`` reads any block of rows)."""
+    a sharded extraction); it then returns (None, None, cache) when other shards are missing."""
     identity = {"model": clip.name, "weights": clip.weights_id,
                 "preprocess": repr(clip.preprocess), "precision": clip.precision}
     cache = FeatureCache(cache_dir or default_cache_dir(), identity, images.paths, shard_size)
@@ -240,7 +238,7 @@ def image_features(clip: ClipModel, images: ImageSet, *, cache_dir: Optional[str
             cache.write_shard(i, torch.cat(feats), torch.cat(oks))
         if bar is not None:
             bar.close()
-    if cache.missing_shards() or not load:
+    if cache.missing_shards():
         return None, None, cache
     feats, ok = cache.load()
     return feats, ok, cache

@@ -122,12 +122,11 @@ def extract(clip: "clip_mod.ClipModel", images: ImageSet, log: Log, group=None,
         from .distributed import rank_and_world, shard_rows
 
         rank, world = rank_and_world(group)
-        clip_mod.image_features(clip, images, progress=log.progress and rank == 0,
-                                shard_filter=lambda i: i % world == rank, **kw)
-        dist.barrier(group)
+        _, _, cache = clip_mod.image_features(clip, images, progress=log.progress and rank == 0,
+                                              shard_filter=lambda i: i % world == rank, **kw)
+        dist.barrier(group)   # every rank's shards are now in `cache`
         kw = dict(kw, use_cache=True)
         if rank_rows_only:
-            _, _, cache = clip_mod.image_features(clip, images, progress=False, load=False, **kw)
             ok = cache.load_ok()
             readable = torch.nonzero(ok).flatten()
             rows = shard_rows(len(readable), rank, world)

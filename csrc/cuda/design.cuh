@@ -39,6 +39,13 @@ void for_each_softmax_chunk(const at::Tensor& x, const at::Tensor& w, const at::
   at::Tensor pbuf = at::empty({cs, C}, x.options());
   at::Tensor argbuf = at::empty({kThreshold ? cs : 0}, x.options().dtype(at::kLong));
   at::Tensor confbuf = at::empty({kThreshold ? cs : 0}, x.options().dtype(at::kByte));
+  struct Outputs {
+    at::Tensor p, arg, conf;
+  };
+  auto outputs = [&](int64_t rows) {  // this chunk's views of the reused buffers
+    const int64_t flags = kThreshold ? rows : 0;
+    return Outputs{pbuf.narrow(0, 0, rows), argbuf.narrow(0, 0, flags), confbuf.narrow(0, 0, flags)};
+  };
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (use_fused(x)) {
     at::Tensor lse_buf = at::empty({cs}, x.options().dtype(at::kFloat));
@@ -47,16 +54,14 @@ void for_each_softmax_chunk(const at::Tensor& x, const at::Tensor& w, const at::
       using T = decltype(tag);
       fused::for_each_chunk<T>(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor& xc,
                                                 const fused::Operands<T>& op) {
-        at::Tensor p = pbuf.narrow(0, 0, rows);
-        at::Tensor arg = argbuf.narrow(0, 0, kThreshold ? rows : 0);
-        at::Tensor conf = confbuf.narrow(0, 0, kThreshold ? rows : 0);
+        Outputs o = outputs(rows);
         at::Tensor lse = lse_buf.narrow(0, 0, rows);
-        int64_t* ap = kThreshold ? static_cast<int64_t*>(arg.data_ptr()) : nullptr;
-        uint8_t* cp = kThreshold ? static_cast<uint8_t*>(conf.data_ptr()) : nullptr;
+        int64_t* ap = kThreshold ? static_cast<int64_t*>(o.arg.data_ptr()) : nullptr;
+        uint8_t* cp = kThreshold ? static_cast<uint8_t*>(o.conf.data_ptr()) : nullptr;
         fused::row_stats<T>(op, static_cast<float>(inv_tau), bp, static_cast<float>(alpha), lse,
                             ap, cp);
-        fused::probs<T, kThreshold>(op, static_cast<float>(inv_tau), bp, lse, ap, cp, p);
-        f(xc, p, arg, conf);
+        fused::probs<T, kThreshold>(op, static_cast<float>(inv_tau), bp, lse, ap, cp, o.p);
+        f(xc, o.p, o.arg, o.conf);
       });
     });
     return;
@@ -66,15 +71,14 @@ void for_each_softmax_chunk(const at::Tensor& x, const at::Tensor& w, const at::
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
     for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor& xc, at::Tensor& z) {
-      at::Tensor p = pbuf.narrow(0, 0, rows);
-      at::Tensor arg = argbuf.narrow(0, 0, kThreshold ? rows : 0);
-      at::Tensor conf = confbuf.narrow(0, 0, kThreshold ? rows : 0);
+      Outputs o = outputs(rows);
       row_softmax_kernel<acc_t, scalar_t, kMode><<<rows, kThreads, 0, stream>>>(
-          z.data_ptr<acc_t>(), C, static_cast<acc_t>(inv_tau), bp, p.data_ptr<scalar_t>(), nullptr,
-          static_cast<acc_t>(alpha), kThreshold ? arg.data_ptr<int64_t>() : nullptr,
-          kThreshold ? conf.data_ptr<uint8_t>() : nullptr);
+          z.data_ptr<acc_t>(), C, static_cast<acc_t>(inv_tau), bp,
+          o.p.template data_ptr<scalar_t>(), nullptr, static_cast<acc_t>(alpha),
+          kThreshold ? o.arg.template data_ptr<int64_t>() : nullptr,
+          kThreshold ? o.conf.template data_ptr<uint8_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      f(xc, p, arg, conf);
+      f(xc, o.p, o.arg, o.conf);
     });
   });
 }

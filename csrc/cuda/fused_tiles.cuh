@@ -6,7 +6,7 @@
 // Sinkhorn statistic. Bytes per N x C element: P written and read (2 x 2 for 16-bit inputs)
 // instead of design (b)'s fp32 logits written and read plus P (4 + 4 + 2 x 2); the price is one
 // more x @ w product. Which design is faster is measured by bench/run.py (variants "ext" and
-// "ext-fused"); INMAP_CUDA_DESIGN picks at run time (design_cuda.cuh).
+// "ext-fused"); INMAP_CUDA_DESIGN picks at run time (design.cuh).
 //
 // Inputs: fp16 and bf16 (WMMA 16x16x16) and fp32 through TF32 (16x16x8); fp32 without TF32 and
 // fp64 stay on design (b). Logits, log-sum-exp and partials are fp32. Operands are prepared on
