@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 
 from . import validation
+from .class_prior import check_class_prior
+from .class_prior import choose as choose_class_prior
 from .functional import Runner
 from .reference import acc_dtype
 from .result import VisionProxyResult
@@ -26,8 +28,13 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
                      backend: str = "auto", chunk_size: Optional[int] = None,
                      tol: Optional[float] = None, precision: str = "auto",
                      progress: bool = False, process_group=None, device=None,
-                     stream: bool = False) -> VisionProxyResult:
+                     stream: bool = False, class_prior: "str | Tensor | None" = None,
+                     mode: str = "default") -> VisionProxyResult:
     """Learn an InMaP vision proxy from unlabeled image features.
+
+    The default fit balances the pseudo labels to a class prior chosen from the unlabeled set
+    (``class_prior="auto"``), so that it helps on sets that hold part of the class list or hold
+    it unevenly; ``mode="paper"`` is exactly the published algorithm (DESIGN.md).
 
     Args:
         image_features: N x D image embeddings (rows are L2-normalised here if they are not).
@@ -39,8 +46,8 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         alpha: confidence threshold; rows whose largest pseudo-label probability is > alpha
             become one-hot.
         sinkhorn_iters: Sinkhorn balancing iterations on the pseudo labels (0: no balancing).
-        gamma: class-prior exponent; 0 balances to a uniform prior, > 0 to the zero-shot
-            prediction's class masses raised to gamma.
+        gamma: the published class-prior exponent of the "uniform" target: 0 balances to a
+            uniform prior, > 0 to the zero-shot prediction's class masses raised to gamma.
         iters: gradient steps on the vision proxy.
         lr: initial learning rate eta; halved whenever ||G|| grows.
         backend: "auto" (compiled kernels for the tensors' device when present, else torch),
@@ -67,6 +74,16 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
             are never copied whole; host-to-device copies overlap compute).
         stream: stream even when the features are on the compute device (e.g. memory-mapped
             CPU features, which then are never normalised into a full copy).
+        class_prior: the class proportions the pseudo labels are balanced to (class_prior.py):
+            "auto" (default): decided from the unlabeled set (uniform when it appears to hold
+            every class, the estimate when it holds few, no balancing in between);
+            "uniform": the published target (and ``gamma``); "estimate": proportions estimated
+            from the set by EM; "none": no balancing; or a tensor of C non-negative
+            proportions (0 = the class is known to be absent). None: "auto", or "uniform" in
+            ``mode="paper"``.
+        mode: "default", or "paper": exactly the published algorithm (uniform prior, every one
+            of ``iters`` steps, the published learning-rate schedule); ``class_prior`` other
+            than "uniform" and ``tol`` are refused in this mode.
 
     Returns:
         VisionProxyResult with ``.proxy`` (D x C, unit columns, on the input's device),
@@ -83,6 +100,7 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         tol = validation.positive(tol, "tol")
     if chunk_size is not None:
         chunk_size = validation.count(chunk_size, "chunk_size", 1)
+    class_prior = _check_mode(mode, class_prior, tol)
     streaming = stream or (device is not None and isinstance(image_features, torch.Tensor)
                            and torch.device(device) != image_features.device)
     if streaming:
@@ -99,9 +117,28 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         x = x.to(dtype)
         runner = Runner(x.device, backend, chunk_size, x.shape[0], t.shape[1], x.dtype,
                         process_group)
+    class_prior = check_class_prior(class_prior, t.shape[1])
     with _tf32(tf32):
         return _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
-                    progress, precision)
+                    progress, precision, class_prior, mode)
+
+
+MODES = ("default", "paper")
+
+
+def _check_mode(mode, class_prior, tol):
+    """The class prior the mode runs (None -> the mode's own)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "paper":
+        if class_prior is not None and not (isinstance(class_prior, str)
+                                            and class_prior == "uniform"):
+            raise ValueError("mode='paper' runs the published uniform class prior; got "
+                             f"class_prior={class_prior!r} (drop it, or use mode='default')")
+        if tol is not None:
+            raise ValueError("mode='paper' runs every one of `iters` steps; tol must be None")
+        return "uniform"
+    return "auto" if class_prior is None else class_prior
 
 
 def _streaming_setup(features, text_proxies, device, backend, chunk_size, precision, group):
@@ -159,16 +196,18 @@ def _tf32(enabled):
 
 
 def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, progress,
-         precision) -> VisionProxyResult:
+         precision, class_prior, mode) -> VisionProxyResult:
     device = runner.device
     dt = acc_dtype(runner.dtype)
     t = t.to(device=device, dtype=dt)
     n = int(runner.sum_(torch.tensor(x.shape[0], device=device)).item())
     timings = {}
 
-    # Steps 1-3: pseudo labels (never stored), Sinkhorn-balanced, confident rows one-hot.
+    # Steps 1-3: pseudo labels (never stored), Sinkhorn-balanced to the class prior
+    # (class_prior.py: the published uniform target, an estimate, given proportions or none),
+    # confident rows one-hot.
     t0 = _now(device)
-    beta = runner.sinkhorn_log_bias(x, t, tau_t, sinkhorn_iters, gamma, n)
+    beta, prior = choose_class_prior(runner, x, t, class_prior, tau_t, sinkhorn_iters, gamma, n)
     timings["sinkhorn_s"] = _now(device) - t0
     # Step 4: B = X^T P.
     t0 = _now(device)
@@ -214,14 +253,15 @@ def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, to
             f"in the '{runner.backend}' backend: please report it with the shapes and dtypes")
 
     hyper = dict(tau_t=tau_t, tau_i=tau_i, alpha=alpha, sinkhorn_iters=sinkhorn_iters,
-                 gamma=gamma, iters=iters, lr=lr, tol=tol, chunk_size=runner.chunk,
+                 gamma=gamma, iters=iters, lr=lr, tol=tol, chunk_size=runner.chunk, mode=mode,
+                 class_prior=prior.chosen,
                  precision=precision, compute_dtype=str(runner.dtype).replace("torch.", ""),
                  streamed=runner.streams)
     return VisionProxyResult(
         proxy=W, text_proxies=t, log_bias=beta, class_counts=counts, class_mass=mass,
         confident_fraction=float(n_confident) / n, grad_norm=grad_norm[:n_run],
         lr=lr_used[:n_run], n_iters=n_run, converged=converged, n_images=n,
-        backend=runner.backend, hyper=hyper, timings=timings)
+        backend=runner.backend, hyper=hyper, timings=timings, class_prior=prior)
 
 
 def _now(device: torch.device) -> float:

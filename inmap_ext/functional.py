@@ -80,24 +80,18 @@ class Runner:
         return _ops.op("topk_scores", self.backend)(x, w.to(x.dtype), k, self.chunk)
 
     # -- the method's steps ------------------------------------------------------------------
-    def sinkhorn_log_bias(self, x: Tensor, t: Tensor, tau_t: float, iters: int, gamma: float,
-                          n_total: int) -> Optional[Tensor]:
-        """beta = log b of DESIGN.md step 2 (None when iters == 0: no balancing)."""
-        if iters == 0:
-            return None
-        C = t.shape[1]
-        log_n = math.log(n_total)
-        beta = torch.zeros(C, dtype=acc_dtype(self.dtype), device=self.device)
-        log_colsum = self.column_lse(x, t, beta, 1.0 / tau_t) - log_n
-        if gamma > 0:
-            log_q = gamma * log_colsum
-            log_q = log_q - torch.logsumexp(log_q, dim=0)
-        else:
-            log_q = torch.full_like(beta, -math.log(C))
+    def sinkhorn_log_bias(self, x: Tensor, t: Tensor, tau_t: float, iters: int, log_q: Tensor,
+                          n_total: int, log_colsum: Optional[Tensor] = None) -> Tensor:
+        """beta = log b of DESIGN.md step 2: the log-domain Sinkhorn balancing of
+        row-softmax(X T / tau_t) to the class proportions exp(log_q), ``iters`` >= 1 times.
+        ``log_colsum``: the first pass's log column shares (beta = 0), when already computed.
+        A class with log_q = -inf (known absent) gets beta = -inf: exactly zero mass."""
+        absent = torch.isneginf(log_q)
+        beta = torch.zeros_like(log_q)
         for i in range(iters):
-            if i > 0:
-                log_colsum = self.column_lse(x, t, beta, 1.0 / tau_t) - log_n
-            beta = beta + log_q - log_colsum
+            if i > 0 or log_colsum is None:
+                log_colsum = self.column_lse(x, t, beta, 1.0 / tau_t) - math.log(n_total)
+            beta = torch.where(absent, log_q, beta + log_q - log_colsum)
         return beta
 
 
@@ -145,14 +139,33 @@ def softmax_column_lse(image_features: Tensor, proxies: Tensor, tau: float,
 
 @torch.no_grad()
 def sinkhorn_log_bias(image_features: Tensor, text_proxies: Tensor, *, tau_t: float = 0.01,
-                      sinkhorn_iters: int = 20, gamma: float = 0.0, backend: str = "auto",
+                      sinkhorn_iters: int = 20, gamma: float = 0.0,
+                      class_prior: "Tensor | None" = None, backend: str = "auto",
                       chunk_size: Optional[int] = None) -> Optional[Tensor]:
     """The per-class log-bias beta such that the Sinkhorn-balanced pseudo labels are
-    row-softmax(X T / tau_t + beta) (DESIGN.md step 2). None when sinkhorn_iters == 0."""
+    row-softmax(X T / tau_t + beta) (DESIGN.md step 2). None when sinkhorn_iters == 0.
+    The target is uniform (with gamma > 0: the zero-shot class masses ^ gamma), or
+    ``class_prior``: C non-negative proportions (0: the class gets exactly zero mass)."""
+    from .class_prior import check_class_prior, uniform_log_target
+
     x, t, runner = _prepare(image_features, text_proxies, backend, chunk_size)
-    return runner.sinkhorn_log_bias(x, t, validation.positive(tau_t, "tau_t"),
-                                    validation.count(sinkhorn_iters, "sinkhorn_iters"),
-                                    validation.non_negative(gamma, "gamma"), x.shape[0])
+    tau_t = validation.positive(tau_t, "tau_t")
+    iters = validation.count(sinkhorn_iters, "sinkhorn_iters")
+    gamma = validation.non_negative(gamma, "gamma")
+    if class_prior is not None:
+        prior = check_class_prior(class_prior, t.shape[1])
+        if isinstance(prior, str):
+            raise TypeError("class_prior here must be a tensor of class proportions "
+                            "(the named priors are fit_vision_proxy's)")
+    if iters == 0:
+        return None
+    n = x.shape[0]
+    log_zs = runner.column_lse(x, t, None, 1.0 / tau_t) - math.log(n)
+    if class_prior is None:
+        log_q = uniform_log_target(log_zs, gamma)
+    else:
+        log_q = torch.log(prior).to(device=log_zs.device, dtype=log_zs.dtype)
+    return runner.sinkhorn_log_bias(x, t, tau_t, iters, log_q, n, log_zs)
 
 
 @torch.no_grad()
@@ -188,6 +201,9 @@ def _check_bias(log_bias, w):
     if not isinstance(log_bias, torch.Tensor) or log_bias.shape != (w.shape[1],):
         raise ValueError(f"log_bias must be a tensor of shape ({w.shape[1]},), got "
                          f"{getattr(log_bias, 'shape', type(log_bias).__name__)}")
-    if not bool(torch.isfinite(log_bias).all()):
-        raise ValueError("log_bias contains NaN or Inf")
+    if bool(torch.isnan(log_bias).any()) or bool(torch.isposinf(log_bias).any()):
+        raise ValueError("log_bias contains NaN or +Inf (-inf is allowed: a class with zero "
+                         "mass)")
+    if bool(torch.isneginf(log_bias).all()):
+        raise ValueError("log_bias is -inf for every class: at least one class must be possible")
     return log_bias.to(device=w.device, dtype=acc_dtype(w.dtype))

@@ -40,7 +40,8 @@ def softmax_column_lse(x: Tensor, w: Tensor, bias: Optional[Tensor], inv_tau: fl
     for xc in _chunks(x, chunk):
         logp = torch.log_softmax(_logits(xc, w, inv_tau, bias), dim=1)
         m = torch.maximum(run_max, logp.amax(dim=0))
-        run_sum = run_sum * torch.exp(run_max - m) + torch.exp(logp - m).sum(dim=0)
+        safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # a -inf column stays -inf
+        run_sum = run_sum * torch.exp(run_max - safe) + torch.exp(logp - safe).sum(dim=0)
         run_max = m
     return run_max + torch.log(run_sum)
 

@@ -8,6 +8,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .class_prior import ClassPrior
 from .version import __version__
 
 Tensor = torch.Tensor
@@ -29,7 +30,11 @@ class VisionProxyResult:
     grad_norm, lr    per-iteration ||G||_F and learning rate actually used (length n_iters).
     n_iters          iterations run (< iters only with early stopping, ``tol``).
     converged        True when the ``tol`` criterion stopped the descent.
-    hyper            the hyper-parameters of the fit.
+    hyper            the hyper-parameters of the fit (with ``mode`` and the ``class_prior``
+                     that ran).
+    class_prior      what the pseudo labels were balanced to and why (class_prior.ClassPrior:
+                     ``chosen``, ``reason``, ``target``, ``estimated_proportions``,
+                     ``effective_classes``, ``few_classes``, ``summary()``).
     """
 
     proxy: Tensor
@@ -47,6 +52,7 @@ class VisionProxyResult:
     hyper: Dict[str, object] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
     metadata: Dict[str, str] = field(default_factory=dict)
+    class_prior: Optional[ClassPrior] = None
 
     @property
     def num_classes(self) -> int:
@@ -75,7 +81,7 @@ class VisionProxyResult:
 
     def to(self, device) -> "VisionProxyResult":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                 for k, v in self.__dict__.items()}
+                 for k, v in self.__dict__.items()}  # class_prior's tensors stay on the CPU
         return VisionProxyResult(**moved)
 
     # -- persistence --------------------------------------------------------------------------
@@ -89,6 +95,13 @@ class VisionProxyResult:
                    "grad_norm": self.grad_norm, "lr": self.lr}
         if self.log_bias is not None:
             tensors["log_bias"] = self.log_bias
+        prior = self.class_prior
+        if prior is not None:
+            tensors["prior_zero_shot_proportions"] = prior.zero_shot_proportions
+            if prior.target is not None:
+                tensors["prior_target"] = prior.target
+            if prior.estimated_proportions is not None:
+                tensors["prior_estimated_proportions"] = prior.estimated_proportions
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         meta = dict(self.metadata)
         meta.update(metadata or {})
@@ -99,6 +112,9 @@ class VisionProxyResult:
                                    "n_iters": self.n_iters, "converged": self.converged,
                                    "n_images": self.n_images, "backend": self.backend}),
         })
+        if prior is not None:
+            meta["class_prior"] = json.dumps({"requested": prior.requested, "chosen": prior.chosen,
+                                              "reason": prior.reason, "stats": prior.stats})
         save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
 
     @classmethod
@@ -116,7 +132,14 @@ class VisionProxyResult:
         hyper = json.loads(meta.pop("hyper"))
         timings = json.loads(meta.pop("timings"))
         meta.pop("format")
-        return cls(proxy=t["proxy"], text_proxies=t["text_proxies"], log_bias=t.get("log_bias"),
+        prior = None
+        if "class_prior" in meta:
+            p = json.loads(meta.pop("class_prior"))
+            prior = ClassPrior(p["requested"], p["chosen"], p["reason"], t.pop("prior_target", None),
+                               t.pop("prior_zero_shot_proportions"),
+                               t.pop("prior_estimated_proportions", None), p["stats"])
+            prior = prior.to("cpu")
+        return cls(class_prior=prior, proxy=t["proxy"], text_proxies=t["text_proxies"], log_bias=t.get("log_bias"),
                    class_counts=t["class_counts"], class_mass=t["class_mass"],
                    grad_norm=t["grad_norm"], lr=t["lr"], hyper=hyper, timings=timings,
                    metadata=meta, **summary)

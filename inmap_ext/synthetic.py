@@ -21,14 +21,17 @@ class SyntheticProblem:
 
 def make_problem(n: int = 10000, d: int = 256, c: int = 50, *, cone: float = 2.0,
                  gap: float = 1.0, text_noise: float = 0.9, image_noise: float = 1.0,
-                 imbalance: float = 0.0, seed: int = 0, dtype=torch.float32,
-                 device="cpu", generator: Optional[torch.Generator] = None) -> SyntheticProblem:
+                 imbalance: float = 0.0, present: Optional[int] = None, seed: int = 0,
+                 dtype=torch.float32, device="cpu",
+                 generator: Optional[torch.Generator] = None) -> SyntheticProblem:
     """Draw a problem. Class centres share a common direction (``cone``: its weight against a
     random unit-scale part, so classes are correlated as in CLIP's narrow cone); ``gap`` is the
     length of the shared text-image offset; ``text_noise`` the per-class error of the text
     proxies; ``image_noise`` the spread of images around their centre (random parts are
     per-dimension N(0, 1/d), so of about unit length); ``imbalance`` > 0 makes class sizes
-    decay geometrically (class c-1 is exp(-imbalance) times as likely as class 0)."""
+    decay geometrically (class c-1 is exp(-imbalance) times as likely as class 0); ``present``
+    < c draws the images from that many randomly chosen classes only (a set that holds part of
+    the class list; the text proxies still cover all c classes)."""
     g = generator or torch.Generator().manual_seed(seed)
     unit = lambda t, dim: torch.nn.functional.normalize(t, dim=dim)  # noqa: E731
     common = unit(torch.randn(d, generator=g, dtype=torch.float64), 0)
@@ -38,6 +41,11 @@ def make_problem(n: int = 10000, d: int = 256, c: int = 50, *, cone: float = 2.0
     text = unit(centres + offset + text_noise * torch.randn(c, d, generator=g,
                                                             dtype=torch.float64) / d ** 0.5, 1)
     weights = torch.exp(-imbalance * torch.arange(c, dtype=torch.float64) / max(c - 1, 1))
+    if present is not None:
+        if not 1 <= present <= c:
+            raise ValueError(f"present must be in [1, c={c}], got {present}")
+        absent = torch.randperm(c, generator=g)[present:]
+        weights[absent] = 0.0
     labels = torch.multinomial(weights, n, replacement=True, generator=g)
     images = unit(centres[labels] + image_noise * torch.randn(n, d, generator=g,
                                                               dtype=torch.float64) / d ** 0.5, 1)

@@ -78,7 +78,9 @@ def _row_stats(x_ptr, w_ptr, b_ptr, pm_ptr, ps_ptr, pa_ptr, N, D, C, sxn, sxd, s
         tmax = tl.max(v, axis=1)
         targ = tl.argmax(v, axis=1, tie_break_left=True)
         m_new = tl.maximum(m, tmax)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(v - m_new[:, None]), axis=1)
+        # shift by 0 while the row has only -inf so far (a -inf log-bias): never -inf - -inf
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(v - shift[:, None]), axis=1)
         best = tl.where(tmax > m, (t * BN + targ).to(tl.int64), best)  # ties: earlier tile
         m = m_new
     out = pid_s * N + rm
@@ -121,7 +123,7 @@ def _column_lse(x_ptr, w_ptr, b_ptr, lse_ptr, pm_ptr, ps_ptr, N, D, C, sxn, sxd,
     u = v - tl.load(lse_ptr + rm, mask=row_ok, other=0.0)[:, None]
     u = tl.where(row_ok[:, None], u, float("-inf"))
     cm = tl.max(u, axis=0)
-    cm_safe = tl.where(col_ok, cm, 0.0)
+    cm_safe = tl.where(col_ok & (cm > float("-inf")), cm, 0.0)  # -inf columns: sum 0
     cs = tl.sum(tl.exp(u - cm_safe[None, :]), axis=0)
     tl.store(pm_ptr + pid_m * C + rn, cm, mask=col_ok)
     tl.store(ps_ptr + pid_m * C + rn, cs, mask=col_ok)
@@ -175,7 +177,8 @@ def _row_pass(xc, w, bias, inv_tau, cfg, prec):
         xc.stride(1), w.stride(0), w.stride(1), float(inv_tau), per_split,
         HAS_BIAS=bias is not None, PRECISION=prec, **cfg)
     top = pm.max(dim=0).values
-    lse = top + torch.log((ps * torch.exp(pm - top)).sum(dim=0))
+    shift = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    lse = top + torch.log((ps * torch.exp(pm - shift)).sum(dim=0))
     first = (pm == top).to(torch.int8).argmax(dim=0, keepdim=True)  # earliest split holding it
     arg = pa.gather(0, first)[0]
     return lse, arg, torch.exp(top - lse)

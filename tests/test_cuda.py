@@ -206,5 +206,6 @@ def test_fit_float64_on_cuda_matches_dense_reference():
 
     X, T, _ = clip_like(700, 40, 15, seed=3)
     ref = dense_inmap(X, T, iters=400)
-    res = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), iters=400, backend="ext", chunk_size=97)
+    res = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), iters=400, backend="ext", chunk_size=97,
+                                     mode="paper")
     torch.testing.assert_close(res.proxy.cpu(), ref["W"], rtol=0, atol=1e-8)

@@ -34,10 +34,11 @@ def test_the_case_is_real():
 def test_dead_class_float32_matches_float64(backend, gamma):
     skip_if_no_ext("cpu") if backend == "ext" else None
     X, T = _problem()
-    r64 = inmap_ext.fit_vision_proxy(X, T, iters=300, gamma=gamma, backend=backend)
+    r64 = inmap_ext.fit_vision_proxy(X, T, iters=300, gamma=gamma, backend=backend,
+                                     mode="paper")
     ref = dense_inmap(X, T, iters=300, gamma=gamma)
     torch.testing.assert_close(r64.proxy, ref["W"], rtol=0, atol=1e-8)
-    r32 = inmap_ext.fit_vision_proxy(X.float(), T.float(), iters=300, gamma=gamma,
+    r32 = inmap_ext.fit_vision_proxy(X.float(), T.float(), iters=300, gamma=gamma, mode="paper",
                                      backend=backend)
     for t in (r32.proxy, r32.log_bias, r32.class_mass, r32.grad_norm):
         assert torch.isfinite(t).all()

@@ -26,7 +26,8 @@ def test_float64_matches_dense_reference(backend, device, hyper):
     X, T, _ = clip_like(700, 40, 15, seed=len(str(hyper)))
     iters = 400
     ref = dense_inmap(X, T, iters=iters, **hyper)
-    res = inmap_ext.fit_vision_proxy(X.to(device), T.to(device), iters=iters, backend=backend,
+    res = inmap_ext.fit_vision_proxy(X.to(device), T.to(device), iters=iters, mode="paper",
+                                     backend=backend,
                                      chunk_size=97, **hyper)
     assert res.backend == backend
     torch.testing.assert_close(res.proxy.cpu(), ref["W"], rtol=0, atol=1e-8)
@@ -43,7 +44,7 @@ def test_float64_published_default_iterations(backend):
     skip_if_no_ext("cpu") if backend == "ext" else None
     X, T, _ = clip_like(333, 29, 7, seed=5)
     ref = dense_inmap(X, T)
-    res = inmap_ext.fit_vision_proxy(X, T, backend=backend)
+    res = inmap_ext.fit_vision_proxy(X, T, backend=backend, mode="paper")
     assert res.n_iters == 2000
     torch.testing.assert_close(res.proxy, ref["W"], rtol=0, atol=1e-8)
 

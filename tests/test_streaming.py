@@ -37,7 +37,8 @@ def test_streaming_float64_is_faithful():
 
     X, T, _ = clip_like(600, 20, 6, seed=2)
     ref = dense_inmap(X, T, iters=300)
-    got = inmap_ext.fit_vision_proxy(X * 2.5, T, iters=300, stream=True, chunk_size=71)
+    got = inmap_ext.fit_vision_proxy(X * 2.5, T, iters=300, stream=True, chunk_size=71,
+                                    mode="paper")
     torch.testing.assert_close(got.proxy, ref["W"], rtol=0, atol=1e-8)
 
 

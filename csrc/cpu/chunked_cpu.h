@@ -44,16 +44,23 @@ void for_each_chunk(const at::Tensor& x, const at::Tensor& w, int64_t chunk, F&&
   }
 }
 
+// The shift of a log-sum-exp whose running max is m: m itself, or 0 while m is -inf (no term
+// yet, or only -inf terms), so that exp(v - shift) is exp(-inf) = 0 and never exp(NaN).
+template <typename scalar_t>
+inline scalar_t finite_or_zero(scalar_t m) {
+  return m == -std::numeric_limits<scalar_t>::infinity() ? scalar_t(0) : m;
+}
+
 // exp(v) for v <= 0 in the softmax epilogues. float64 keeps std::exp (the faithful path, tested to
 // 1e-8 against a dense float64 implementation). float32 uses a branch-free version the compiler
 // vectorises (SSE, 4 lanes, at the baseline x86-64 target): v = n ln2 + r with
 // |r| <= ln2 / 2 (Cody-Waite, two-part ln2), a degree-6 Taylor polynomial (relative error
 // < 2e-7, about 2 ulp), and 2^n built in the exponent bits. v is clamped to >= -87, so terms
-// below ~1.6e-38 come out as ~1.6e-38 instead of a denormal or 0: these only enter sums of
-// terms <= 1 (one of which is exactly 1), where they are far below float32 resolution.
+// below -87 (and v = -inf: a class with a -inf log-bias) come out as exactly 0.
 inline double softmax_exp(double v) { return std::exp(v); }
 inline float softmax_exp(float v) {
-  v = std::max(v, -87.0f);
+  const bool underflow = !(v >= -87.0f);  // also NaN-free for v = -inf
+  v = underflow ? -87.0f : v;
   const float t = v * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
   const float r = (v - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
@@ -63,7 +70,7 @@ inline float softmax_exp(float v) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return underflow ? 0.0f : p * scale;
 }
 
 // In place on a rows x C row-major block: z <- softmax(z * inv_tau + bias) per row, or its log

@@ -37,6 +37,9 @@ at::Tensor softmax_column_lse_cpu(const at::Tensor& x, const at::Tensor& w,
 _Pragma("omp simd")  // (inside AT_DISPATCH: the operator form)
             for (int64_t j = 0; j < width; ++j) mloc[j] = std::max(mloc[j], r[j]);
           }
+          // A column that is -inf in every row (a class with a -inf log-bias: known absent)
+          // keeps max -inf and sum 0: shift by 0 there, never by -inf (-inf - -inf = NaN).
+          for (int64_t j = 0; j < width; ++j) mloc[j] = finite_or_zero(mloc[j]);
           for (int64_t i = 0; i < rows; ++i) {
             const scalar_t* r = zp + i * C + j0;
 _Pragma("omp simd")
@@ -44,6 +47,7 @@ _Pragma("omp simd")
           }
           for (int64_t j = 0; j < width; ++j) {
             const int64_t c = j0 + j;
+            if (sloc[j] == scalar_t(0)) continue;  // nothing from this chunk
             const scalar_t m = std::max(M[c], mloc[j]);
             S[c] = S[c] * std::exp(M[c] - m) + sloc[j] * std::exp(mloc[j] - m);
             M[c] = m;

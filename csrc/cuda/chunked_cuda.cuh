@@ -95,7 +95,10 @@ __device__ __forceinline__ double dev_exp(double v) { return ::exp(v); }
 template <typename acc_t>
 struct Lse {
   acc_t m, s;
+  // -inf terms (a class with a -inf log-bias: known absent) add nothing; without this
+  // check a state still at m = -inf would compute exp(-inf - -inf) = NaN.
   __device__ __forceinline__ void add(acc_t v) {
+    if (v == -std::numeric_limits<acc_t>::infinity()) return;
     if (v > m) {
       s = s * dev_exp(m - v) + acc_t(1);
       m = v;
