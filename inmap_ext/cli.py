@@ -24,7 +24,14 @@ HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vis
     ("--tol", "tol", float, None, "early stop when the largest per-class proxy change < tol"),
     ("--compute-precision", "precision", str, "auto",
      "GEMM precision of the fit: auto | fp64 | fp32 | tf32 | fp16 | bf16 (16-bit: CUDA)"),
+    ("--class-prior", "class_prior", str, None,
+     "what the pseudo labels are balanced to: auto (default: decided from the images) | "
+     "uniform (published) | estimate | none | a file of 'class weight' lines or JSON "
+     "{class: weight} (0 = known absent; classes not listed get 0)"),
+    ("--mode", "mode", str, "default",
+     "default | paper: exactly the published algorithm (uniform prior, every step)"),
 ]
+MODES = ("default", "paper")
 
 
 def _common(p, model_required=True):
@@ -161,10 +168,30 @@ def _hyper_kwargs(args) -> dict:
     return {dest: getattr(args, dest) for _, dest, *_ in HYPER}
 
 
+def _check_hyper(args) -> None:
+    """Option errors before any model is loaded or image read."""
+    from .class_prior import CLASS_PRIORS
+
+    if args.mode not in MODES:
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
+    cp = args.class_prior
+    if cp is not None and cp not in CLASS_PRIORS:
+        import os
+
+        if not os.path.isfile(cp):
+            raise ValueError(f"--class-prior must be one of {', '.join(CLASS_PRIORS)} or a file "
+                             f"of class weights; {cp!r} is neither")
+    if args.mode == "paper" and cp not in (None, "uniform"):
+        raise ValueError(f"--mode paper runs the published uniform prior; drop --class-prior "
+                         f"{cp} (or use --mode default)")
+
+
 def run(args) -> int:
     from . import pipeline
 
     cmd = args.command
+    if cmd in ("fit", "eval"):
+        _check_hyper(args)
     if cmd in ("fit", "predict", "eval"):
         # options shared by the image commands (_model, _images, _common)
         common = dict(pretrained=args.pretrained, images=args.images, device=args.device,

@@ -162,6 +162,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     spec = clip_mod.load_classnames(classes)
     tmpl = clip_mod.load_templates(templates)
     per_class = clip_mod.load_prompts(prompts, spec.names) if prompts else None
+    hyper = _class_prior_option(hyper, spec.names, log)
     image_set = list_images(images, spec.names, labels, spec.folder_map)
     log("images", f"images: {len(image_set)} under {image_set.root} "
         f"({'labeled by folder' if image_set.labels is not None else 'unlabeled'}); "
@@ -203,6 +204,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     timings["fit_s"] = time.perf_counter() - t0
     log("fit", f"fit: {res.n_iters} steps on the {res.backend} backend in {timings['fit_s']:.2f}s",
         n_iters=res.n_iters, backend=res.backend, seconds=timings["fit_s"])
+    _log_class_prior(res, log)
 
     t0 = time.perf_counter()
     k = min(topk, len(spec.names))
@@ -227,6 +229,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
         "images": image_set.root, "n_images": len(image_set), "n_used": int(feats.keep.sum()),
         "n_skipped": len(feats.skipped), "skipped": feats.skipped,
         "num_classes": len(spec.names), "backend": res.backend, "hyper": res.hyper,
+        "mode": res.hyper["mode"], "class_prior": _prior_report(res, spec.names),
         "pseudo_labels": {
             "confident_fraction": res.confident_fraction,
             "class_counts_min": int(res.class_counts.min()),
@@ -250,6 +253,77 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
         json.dump(report, f, indent=2)
     log("done", f"wrote {out}/proxy.safetensors, report.json, predictions.csv", out=out)
     return report
+
+
+def read_class_weights(path: str, names: Sequence[str]) -> torch.Tensor:
+    """Class proportions from a file: JSON {class: weight}, or lines 'class weight' (the last
+    whitespace- or comma-separated field is the weight; '#' starts a comment). Classes not
+    listed get weight 0 (known absent); an unknown class name is an error."""
+    with open(path) as f:
+        text = f.read()
+    pairs = []
+    if text.lstrip().startswith("{"):
+        pairs = list(json.loads(text).items())
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            name, sep, weight = line.replace(",", " ").rpartition(" ")
+            if not sep:
+                raise ValueError(f"{path}:{n}: expected 'class weight', got {line!r}")
+            pairs.append((name.strip(), weight))
+    index = {c: i for i, c in enumerate(names)}
+    w = torch.zeros(len(names), dtype=torch.float64)
+    for name, weight in pairs:
+        if name not in index:
+            raise ValueError(f"{path}: class {name!r} is not in the class list "
+                             f"(first classes: {list(names)[:5]})")
+        try:
+            w[index[name]] = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: weight of {name!r} must be a number, got {weight!r}")
+    return w
+
+
+def _class_prior_option(hyper: dict, names: Sequence[str], log: Log) -> dict:
+    """--class-prior FILE -> the proportions tensor (checked before any model is loaded)."""
+    from .class_prior import CLASS_PRIORS, check_class_prior
+
+    cp = hyper.get("class_prior")
+    if cp is None or (isinstance(cp, str) and cp in CLASS_PRIORS) or not isinstance(cp, str):
+        return hyper
+    w = check_class_prior(read_class_weights(cp, names), len(names))
+    missing = int((w == 0).sum())
+    if missing:
+        log("class_prior", f"class prior {cp}: {missing} of {len(names)} classes have weight 0 "
+            "(treated as absent)", absent=missing)
+    return dict(hyper, class_prior=w)
+
+
+def _prior_report(res: VisionProxyResult, names: Sequence[str]) -> dict:
+    """report.json's class_prior: what ran, why, the effective number of classes and the
+    estimated proportions by class name."""
+    p = res.class_prior
+    out = p.summary()
+    est = out.pop("estimated_proportions", None)
+    if est is not None:
+        out["estimated_proportions"] = dict(zip(names, est))
+    out["few_classes"] = p.few_classes
+    return out
+
+
+def _log_class_prior(res: VisionProxyResult, log: Log) -> None:
+    p = res.class_prior
+    log("class_prior", f"class prior: {p.chosen} ({p.reason})", chosen=p.chosen,
+        effective_classes=p.effective_classes)
+    if p.few_classes:
+        C = res.num_classes
+        log("warning", f"warning: the images appear to hold only about {p.effective_classes:.0f} "
+            f"of the {C} listed classes; the pseudo labels were balanced to "
+            f"{'the estimated class proportions' if p.chosen == 'estimate' else p.chosen}. If "
+            "you know which classes are present, pass --class-prior FILE", chosen=p.chosen,
+            effective_classes=p.effective_classes, num_classes=C)
 
 
 def _fits_on_device(x: torch.Tensor, device: torch.device) -> bool:
@@ -312,6 +386,7 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
     CLIP_benchmark-shaped record per method."""
     log = log or Log()
     spec = clip_mod.load_classnames(classes)
+    hyper = _class_prior_option(hyper, spec.names, log)
     image_set = list_images(images, spec.names, "folder", spec.folder_map)
     clip = clip_mod.load_model(model, pretrained, device, model_precision)
     text = clip_mod.text_proxies(clip, spec.names, clip_mod.load_templates(templates),
@@ -321,9 +396,12 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
     x, t, y = feats.features.to(clip.device), text.to(clip.device), feats.labels
     k = min(5, len(spec.names))
     sinkhorn = hyper.pop("sinkhorn_iters", 20) or 20
+    paper = {k: v for k, v in hyper.items() if k not in ("class_prior", "mode", "tol")}
     runs = {"text proxy (zero-shot)": None,
-            "vision proxy (InMaP)": dict(hyper, sinkhorn_iters=0),
-            "vision proxy + Sinkhorn (InMaP)": dict(hyper, sinkhorn_iters=sinkhorn)}
+            "vision proxy (InMaP)": dict(paper, sinkhorn_iters=0, mode="paper"),
+            "vision proxy + Sinkhorn (InMaP)": dict(paper, sinkhorn_iters=sinkhorn, mode="paper")}
+    if hyper.get("mode", "default") != "paper":
+        runs["vision proxy, class prior (inmap_ext default)"] = dict(hyper, sinkhorn_iters=sinkhorn)
     from .functional import zero_shot_topk
 
     records = []
@@ -331,13 +409,17 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
         if kw is None:
             idx = zero_shot_topk(x, t, k)[1]
         else:
-            idx = fit_vision_proxy(x, t, progress=log.progress, **kw).predict(x, k=k)
+            res = fit_vision_proxy(x, t, progress=log.progress, **kw)
+            idx = res.predict(x, k=k)
             idx = idx[:, None] if idx.dim() == 1 else idx
         m = classification_metrics(idx.cpu(), y, len(spec.names))
         records.append({"dataset": dataset or os.path.basename(os.path.abspath(images)),
                         "model": model, "pretrained": str(pretrained),
                         "task": "zeroshot_classification", "method": method, "metrics": m,
                         "n_images": int(feats.keep.sum()), "n_skipped": len(feats.skipped)})
+        if kw is not None:
+            records[-1]["mode"] = res.hyper["mode"]
+            records[-1]["class_prior"] = _prior_report(res, spec.names)
         log("eval", f"{method:34s} acc1 {m['acc1']:.4f}  acc5 {m['acc5']:.4f}  "
             f"mean recall {m['mean_per_class_recall']:.4f}", method=method, metrics=m)
     if out:

@@ -141,7 +141,7 @@ def test_cli_fit_predict_export_eval(ws, tmp_path, capsys):
                  "--classes", ws["classes"], "--out", str(ev), "--workers", "0",
                  "--cache-dir", ws["cache"], "--iters", "30", "-q"]) == 0
     recs = json.loads(ev.read_text())
-    assert [r["method"] for r in recs] == ["text proxy (zero-shot)", "vision proxy (InMaP)",
+    assert [r["method"] for r in recs][:3] == ["text proxy (zero-shot)", "vision proxy (InMaP)",
                                            "vision proxy + Sinkhorn (InMaP)"]
     assert all(set(r["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"} for r in recs)
     assert recs[0]["metrics"]["acc1"] == pytest.approx(report["zero_shot"]["acc1"])
