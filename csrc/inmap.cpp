@@ -18,8 +18,10 @@ TORCH_LIBRARY(inmap_ext, m) {
   // argmax counts [C] int64, number of one-hot rows [] int64).
   m.def("pseudo_label_reduce(Tensor x, Tensor w, Tensor? bias, float inv_tau, float alpha, int chunk)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
-  // x^T @ row-softmax(x @ w * inv_tau): D x C. The data term of the proxy gradient.
-  m.def("xt_softmax(Tensor x, Tensor w, float inv_tau, int chunk) -> Tensor");
+  // x^T @ row-softmax(x @ w * inv_tau): D x C, the data term of the proxy gradient, and the
+  // sum over rows of log sum_j exp((x @ w * inv_tau)_ij) [] (the rows' log-sum-exps, which the
+  // softmax computes anyway: the objective of the fit without a second GEMM).
+  m.def("xt_softmax(Tensor x, Tensor w, float inv_tau, int chunk) -> (Tensor, Tensor)");
   // Top-k of x @ w per row: (values [N x k], indices [N x k] int64).
   m.def("topk_scores(Tensor x, Tensor w, int k, int chunk) -> (Tensor, Tensor)");
 }

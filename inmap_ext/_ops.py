@@ -144,7 +144,7 @@ if extension_loaded():
 
     @torch.library.register_fake("inmap_ext::xt_softmax")
     def _(x, w, inv_tau, chunk):
-        return x.new_empty(w.shape, dtype=_acc(x))
+        return x.new_empty(w.shape, dtype=_acc(x)), x.new_empty((), dtype=_acc(x))
 
     @torch.library.register_fake("inmap_ext::topk_scores")
     def _(x, w, k, chunk):

@@ -30,6 +30,9 @@ HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vis
      "{class: weight} (0 = known absent; classes not listed get 0)"),
     ("--mode", "mode", str, "default",
      "default | paper: exactly the published algorithm (uniform prior, every step)"),
+    ("--stop", "stop", str, None,
+     "when the descent stops: auto (default: once objective and predictions settle) | none "
+     "(every --iters step; the paper mode's)"),
 ]
 MODES = ("default", "paper")
 
@@ -181,6 +184,10 @@ def _check_hyper(args) -> None:
         if not os.path.isfile(cp):
             raise ValueError(f"--class-prior must be one of {', '.join(CLASS_PRIORS)} or a file "
                              f"of class weights; {cp!r} is neither")
+    if args.stop not in (None, "auto", "none"):
+        raise ValueError(f"--stop must be auto or none, got {args.stop!r}")
+    if args.mode == "paper" and (args.stop == "auto" or args.tol is not None):
+        raise ValueError("--mode paper runs every --iters step; drop --stop auto / --tol")
     if args.mode == "paper" and cp not in (None, "uniform"):
         raise ValueError(f"--mode paper runs the published uniform prior; drop --class-prior "
                          f"{cp} (or use --mode default)")

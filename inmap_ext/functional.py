@@ -73,8 +73,10 @@ class Runner:
             x, w.to(x.dtype), bias, inv_tau, alpha, self.chunk)
         return self.sum_(B), self.sum_(mass), self.sum_(counts), self.sum_(n_conf)
 
-    def xt_softmax(self, x: Tensor, w: Tensor, inv_tau: float) -> Tensor:
-        return self.sum_(_ops.op("xt_softmax", self.backend)(x, w.to(x.dtype), inv_tau, self.chunk))
+    def xt_softmax(self, x: Tensor, w: Tensor, inv_tau: float) -> Tuple[Tensor, Tensor]:
+        """(X^T softmax(X W * inv_tau), sum of the rows' log-sum-exps): one pass."""
+        G, lse_sum = _ops.op("xt_softmax", self.backend)(x, w.to(x.dtype), inv_tau, self.chunk)
+        return self.sum_(G), self.sum_(lse_sum)
 
     def topk(self, x: Tensor, w: Tensor, k: int) -> Tuple[Tensor, Tensor]:
         return _ops.op("topk_scores", self.backend)(x, w.to(x.dtype), k, self.chunk)
@@ -191,7 +193,7 @@ def proxy_gradient(image_features: Tensor, proxy: Tensor, target: Tensor, *, tau
     if not isinstance(target, torch.Tensor) or target.shape != w.shape:
         raise ValueError(f"target must be a tensor of shape {tuple(w.shape)} (X^T P), got "
                          f"{getattr(target, 'shape', type(target).__name__)}")
-    G = runner.xt_softmax(x, w, 1.0 / validation.positive(tau_i, "tau_i"))
+    G, _ = runner.xt_softmax(x, w, 1.0 / validation.positive(tau_i, "tau_i"))
     return G - target.to(G)
 
 

@@ -202,8 +202,9 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
         if _fits_on_device(x, clip.device):
             x = x.to(clip.device)
     timings["fit_s"] = time.perf_counter() - t0
-    log("fit", f"fit: {res.n_iters} steps on the {res.backend} backend in {timings['fit_s']:.2f}s",
-        n_iters=res.n_iters, backend=res.backend, seconds=timings["fit_s"])
+    log("fit", f"fit: {res.n_iters} steps on the {res.backend} backend in {timings['fit_s']:.2f}s "
+        f"({res.stop_reason})", n_iters=res.n_iters, backend=res.backend,
+        seconds=timings["fit_s"], how_it_ended=res.stop_reason)
     _log_class_prior(res, log)
 
     t0 = time.perf_counter()
@@ -236,9 +237,14 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
             "class_counts_max": int(res.class_counts.max()),
             "classes_without_pseudo_label": int((res.class_counts == 0).sum()),
         },
-        "descent": {"n_iters": res.n_iters, "converged": res.converged,
+        "descent": {"solver": res.hyper["solver"], "stop": res.hyper["stop"],
+                    "n_iters": res.n_iters, "converged": res.converged,
+                    "how_it_ended": res.stop_reason,
+                    "final_objective": float(res.objective[-1]) if res.n_iters else None,
                     "final_grad_norm": float(res.grad_norm[-1]) if res.n_iters else None,
-                    "final_lr": float(res.lr[-1]) if res.n_iters else None},
+                    "final_lr": float(res.lr[-1]) if res.n_iters else None,
+                    "objective": [round(float(v), 7) for v in res.objective.tolist()],
+                    "grad_norm": [round(float(v), 7) for v in res.grad_norm.tolist()]},
         "timings": {**timings, **{f"fit.{k}": v for k, v in res.timings.items()}},
         "outputs": {"proxy": os.path.join(out, "proxy.safetensors"),
                     "predictions": os.path.join(out, "predictions.csv")},
@@ -396,7 +402,7 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
     x, t, y = feats.features.to(clip.device), text.to(clip.device), feats.labels
     k = min(5, len(spec.names))
     sinkhorn = hyper.pop("sinkhorn_iters", 20) or 20
-    paper = {k: v for k, v in hyper.items() if k not in ("class_prior", "mode", "tol")}
+    paper = {k: v for k, v in hyper.items() if k not in ("class_prior", "mode", "tol", "stop")}
     runs = {"text proxy (zero-shot)": None,
             "vision proxy (InMaP)": dict(paper, sinkhorn_iters=0, mode="paper"),
             "vision proxy + Sinkhorn (InMaP)": dict(paper, sinkhorn_iters=sinkhorn, mode="paper")}

@@ -70,13 +70,18 @@ def pseudo_label_reduce(x: Tensor, w: Tensor, bias: Optional[Tensor], inv_tau: f
     return B, mass, counts, n_confident
 
 
-def xt_softmax(x: Tensor, w: Tensor, inv_tau: float, chunk: int) -> Tensor:
-    """x^T @ row-softmax(x @ w * inv_tau): the data term of the proxy gradient (D x C)."""
+def xt_softmax(x: Tensor, w: Tensor, inv_tau: float, chunk: int) -> Tuple[Tensor, Tensor]:
+    """(x^T @ row-softmax(x @ w * inv_tau) [D x C]: the data term of the proxy gradient,
+    sum over rows of logsumexp(x @ w * inv_tau) []: the log-partition part of the objective)."""
     D, C = w.shape
     G = torch.zeros(D, C, dtype=acc_dtype(x.dtype), device=x.device)
+    lse_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     for xc in _chunks(x, chunk):
-        G += xc.to(G.dtype).T @ torch.softmax(_logits(xc, w, inv_tau, None), dim=1)
-    return G
+        z = _logits(xc, w, inv_tau, None)
+        lse = torch.logsumexp(z, dim=1)
+        lse_sum += lse.double().sum()
+        G += xc.to(G.dtype).T @ torch.exp(z - lse[:, None])
+    return G, lse_sum.to(G.dtype)
 
 
 def topk_scores(x: Tensor, w: Tensor, k: int, chunk: int) -> Tuple[Tensor, Tensor]:

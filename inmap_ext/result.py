@@ -28,8 +28,11 @@ class VisionProxyResult:
     class_mass       soft pseudo-label mass per class (column sums of P after the threshold).
     confident_fraction  share of images whose pseudo label was made one-hot (max > alpha).
     grad_norm, lr    per-iteration ||G||_F and learning rate actually used (length n_iters).
-    n_iters          iterations run (< iters only with early stopping, ``tol``).
-    converged        True when the ``tol`` criterion stopped the descent.
+    objective        per-iteration objective: the cross-entropy between softmax(X W / tau_i)
+                     and the pseudo labels (solver.py), at the W of that step's gradient.
+    n_iters          gradient steps run (all of ``iters`` in mode="paper").
+    converged        True when a stopping rule (``stop="auto"`` or ``tol``) ended the descent.
+    stop_reason      in words, how the descent ended.
     hyper            the hyper-parameters of the fit (with ``mode`` and the ``class_prior``
                      that ran).
     class_prior      what the pseudo labels were balanced to and why (class_prior.ClassPrior:
@@ -53,6 +56,8 @@ class VisionProxyResult:
     timings: Dict[str, float] = field(default_factory=dict)
     metadata: Dict[str, str] = field(default_factory=dict)
     class_prior: Optional[ClassPrior] = None
+    objective: Optional[Tensor] = None
+    stop_reason: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -93,6 +98,8 @@ class VisionProxyResult:
         tensors = {"proxy": self.proxy, "text_proxies": self.text_proxies,
                    "class_counts": self.class_counts, "class_mass": self.class_mass,
                    "grad_norm": self.grad_norm, "lr": self.lr}
+        if self.objective is not None:
+            tensors["objective"] = self.objective
         if self.log_bias is not None:
             tensors["log_bias"] = self.log_bias
         prior = self.class_prior
@@ -110,7 +117,8 @@ class VisionProxyResult:
             "hyper": json.dumps(self.hyper), "timings": json.dumps(self.timings),
             "summary": json.dumps({"confident_fraction": self.confident_fraction,
                                    "n_iters": self.n_iters, "converged": self.converged,
-                                   "n_images": self.n_images, "backend": self.backend}),
+                                   "n_images": self.n_images, "backend": self.backend,
+                                   "stop_reason": self.stop_reason}),
         })
         if prior is not None:
             meta["class_prior"] = json.dumps({"requested": prior.requested, "chosen": prior.chosen,
@@ -141,7 +149,8 @@ class VisionProxyResult:
             prior = prior.to("cpu")
         return cls(class_prior=prior, proxy=t["proxy"], text_proxies=t["text_proxies"], log_bias=t.get("log_bias"),
                    class_counts=t["class_counts"], class_mass=t["class_mass"],
-                   grad_norm=t["grad_norm"], lr=t["lr"], hyper=hyper, timings=timings,
+                   grad_norm=t["grad_norm"], lr=t["lr"], objective=t.get("objective"),
+                   hyper=hyper, timings=timings,
                    metadata=meta, **summary)
 
 

@@ -110,11 +110,18 @@ class StreamingRunner(Runner):
     def xt_softmax(self, x, w, inv_tau):
         f = _ops.op("xt_softmax", self.backend)
         G = torch.zeros(w.shape, dtype=acc_dtype(self.dtype), device=self.device)
+        lse_sum = torch.zeros((), dtype=acc_dtype(self.dtype), device=self.device)
         for xc in self.chunks(x):
-            G += f(xc, w.to(xc.dtype), inv_tau, self.chunk)
-        return self.sum_(G)
+            g, s = f(xc, w.to(xc.dtype), inv_tau, self.chunk)
+            G += g
+            lse_sum += s
+        return self.sum_(G), self.sum_(lse_sum)
 
     def topk(self, x, w, k):
         f = _ops.op("topk_scores", self.backend)
-        vals, idx = zip(*(f(xc, w.to(xc.dtype), k, self.chunk) for xc in self.chunks(x)))
+        parts = [f(xc, w.to(xc.dtype), k, self.chunk) for xc in self.chunks(x)]
+        if not parts:      # an empty shard
+            return (torch.empty(0, k, dtype=acc_dtype(self.dtype), device=self.device),
+                    torch.empty(0, k, dtype=torch.int64, device=self.device))
+        vals, idx = zip(*parts)
         return torch.cat(vals), torch.cat(idx)

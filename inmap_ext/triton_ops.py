@@ -189,7 +189,8 @@ def _tile_grid(rows: int, C: int, cfg: dict):
 
 
 def _softmax_chunks(x, w, bias, inv_tau, alpha, chunk, threshold):
-    """Per chunk: (xc, P, arg, confident) with P = the (thresholded) softmax in x's dtype."""
+    """Per chunk: (xc, P, arg, confident, row lse) with P = the (thresholded) softmax in x's
+    dtype."""
     C = w.shape[1]
     cfg, prec = _config(x.dtype), _precision(x.dtype)
     for xc in reference._chunks(x, chunk):
@@ -201,7 +202,7 @@ def _softmax_chunks(x, w, bias, inv_tau, alpha, chunk, threshold):
             xc.shape[0], xc.shape[1], C, xc.stride(0), xc.stride(1), w.stride(0), w.stride(1),
             p.stride(0), float(inv_tau), HAS_BIAS=bias is not None, THRESHOLD=threshold,
             PRECISION=prec, **cfg)
-        yield xc, p, arg, conf
+        yield xc, p, arg, conf, lse
 
 
 _MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=) exists (torch >= 2.8 on CUDA)
@@ -245,20 +246,22 @@ def pseudo_label_reduce(x: Tensor, w: Tensor, bias: Optional[Tensor], inv_tau: f
     counts = torch.zeros(C, dtype=torch.int64, device=x.device)
     n_confident = torch.zeros((), dtype=torch.int64, device=x.device)
     bias = None if bias is None else bias.to(torch.float32).contiguous()
-    for xc, p, arg, conf in _softmax_chunks(x, w, bias, inv_tau, alpha, chunk, True):
+    for xc, p, arg, conf, _ in _softmax_chunks(x, w, bias, inv_tau, alpha, chunk, True):
         mass += p.sum(dim=0, dtype=torch.float32)
-        counts += torch.bincount(arg, minlength=C)
+        counts.index_add_(0, arg, torch.ones_like(arg))   # on the device: no sync per chunk
         n_confident += conf.sum()
         B += _xt_p(xc, p)
     return B, mass, counts, n_confident
 
 
-def xt_softmax(x: Tensor, w: Tensor, inv_tau: float, chunk: int) -> Tensor:
+def xt_softmax(x: Tensor, w: Tensor, inv_tau: float, chunk: int) -> Tuple[Tensor, Tensor]:
     _check(x, w, "xt_softmax")
     G = torch.zeros(w.shape, dtype=torch.float32, device=x.device)
-    for xc, p, _, _ in _softmax_chunks(x, w, None, inv_tau, 0.0, chunk, False):
+    lse_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    for xc, p, _, _, lse in _softmax_chunks(x, w, None, inv_tau, 0.0, chunk, False):
         G += _xt_p(xc, p)
-    return G
+        lse_sum += lse.double().sum()       # pass 1's row log-sum-exps: no second GEMM
+    return G, lse_sum.float()
 
 
 topk_scores = reference.topk_scores  # one GEMM + torch.topk per chunk, as in every backend

@@ -63,9 +63,13 @@ def test_xt_softmax(device, dtype, shape):
     n, d, c, chunk = shape
     x, w, _ = _inputs(n, d, c, dtype, device, seed=5)
     for inv_tau in (25.0, 1.0):
-        got = _ext("xt_softmax")(x, w, inv_tau, chunk)
-        want = reference.xt_softmax(x, w, inv_tau, chunk)
+        got, got_lse = _ext("xt_softmax")(x, w, inv_tau, chunk)
+        want, want_lse = reference.xt_softmax(x, w, inv_tau, chunk)
         torch.testing.assert_close(got, want, **TOL[dtype])
+        assert got_lse.shape == () and got_lse.dtype == got.dtype
+        torch.testing.assert_close(got_lse, want_lse, **TOL[dtype])
+        dense = torch.logsumexp(x.double() @ w.double() * inv_tau, dim=1).sum()
+        torch.testing.assert_close(got_lse.double(), dense, rtol=1e-5, atol=1e-5 * n)
 
 
 @pytest.mark.parametrize("device", DEVICES)

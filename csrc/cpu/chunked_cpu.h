@@ -76,8 +76,10 @@ inline float softmax_exp(float v) {
 // In place on a rows x C row-major block: z <- softmax(z * inv_tau + bias) per row, or its log
 // (kLog) — the max-subtracted form, so no row overflows. Each row is reduced in a fixed order
 // (vector lanes then lanes combined), independent of the thread count.
+// row_lse (optional, kLog = false): each row's log-sum-exp, log sum_j exp(z_j * inv_tau + bias_j).
 template <typename scalar_t, bool kLog>
-void softmax_rows_(scalar_t* z, int64_t rows, int64_t C, scalar_t inv_tau, const scalar_t* bias) {
+void softmax_rows_(scalar_t* z, int64_t rows, int64_t C, scalar_t inv_tau, const scalar_t* bias,
+                   scalar_t* row_lse = nullptr) {
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* r = z + i * C;
@@ -104,6 +106,7 @@ void softmax_rows_(scalar_t* z, int64_t rows, int64_t C, scalar_t inv_tau, const
           r[j] = softmax_exp(r[j] - mx);
           s += r[j];
         }
+        if (row_lse) row_lse[i] = mx + std::log(s);
         const scalar_t inv_s = scalar_t(1) / s;
 #pragma omp simd
         for (int64_t j = 0; j < C; ++j) r[j] *= inv_s;

@@ -1,24 +1,31 @@
 // CPU kernel of inmap_ext::xt_softmax (schema and meaning: csrc/inmap.cpp).
 #include <torch/library.h>
 
+#include <vector>
+
 #include "chunked_cpu.h"
 
 namespace inmap {
 namespace cpu {
 namespace {
 
-at::Tensor xt_softmax_cpu(const at::Tensor& x, const at::Tensor& w, double inv_tau, int64_t chunk) {
+std::tuple<at::Tensor, at::Tensor> xt_softmax_cpu(const at::Tensor& x, const at::Tensor& w,
+                                                  double inv_tau, int64_t chunk) {
   check_cpu_inputs(x, w, c10::nullopt, chunk, "xt_softmax");
   const int64_t D = x.size(1), C = w.size(1);
   at::Tensor G = at::zeros({D, C}, x.options());
+  double lse_sum = 0;  // rows summed in order: independent of the thread count
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "xt_softmax_cpu", [&] {
+    std::vector<scalar_t> lse;
     for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor& xc, at::Tensor& z) {
+      lse.resize(rows);
       softmax_rows_<scalar_t, false>(z.data_ptr<scalar_t>(), rows, C,
-                                     static_cast<scalar_t>(inv_tau), nullptr);
+                                     static_cast<scalar_t>(inv_tau), nullptr, lse.data());
+      for (int64_t i = 0; i < rows; ++i) lse_sum += lse[i];
       G.addmm_(xc.t(), z);
     });
   });
-  return G;
+  return {G, at::scalar_tensor(lse_sum, x.options())};
 }
 
 }  // namespace

@@ -145,7 +145,8 @@ __global__ void column_lse_merge_kernel(const acc_t* __restrict__ part_m,
 enum class RowMode { kProbs, kProbsThreshold, kLse };
 
 // One block per row of z (rows x C): v_j = z_j * inv_tau + bias_j.
-//   kLse:            lse[row] = log sum_j exp(v_j)
+//   kLse:            lse[row] = log sum_j exp(v_j) (the other modes also write it when lse is
+//                    not null)
 //   kProbs:          p[row, j] = softmax(v)_j  (in out_t)
 //   kProbsThreshold: as kProbs, and rows whose largest probability is > alpha become the one-hot
 //                    of their argmax (first maximal index); arg[row], confident[row] written.
@@ -182,10 +183,8 @@ __global__ void __launch_bounds__(kThreads) row_softmax_kernel(
   }
   __syncthreads();
   const acc_t M = sh_m[0], S = sh_s[0];
-  if (kMode == RowMode::kLse) {
-    if (threadIdx.x == 0) lse[row] = M + ::log(S);
-    return;
-  }
+  if (lse && threadIdx.x == 0) lse[row] = M + ::log(S);  // kLse; optional in the other modes
+  if (kMode == RowMode::kLse) return;
   bool one_hot = false;
   const int64_t b = sh_b[0];
   if (kMode == RowMode::kProbsThreshold) {

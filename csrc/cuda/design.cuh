@@ -29,7 +29,8 @@ inline bool use_fused(const at::Tensor& x) {
 
 // Per row chunk of x: P = row-softmax(x @ w * inv_tau + bias) in x's dtype (with kThreshold,
 // rows whose largest probability is > alpha become the one-hot of their argmax, and arg /
-// confident are filled), then f(xc, p, arg, confident) consumes it. xc holds the chunk's rows
+// confident are filled) and each row's log-sum-exp lse (acc dtype), then
+// f(xc, p, arg, confident, lse) consumes them. xc holds the chunk's rows
 // (possibly zero-padded along D: use its first D columns). bias: acc dtype, or undefined.
 template <bool kThreshold, typename F>
 void for_each_softmax_chunk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
@@ -39,29 +40,30 @@ void for_each_softmax_chunk(const at::Tensor& x, const at::Tensor& w, const at::
   at::Tensor pbuf = at::empty({cs, C}, x.options());
   at::Tensor argbuf = at::empty({kThreshold ? cs : 0}, x.options().dtype(at::kLong));
   at::Tensor confbuf = at::empty({kThreshold ? cs : 0}, x.options().dtype(at::kByte));
+  at::Tensor lse_buf = at::empty({cs}, x.options().dtype(acc_type(x.scalar_type())));
   struct Outputs {
-    at::Tensor p, arg, conf;
+    at::Tensor p, arg, conf, lse;
   };
   auto outputs = [&](int64_t rows) {  // this chunk's views of the reused buffers
     const int64_t flags = kThreshold ? rows : 0;
-    return Outputs{pbuf.narrow(0, 0, rows), argbuf.narrow(0, 0, flags), confbuf.narrow(0, 0, flags)};
+    return Outputs{pbuf.narrow(0, 0, rows), argbuf.narrow(0, 0, flags),
+                   confbuf.narrow(0, 0, flags), lse_buf.narrow(0, 0, rows)};
   };
   const auto stream = at::cuda::getCurrentCUDAStream();
-  if (use_fused(x)) {
-    at::Tensor lse_buf = at::empty({cs}, x.options().dtype(at::kFloat));
+  if (use_fused(x)) {  // fp16 / bf16 / tf32: the acc dtype, and so lse_buf, is float
     const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
     fused::dispatch(x.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       fused::for_each_chunk<T>(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor& xc,
                                                 const fused::Operands<T>& op) {
         Outputs o = outputs(rows);
-        at::Tensor lse = lse_buf.narrow(0, 0, rows);
+        const at::Tensor& lse = o.lse;
         int64_t* ap = kThreshold ? static_cast<int64_t*>(o.arg.data_ptr()) : nullptr;
         uint8_t* cp = kThreshold ? static_cast<uint8_t*>(o.conf.data_ptr()) : nullptr;
         fused::row_stats<T>(op, static_cast<float>(inv_tau), bp, static_cast<float>(alpha), lse,
                             ap, cp);
         fused::probs<T, kThreshold>(op, static_cast<float>(inv_tau), bp, lse, ap, cp, o.p);
-        f(xc, o.p, o.arg, o.conf);
+        f(xc, o.p, o.arg, o.conf, o.lse);
       });
     });
     return;
@@ -74,11 +76,12 @@ void for_each_softmax_chunk(const at::Tensor& x, const at::Tensor& w, const at::
       Outputs o = outputs(rows);
       row_softmax_kernel<acc_t, scalar_t, kMode><<<rows, kThreads, 0, stream>>>(
           z.data_ptr<acc_t>(), C, static_cast<acc_t>(inv_tau), bp,
-          o.p.template data_ptr<scalar_t>(), nullptr, static_cast<acc_t>(alpha),
+          o.p.template data_ptr<scalar_t>(), o.lse.template data_ptr<acc_t>(),
+          static_cast<acc_t>(alpha),
           kThreshold ? o.arg.template data_ptr<int64_t>() : nullptr,
           kThreshold ? o.conf.template data_ptr<uint8_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      f(xc, o.p, o.arg, o.conf);
+      f(xc, o.p, o.arg, o.conf, o.lse);
     });
   });
 }

@@ -24,9 +24,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_reduce_c
   at::Tensor n_confident = at::zeros({}, x.options().dtype(at::kLong));
   for_each_softmax_chunk<true>(
       x, w, bias, inv_tau, alpha, chunk,
-      [&](const at::Tensor& xc, const at::Tensor& p, const at::Tensor& arg, const at::Tensor& conf) {
+      [&](const at::Tensor& xc, const at::Tensor& p, const at::Tensor& arg, const at::Tensor& conf,
+          const at::Tensor&) {
         mass.add_(p.sum(0, /*keepdim=*/false, acc));
-        counts.add_(at::bincount(arg, {}, C));
+        // counted on the device (at::bincount reads the max back to the host: a sync per chunk)
+        counts.index_add_(0, arg, at::ones_like(arg));
         n_confident.add_(conf.sum(at::kLong));
         gemm_xt_p_accumulate(xc, p, B);
       });
