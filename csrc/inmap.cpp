@@ -9,6 +9,8 @@
 // processed `chunk` rows at a time so that no N x C matrix is ever allocated.
 #include <torch/library.h>
 
+#include "design_choice.h"
+
 TORCH_LIBRARY(inmap_ext, m) {
   // log of the column sums of row-softmax(x @ w * inv_tau + bias): a length-C vector.
   // Computed in the log domain, so a column whose probabilities all underflow stays finite.
@@ -24,4 +26,7 @@ TORCH_LIBRARY(inmap_ext, m) {
   m.def("xt_softmax(Tensor x, Tensor w, float inv_tau, int chunk) -> (Tensor, Tensor)");
   // Top-k of x @ w per row: (values [N x k], indices [N x k] int64).
   m.def("topk_scores(Tensor x, Tensor w, int k, int chunk) -> (Tensor, Tensor)");
+  // Whether the fused CUDA design may run (csrc/design_choice.h): pure, no tensors, any build.
+  m.def("fused_design_allowed(bool design_fused, bool dtype_ok, int device_major, int ptx_version)"
+        " -> bool", &inmap::fused_design_allowed);
 }

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .fileio import save_safetensors
+
 DEFAULT_SHARD_SIZE = 4096
 
 
@@ -86,13 +88,11 @@ class FeatureCache:
         return [i for i in range(self.n_shards) if not os.path.exists(self.shard_path(i))]
 
     def write_shard(self, i: int, features: torch.Tensor, ok: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
         rows = self.shard_rows(i)
         if features.shape[0] != len(rows) or ok.shape[0] != len(rows):
             raise ValueError(f"shard {i} needs {len(rows)} rows, got {features.shape[0]}")
         tmp = self.shard_path(i) + f".tmp{os.getpid()}"
-        save_file({"features": features.float().contiguous().cpu(),
+        save_safetensors({"features": features.float().contiguous().cpu(),
                    "index": torch.arange(rows.start, rows.stop, dtype=torch.int64),
                    "ok": ok.to(torch.uint8).cpu()}, tmp)
         os.replace(tmp, self.shard_path(i))

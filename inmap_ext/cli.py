@@ -2,11 +2,14 @@
 
 Exit codes: 0 success; 1 a check failed (`inmap check`); 2 usage error; 3 bad input (a missing
 file, an unknown class, inputs that fail validation); 4 runtime failure; 130 interrupted.
+Every option is checked before any model is loaded or image read. ``--debug`` (or
+INMAP_DEBUG=1) prints the traceback behind an error.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -37,8 +40,20 @@ HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vis
 MODES = ("default", "paper")
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+DEFAULT_WORKERS = min(4, _usable_cores())
+
+
 def _common(p, model_required=True):
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback behind an error (also INMAP_DEBUG=1)")
     p.add_argument("--log", choices=["text", "json", "quiet"], default="text",
                    help="text with progress bars (default), json lines on stderr, or quiet")
     p.add_argument("--quiet", "-q", action="store_const", const="quiet", dest="log",
@@ -58,8 +73,11 @@ def _model(p, required=True):
 def _images(p):
     p.add_argument("--images", required=True,
                    help="image folder (searched recursively) or a text file listing image paths")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per encoder batch (default 64)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help=f"DataLoader worker processes (default {DEFAULT_WORKERS}: the usable "
+                   "cores, at most 4)")
     p.add_argument("--cache-dir", default=None,
                    help="feature cache (default $INMAP_CACHE or ~/.cache/inmap_ext/features)")
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
@@ -78,14 +96,16 @@ def _classes(p):
 def _hyper(p):
     g = p.add_argument_group("InMaP hyper-parameters (published defaults)")
     for flag, dest, typ, default, help_ in HYPER:
-        g.add_argument(flag, dest=dest, type=typ, default=default, help=f"{help_} ({default})")
+        shown = "" if default is None else f" (default {default})"
+        g.add_argument(flag, dest=dest, type=typ, default=default, help=help_ + shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="inmap", description="InMaP: turn a CLIP zero-shot classifier into a better one "
         "using unlabeled images of the target domain.",
-        epilog="exit codes: 0 ok, 1 check failed, 2 usage, 3 bad input, 4 runtime error")
+        epilog="exit codes: 0 ok, 1 check failed, 2 usage, 3 bad input, 4 runtime error, "
+        "130 interrupted. --debug (or INMAP_DEBUG=1) shows the traceback behind an error.")
     ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -104,21 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     _hyper(p)
     _common(p)
 
-    p = sub.add_parser("predict", help="saved proxy + images -> predictions CSV")
+    p = sub.add_parser("predict", help="saved proxy + images -> predictions CSV",
+                       description="Classify images with a saved vision proxy: writes a CSV "
+                       "of the top-k classes and cosines per image.")
     p.add_argument("--proxy", required=True, help="proxy.safetensors written by `inmap fit`")
     _model(p, required=False)
     _images(p)
     p.add_argument("--out", required=True, help="predictions CSV to write")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     _common(p)
 
-    p = sub.add_parser("extract", help="image features only, into the cache (reused by fit)")
+    p = sub.add_parser("extract", help="image features only, into the cache (reused by fit)",
+                       description="Encode the images into the feature cache, for later fits.")
     _model(p)
     _images(p)
     p.add_argument("--shard-size", type=int, default=4096, help="images per cache shard")
     _common(p)
 
-    p = sub.add_parser("eval", help="zero-shot vs InMaP accuracy on a labeled image folder")
+    p = sub.add_parser("eval", help="zero-shot vs InMaP accuracy on a labeled image folder",
+                       description="Zero-shot, published InMaP and the default fit on a labeled "
+                       "ImageFolder: CLIP_benchmark-shaped records.")
     _model(p)
     _images(p)
     _classes(p)
@@ -127,19 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     _hyper(p)
     _common(p)
 
-    p = sub.add_parser("export", help="proxy -> plain (D, C) tensor for clip_benchmark --load_clfs")
-    p.add_argument("--proxy", required=True)
+    p = sub.add_parser("export", help="proxy -> plain (D, C) tensor for clip_benchmark --load_clfs",
+                       description="Write the vision proxy as a plain D x C tensor file.")
+    p.add_argument("--proxy", required=True, help="proxy.safetensors written by `inmap fit`")
     p.add_argument("--out", required=True, help="file to write (torch.save of a D x C tensor)")
     p.add_argument("--device", default="cpu", help="accepted by every subcommand; the export "
                    "itself runs on the CPU")
 
     p = sub.add_parser("demo", help="the built-in offline demo (synthetic problem + pipeline)")
-    p.add_argument("--n", type=int, default=10000, help="synthetic images")
-    p.add_argument("--dim", type=int, default=256, help="synthetic feature dimension")
-    p.add_argument("--classes", type=int, default=50, help="synthetic classes")
-    p.add_argument("--iters", type=int, default=2000)
-    p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--pretrained", default=None)
+    p.add_argument("--n", type=int, default=10000, help="synthetic images (default 10000)")
+    p.add_argument("--dim", type=int, default=256, help="synthetic feature dimension (256)")
+    p.add_argument("--classes", type=int, default=50, help="synthetic classes (default 50)")
+    p.add_argument("--iters", type=int, default=2000, help="most gradient steps (default 2000)")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture of the pipeline "
+                   "stage (default ViT-B-32, random weights offline)")
+    p.add_argument("--pretrained", default=None, help="weights of the pipeline stage (default: "
+                   "random)")
     p.add_argument("--device", default=None, help="default: cpu, and cuda when present")
     p.add_argument("--no-pipeline", action="store_true", help="only the synthetic comparison")
 
@@ -171,8 +199,51 @@ def _hyper_kwargs(args) -> dict:
     return {dest: getattr(args, dest) for _, dest, *_ in HYPER}
 
 
+def _check_options(args) -> None:
+    """Every option error before any model is loaded or image read (hours on a big set)."""
+    from . import validation
+    from ._ops import BACKENDS
+    from .fit import PRECISIONS
+
+    if getattr(args, "batch_size", None) is not None:
+        validation.count(args.batch_size, "--batch-size", 1)
+    if getattr(args, "workers", None) is not None:
+        validation.count(args.workers, "--workers", 0)
+    if getattr(args, "topk", None) is not None:
+        validation.count(args.topk, "--topk", 1)
+    if getattr(args, "shard_size", None) is not None:
+        validation.count(args.shard_size, "--shard-size", 1)
+    device = getattr(args, "device", None)
+    if isinstance(device, str) and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here "
+                             f"(torch {torch.__version__}, CUDA build: "
+                             f"{torch.version.cuda or 'no'}); use --device cpu")
+    if not hasattr(args, "tau_t"):
+        return
+    validation.positive(args.tau_t, "--tau-t")
+    validation.positive(args.tau_i, "--tau-i")
+    validation.in_unit_interval(args.alpha, "--alpha")
+    validation.count(args.sinkhorn_iters, "--sinkhorn-iters")
+    validation.non_negative(args.gamma, "--gamma")
+    validation.count(args.iters, "--iters")
+    validation.positive(args.lr, "--lr")
+    if args.tol is not None:
+        validation.positive(args.tol, "--tol")
+    if args.chunk_size is not None:
+        validation.count(args.chunk_size, "--chunk-size", 1)
+    if args.backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
+    if args.precision not in PRECISIONS:
+        raise ValueError(f"--compute-precision must be one of {', '.join(PRECISIONS)}, got "
+                         f"{args.precision!r}")
+    _check_hyper(args)
+
+
 def _check_hyper(args) -> None:
-    """Option errors before any model is loaded or image read."""
+    """The class prior / mode / stop options."""
     from .class_prior import CLASS_PRIORS
 
     if args.mode not in MODES:
@@ -197,8 +268,7 @@ def run(args) -> int:
     from . import pipeline
 
     cmd = args.command
-    if cmd in ("fit", "eval"):
-        _check_hyper(args)
+    _check_options(args)
     if cmd in ("fit", "predict", "eval"):
         # options shared by the image commands (_model, _images, _common)
         common = dict(pretrained=args.pretrained, images=args.images, device=args.device,
@@ -253,17 +323,29 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("INMAP_DEBUG", "") not in ("", "0")
     try:
         return run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, TypeError, FileNotFoundError) as e:
+        _traceback(debug)
         print(f"inmap {args.command}: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except Exception as e:  # noqa: BLE001 - reported, never swallowed silently
-        print(f"inmap {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        _traceback(debug)
+        print(f"inmap {args.command}: failed: {type(e).__name__}: {e}"
+              + ("" if debug else " (--debug or INMAP_DEBUG=1 shows the traceback)"),
+              file=sys.stderr)
         return EXIT_RUNTIME
+
+
+def _traceback(debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

@@ -167,8 +167,15 @@ def load_model(name: str, pretrained: Optional[str], device="cpu",
                 UserWarning, stacklevel=2)
     else:
         weights_id = f"tag:{pretrained}" if pretrained else "random-init"
-    model, _, preprocess = oc.create_model_and_transforms(name, pretrained=pretrained,
-                                                          device=device)
+    try:
+        model, _, preprocess = oc.create_model_and_transforms(name, pretrained=pretrained,
+                                                              device=device)
+    except Exception as e:  # noqa: BLE001 - a file open_clip cannot read: say so, not KeyError
+        if pretrained is not None and os.path.isfile(pretrained):
+            raise ValueError(f"--pretrained {pretrained} is not a checkpoint open_clip can load "
+                             f"into {name} ({type(e).__name__}: {e}); pass a state_dict saved "
+                             "with torch.save, an open_clip tag, or 'none'") from e
+        raise
     model.eval()
     return ClipModel(model, preprocess, oc.get_tokenizer(name), name, pretrained, weights_id,
                      device, precision)

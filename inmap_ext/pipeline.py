@@ -54,17 +54,19 @@ def versions() -> Dict[str, str]:
 
 
 def classification_metrics(indices: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """acc1, acc5 (acc@min(5, C)) and mean per-class recall, as CLIP_benchmark reports them."""
+    """acc1, acc5 and mean per-class recall, as CLIP_benchmark reports them; acc5 only when
+    there are more than 5 classes (with 5 or fewer it is 1 by definition)."""
     labels = labels.to(indices.device)
     hit1 = indices[:, 0] == labels
-    k = min(5, indices.shape[1])
-    hit5 = (indices[:, :k] == labels[:, None]).any(dim=1)
     present = torch.bincount(labels, minlength=num_classes) > 0
     recall = torch.zeros(num_classes, dtype=torch.float64)
     recall.index_add_(0, labels.cpu(), hit1.double().cpu())
     recall = recall[present.cpu()] / torch.bincount(labels.cpu(), minlength=num_classes)[present.cpu()]
-    return {"acc1": hit1.double().mean().item(), "acc5": hit5.double().mean().item(),
-            "mean_per_class_recall": recall.mean().item()}
+    out = {"acc1": hit1.double().mean().item()}
+    if num_classes > 5 and indices.shape[1] >= 5:
+        out["acc5"] = (indices[:, :5] == labels[:, None]).any(dim=1).double().mean().item()
+    out["mean_per_class_recall"] = recall.mean().item()
+    return out
 
 
 def write_predictions(path: str, paths: Sequence[str], values: torch.Tensor,
@@ -426,7 +428,8 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
         if kw is not None:
             records[-1]["mode"] = res.hyper["mode"]
             records[-1]["class_prior"] = _prior_report(res, spec.names)
-        log("eval", f"{method:34s} acc1 {m['acc1']:.4f}  acc5 {m['acc5']:.4f}  "
+        acc5 = f"acc5 {m['acc5']:.4f}  " if "acc5" in m else ""
+        log("eval", f"{method:34s} acc1 {m['acc1']:.4f}  {acc5}"
             f"mean recall {m['mean_per_class_recall']:.4f}", method=method, metrics=m)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -93,7 +93,7 @@ class VisionProxyResult:
     def save(self, path, metadata: Optional[Dict[str, str]] = None) -> None:
         """Write a safetensors file: tensors plus string metadata (hyper-parameters, version,
         and ``metadata``, e.g. the model and class names the pipeline adds)."""
-        from safetensors.torch import save_file
+        from .fileio import save_safetensors
 
         tensors = {"proxy": self.proxy, "text_proxies": self.text_proxies,
                    "class_counts": self.class_counts, "class_mass": self.class_mass,
@@ -123,14 +123,22 @@ class VisionProxyResult:
         if prior is not None:
             meta["class_prior"] = json.dumps({"requested": prior.requested, "chosen": prior.chosen,
                                               "reason": prior.reason, "stats": prior.stats})
-        save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
+        save_safetensors(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
 
     @classmethod
     def load(cls, path, device="cpu") -> "VisionProxyResult":
         """Read a file written by ``save`` (safetensors: no code is unpickled)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        try:
+            f = safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise ValueError(f"{path} is not a safetensors vision proxy written by inmap "
+                             f"({e}); make one with `inmap fit ... --out DIR` (DIR/"
+                             "proxy.safetensors) or VisionProxyResult.save") from e
+        with f:
             meta = dict(f.metadata() or {})
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not an inmap_ext vision proxy file (format "

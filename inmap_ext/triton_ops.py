@@ -90,11 +90,22 @@ def _row_stats(x_ptr, w_ptr, b_ptr, pm_ptr, ps_ptr, pa_ptr, N, D, C, sxn, sxd, s
 
 
 @triton.jit
+def _tile_ids(C, BN: tl.constexpr):
+    """(row block, class tile) of this program in pass 2's 1-D grid, class tiles fastest: the
+    resident programs share a few row blocks of x while w stays in L2, so x is read from HBM
+    about once per pass rather than once per class tile."""
+    tiles = tl.cdiv(C, BN)
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // tiles, pid % tiles
+
+
+@triton.jit
 def _probs(x_ptr, w_ptr, b_ptr, lse_ptr, arg_ptr, conf_ptr, p_ptr, N, D, C, sxn, sxd, swd, swc,
            spn, inv_tau, HAS_BIAS: tl.constexpr, THRESHOLD: tl.constexpr, BM: tl.constexpr,
            BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    pid_m, pid_n = _tile_ids(C, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
     row_ok = rm < N
     col_ok = rn < C
     v = _logits(x_ptr, w_ptr, b_ptr, rm, rn, row_ok, col_ok, D, sxn, sxd, swd, swc, inv_tau,
@@ -113,9 +124,9 @@ def _probs(x_ptr, w_ptr, b_ptr, lse_ptr, arg_ptr, conf_ptr, p_ptr, N, D, C, sxn,
 def _column_lse(x_ptr, w_ptr, b_ptr, lse_ptr, pm_ptr, ps_ptr, N, D, C, sxn, sxd, swd, swc,
                 inv_tau, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 BK: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
+    pid_m, pid_n = _tile_ids(C, BN)
     rm = pid_m * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rn = pid_n * BN + tl.arange(0, BN)
     row_ok = rm < N
     col_ok = rn < C
     v = _logits(x_ptr, w_ptr, b_ptr, rm, rn, row_ok, col_ok, D, sxn, sxd, swd, swc, inv_tau,
@@ -185,7 +196,8 @@ def _row_pass(xc, w, bias, inv_tau, cfg, prec):
 
 
 def _tile_grid(rows: int, C: int, cfg: dict):
-    return triton.cdiv(rows, cfg["BM"]), triton.cdiv(C, cfg["BN"])
+    """Pass 2's 1-D grid over every (row block, class tile) (see _tile_ids)."""
+    return (triton.cdiv(rows, cfg["BM"]) * triton.cdiv(C, cfg["BN"]),)
 
 
 def _softmax_chunks(x, w, bias, inv_tau, alpha, chunk, threshold):
@@ -228,7 +240,8 @@ def softmax_column_lse(x: Tensor, w: Tensor, bias: Optional[Tensor], inv_tau: fl
     for xc in reference._chunks(x, chunk):
         lse, _, _ = _row_pass(xc, w, bias, inv_tau, cfg, prec)
         grid = _tile_grid(xc.shape[0], C, cfg)
-        pm = torch.empty(grid[0], C, dtype=torch.float32, device=x.device)
+        pm = torch.empty(triton.cdiv(xc.shape[0], cfg["BM"]), C, dtype=torch.float32,
+                         device=x.device)
         ps = torch.empty_like(pm)
         _column_lse[grid](xc, w, bias if bias is not None else lse, lse, pm, ps, xc.shape[0],
                           xc.shape[1], C, xc.stride(0), xc.stride(1), w.stride(0), w.stride(1),

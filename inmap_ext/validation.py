@@ -29,9 +29,20 @@ def check_matrix(t, name: str, layout: str) -> torch.Tensor:
 
 def check_finite(t: torch.Tensor, name: str, dim: int) -> torch.Tensor:
     """Norms along ``dim`` in float32/64 (O(rows) memory); raises on NaN/Inf or zero vectors."""
-    norms = torch.linalg.vector_norm(t, dim=dim, dtype=torch.float64 if t.dtype == torch.float64
-                                     else torch.float32)
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    norms = torch.linalg.vector_norm(t, dim=dim, dtype=acc)
     bad = ~torch.isfinite(norms)
+    if bool(bad.any()):
+        # finite vectors whose squared norm overflows (entries ~1e20 and up in float32): the
+        # norm of the vector scaled by its largest entry, times that entry
+        idx = bad.nonzero().flatten()
+        sub_t = t.index_select(1 - dim, idx)
+        scale = sub_t.abs().amax(dim=dim).to(acc)
+        if bool(torch.isfinite(scale).all()):
+            shape = (-1, 1) if dim == 1 else (1, -1)
+            norms[idx] = scale * torch.linalg.vector_norm(sub_t.to(acc) / scale.reshape(shape),
+                                                          dim=dim)
+            bad = ~torch.isfinite(norms)
     if bool(bad.any()):
         idx = int(bad.nonzero()[0])
         what = "row" if dim == 1 else "column"
@@ -68,6 +79,17 @@ def check_shapes(image_features, text_proxies, xname="image_features", tname="te
         raise ValueError(f"{xname} has D={x.shape[1]} but {tname} has D={t.shape[0]} "
                          f"(expected {xname} N x D and {tname} D x C; pass "
                          f"{tname}.T if yours is C x D)")
+    if t.shape[0] == t.shape[1] and t.shape[0] > 1:
+        # C == D: the shapes cannot tell the layouts apart, the norms can (one class per column,
+        # each L2-normalised): unit rows and non-unit columns mean C x D was passed
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        tol = max(UNIT_NORM_ATOL[t.dtype], 1e-6)
+        rows = torch.linalg.vector_norm(t, dim=1, dtype=acc)
+        cols = torch.linalg.vector_norm(t, dim=0, dtype=acc)
+        if bool(((rows - 1).abs() <= tol).all()) and not bool(((cols - 1).abs() <= tol).all()):
+            raise ValueError(f"{tname} looks transposed: its rows are unit-norm and its columns "
+                             f"are not, but the layout is D x C (one unit column per class); "
+                             f"pass {tname}.T")
     return x, t
 
 

@@ -211,3 +211,22 @@ def test_fit_float64_on_cuda_matches_dense_reference():
     res = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), iters=400, backend="ext", chunk_size=97,
                                      mode="paper")
     torch.testing.assert_close(res.proxy.cpu(), ref["W"], rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_minus_inf_log_bias_stays_finite(design, dtype):
+    """A class known absent has a -inf log-bias: every log-sum-exp merge must skip it (a thread
+    or tile whose first value is -inf computed exp(-inf - -inf) = NaN before)."""
+    n, c = 333, 300                                  # several class tiles / threads per row
+    x, w, _ = _inputs(n, 64, c, dtype, seed=9)
+    x, w = _tf32_inputs(design, dtype, x, w)
+    bias = torch.zeros(c, device="cuda")
+    bias[:200] = float("-inf")                       # whole first tiles and thread strides
+    lse = _ops.op("softmax_column_lse", "ext")(x, w, bias, 100.0, 100)
+    want = _oracle("softmax_column_lse", x, w, bias, 100.0, 100)
+    assert torch.isneginf(lse[:200]).all() and torch.isfinite(lse[200:]).all()
+    torch.testing.assert_close(lse[200:], want[200:], rtol=_tol(dtype, design) * 10,
+                               atol=_tol(dtype, design) * 10)
+    B, mass, counts, _ = _ops.op("pseudo_label_reduce", "ext")(x, w, bias, 100.0, 0.6, 100)
+    assert torch.isfinite(B).all() and float(mass[:200].abs().max()) == 0.0
+    assert int(counts[:200].sum()) == 0 and int(counts.sum()) == n

@@ -198,3 +198,14 @@ def test_cuda_design_context_sets_and_restores_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="design must be one of"):
         with _ops.cuda_design("fastest"):
             pass
+
+
+@pytest.mark.parametrize("fused,dtype_ok,major,ptx,allowed", [
+    (True, True, 9, 90, True), (True, True, 8, 80, True),
+    (True, True, 9, 75, False),      # only older PTX loaded (e.g. "7.5+PTX"): empty kernels
+    (True, True, 7, 75, False), (True, False, 9, 90, False), (False, True, 9, 90, False),
+])
+def test_fused_design_choice(fused, dtype_ok, major, ptx, allowed):
+    if not _ops.extension_loaded():
+        pytest.skip("extension not built")
+    assert torch.ops.inmap_ext.fused_design_allowed(fused, dtype_ok, major, ptx) is allowed

@@ -122,3 +122,18 @@ def test_kernels_compile_to_tensor_core_code():
             assert row["wgmma"] > 0 and row["cp_async"] > 0, row
         else:
             assert row["mma_sync"] > 0 and row["wgmma"] == 0, row
+
+
+def test_minus_inf_log_bias_stays_finite():
+    """A -inf log-bias on whole first class tiles (a class known absent): pass 1's online
+    log-sum-exp and the column partials must not compute exp(-inf - -inf)."""
+    x, w, _ = _inputs(150, 32, 300, torch.float32, seed=3)
+    bias = torch.zeros(300, device=DEVICE)
+    bias[:260] = float("-inf")
+    lse = _triton("softmax_column_lse", x, w, bias, 100.0, 64)
+    want = reference.softmax_column_lse(x, w, bias, 100.0, 64)
+    assert torch.isneginf(lse[:260]).all()
+    torch.testing.assert_close(lse[260:], want[260:], rtol=1e-4, atol=1e-4)
+    B, mass, counts, _ = _triton("pseudo_label_reduce", x, w, bias, 100.0, 0.6, 64)
+    assert torch.isfinite(B).all() and float(mass[:260].abs().max()) == 0.0
+    assert int(counts[:260].sum()) == 0

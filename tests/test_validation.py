@@ -99,3 +99,30 @@ def test_inputs_that_require_grad():
     assert not r.proxy.requires_grad
     torch.testing.assert_close(r.proxy, fit(X, T, iters=5).proxy)
     assert not inmap_ext.zero_shot_topk(x, T, k=2)[0].requires_grad
+
+
+def test_huge_but_finite_features_are_normalised():
+    X = torch.randn(50, 256) * 1e30            # every value finite; squared norms overflow
+    T = torch.nn.functional.normalize(torch.randn(256, 6), dim=0)
+    r = inmap_ext.fit_vision_proxy(X, T, iters=3)
+    ref = inmap_ext.fit_vision_proxy(torch.nn.functional.normalize(X.double(), dim=1).float(),
+                                     T, iters=3)
+    assert torch.isfinite(r.proxy).all()
+    torch.testing.assert_close(r.proxy, ref.proxy, rtol=1e-4, atol=1e-5)
+
+
+def test_transposed_square_text_proxies_are_detected():
+    T = torch.nn.functional.normalize(torch.randn(16, 16, dtype=torch.float64), dim=1)  # C x D
+    with pytest.raises(ValueError, match=r"pass text_proxies\.T"):
+        inmap_ext.fit_vision_proxy(torch.randn(30, 16, dtype=torch.float64), T, iters=1)
+    inmap_ext.fit_vision_proxy(torch.randn(30, 16, dtype=torch.float64), T.T, iters=1)
+
+
+@pytest.mark.parametrize("xd,td,want", [(torch.float32, torch.float64, torch.float32),
+                                        (torch.float64, torch.float32, torch.float64)])
+def test_dtype_follows_the_features(xd, td, want):
+    X = torch.randn(40, 8, dtype=xd)
+    T = torch.nn.functional.normalize(torch.randn(8, 3, dtype=td), dim=0)
+    assert inmap_ext.fit_vision_proxy(X, T, iters=2).proxy.dtype == want
+    doc = inmap_ext.fit_vision_proxy.__doc__
+    assert "follow the *features*" in doc and "Raises:" in doc and "Example:" in doc

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "../design_choice.h"
 #include "chunked_cuda.cuh"
 #include "fused_tiles.cuh"
 
@@ -24,7 +25,11 @@ inline bool use_fused(const at::Tensor& x) {
   const auto t = x.scalar_type();
   const bool dtype_ok = t == at::kHalf || t == at::kBFloat16 ||
                         (t == at::kFloat && at::globalContext().allowTF32CuBLAS());
-  return dtype_ok && at::cuda::getDeviceProperties(x.get_device())->major >= 8;
+  if (!dtype_ok) return false;
+  const int major = at::cuda::getDeviceProperties(x.get_device())->major;
+  int ptx = 0;
+  fused::dispatch(t, [&](auto tag) { ptx = fused::loaded_ptx_version<decltype(tag)>(); });
+  return fused_design_allowed(true, dtype_ok, major, ptx);
 }
 
 // Per row chunk of x: P = row-softmax(x @ w * inv_tau + bias) in x's dtype (with kThreshold,

@@ -226,6 +226,8 @@ __global__ void __launch_bounds__(kThreads, 1) row_stats_kernel(
     part_s[k] = st.s;
     part_arg[k] = best;
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for an architecture below sm_80: design.cuh never launches this (ptxVersion)
 #endif
 }
 
@@ -267,7 +269,12 @@ __global__ void __launch_bounds__(kThreads, 2) tile_epilogue_kernel(
   extern __shared__ __align__(128) char smem[];
   __shared__ float red_m[kThreads], red_s[kThreads];
   using E = typename Mma<T>::elem;
-  const int64_t r0 = int64_t(blockIdx.x) * kBM, c0 = int64_t(blockIdx.y) * kBN;
+  // Class tiles vary fastest (a 1-D grid: id = row block * tiles + class tile), so the resident
+  // CTAs share a few row blocks of x and all of w (small) stays in L2: x is read from HBM about
+  // once per pass, not once per class tile.
+  const int64_t tiles = (op.C + kBN - 1) / kBN;
+  const int64_t rb = int64_t(blockIdx.x) / tiles;
+  const int64_t r0 = rb * kBM, c0 = (int64_t(blockIdx.x) % tiles) * kBN;
   tile_logits<T>(op, r0, c0, smem);
   const float* out = reinterpret_cast<const float*>(smem);
   constexpr int kRowsPer = kThreads / kBN;  // 2 threads per column
@@ -287,8 +294,8 @@ __global__ void __launch_bounds__(kThreads, 2) tile_epilogue_kernel(
     if (part == 0 && valid_c) {
       for (int k = 1; k < kRowsPer; ++k)
         st.merge(Lse<float>{red_m[k * kBN + col], red_s[k * kBN + col]});
-      part_m[int64_t(blockIdx.x) * op.C + c] = st.m;
-      part_s[int64_t(blockIdx.x) * op.C + c] = st.s;
+      part_m[rb * op.C + c] = st.m;
+      part_s[rb * op.C + c] = st.s;
     }
   } else {
     if (!valid_c) return;
@@ -303,10 +310,22 @@ __global__ void __launch_bounds__(kThreads, 2) tile_epilogue_kernel(
       p[r * op.C + c] = to_elem(q, static_cast<E*>(nullptr));
     }
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for an architecture below sm_80: design.cuh never launches this (ptxVersion)
 #endif
 }
 
 // ---- host side ----------------------------------------------------------------------------
+
+// The PTX version (e.g. 90 for compute_90) of the row_stats kernel image the driver loaded for
+// the current device: below 80 (a build whose only usable image is older PTX, e.g.
+// TORCH_CUDA_ARCH_LIST="7.5+PTX" on an H100) the kernel bodies are empty (they trap).
+template <typename T>
+int loaded_ptx_version() {
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, row_stats_kernel<T>));
+  return attr.ptxVersion;
+}
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -314,6 +333,27 @@ template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(bytes)));
+}
+
+// CTAs of `kernel` (kThreads threads, `smem` dynamic shared bytes) resident on the whole device.
+template <typename Kernel>
+int64_t resident_slots(Kernel kernel, size_t smem) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, int64_t(per_sm) * sms);
+}
+
+// Pass 1's class splits: with row_blocks row blocks and `slots` resident CTAs, the number of
+// splits (<= tiles, none empty) whose grid row_blocks x splits is closest below a whole number
+// of waves, at least one wave when the classes allow it. E.g. N = 10M rows in chunks of 98k
+// (768 row blocks), 21,841 classes (171 tiles), 132 slots: 1 split, 768 CTAs = 5.8 waves;
+// a chunk of 64 row blocks: 2 splits, 128 CTAs (0.97 wave) instead of 3 splits (1.45 waves).
+inline int64_t class_splits(int64_t row_blocks, int64_t tiles, int64_t slots) {
+  const int64_t waves = std::max<int64_t>(1, (row_blocks + slots - 1) / slots);
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(tiles, waves * slots / row_blocks));
+  const int64_t per_split = (tiles + splits - 1) / splits;
+  return (tiles + per_split - 1) / per_split;
 }
 
 // Runs f(tag) with tag of the fused element type of `t` (at::Half, at::BFloat16 or float).
@@ -364,15 +404,15 @@ void row_stats(const Operands<T>& op, float inv_tau, const float* bias, float al
                at::Tensor& lse, int64_t* arg, uint8_t* confident) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t row_blocks = (op.rows + kBM - 1) / kBM, tiles = (op.C + kBN - 1) / kBN;
-  // Split the classes over CTAs until the grid holds about two CTAs per multiprocessor.
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want = std::min<int64_t>(tiles, std::max<int64_t>(1, (2 * sms + row_blocks - 1) / row_blocks));
-  const int64_t per_split = (tiles + want - 1) / want;
-  const int64_t splits = (tiles + per_split - 1) / per_split;  // none empty
+  // Split the classes over CTAs so that the grid fills whole waves of the resident CTA slots
+  // (occupancy API: 1 CTA of this kernel per SM with its shared memory, not an assumed 2).
+  allow_smem(row_stats_kernel<T>, Layout<T>::kSmem);
+  const int64_t slots = resident_slots(row_stats_kernel<T>, Layout<T>::kSmem);
+  const int64_t splits = class_splits(row_blocks, tiles, slots);
+  const int64_t per_split = (tiles + splits - 1) / splits;
   auto opts = lse.options();
   at::Tensor pm = at::empty({splits, op.rows}, opts), ps = at::empty({splits, op.rows}, opts);
   at::Tensor pa = at::empty({splits, op.rows}, opts.dtype(at::kLong));
-  allow_smem(row_stats_kernel<T>, Layout<T>::kSmem);
   row_stats_kernel<T><<<dim3(row_blocks, splits), kThreads, Layout<T>::kSmem, stream>>>(
       op, inv_tau, bias, static_cast<int>(per_split), pm.data_ptr<float>(), ps.data_ptr<float>(),
       pa.data_ptr<int64_t>());
@@ -383,12 +423,21 @@ void row_stats(const Operands<T>& op, float inv_tau, const float* bias, float al
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Pass 2's 1-D grid: every (row block, class tile), class tiles fastest (tile_epilogue_kernel).
+template <typename T>
+dim3 epilogue_grid(const Operands<T>& op) {
+  const int64_t blocks = ((op.rows + kBM - 1) / kBM) * ((op.C + kBN - 1) / kBN);
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "inmap_ext fused kernels: chunk too large (", blocks,
+              " tiles); pass a smaller chunk_size");
+  return dim3(static_cast<unsigned>(blocks));
+}
+
 // Pass 2 for one chunk: P (rows x C, x's dtype), one-hot where confident when kThreshold.
 template <typename T, bool kThreshold>
 void probs(const Operands<T>& op, float inv_tau, const float* bias, const at::Tensor& lse,
            const int64_t* arg, const uint8_t* confident, at::Tensor& p) {
   constexpr Epilogue kEpi = kThreshold ? Epilogue::kProbsThreshold : Epilogue::kProbs;
-  const dim3 grid((op.rows + kBM - 1) / kBM, (op.C + kBN - 1) / kBN);
+  const dim3 grid = epilogue_grid(op);
   allow_smem(tile_epilogue_kernel<T, kEpi>, Layout<T>::kSmem);
   tile_epilogue_kernel<T, kEpi><<<grid, kThreads, Layout<T>::kSmem,
                                   at::cuda::getCurrentCUDAStream()>>>(
@@ -402,7 +451,7 @@ template <typename T>
 void column_lse_partials(const Operands<T>& op, float inv_tau, const float* bias,
                          const at::Tensor& lse, at::Tensor& part_m, at::Tensor& part_s) {
   constexpr Epilogue kEpi = Epilogue::kColumnLse;
-  const dim3 grid((op.rows + kBM - 1) / kBM, (op.C + kBN - 1) / kBN);
+  const dim3 grid = epilogue_grid(op);
   allow_smem(tile_epilogue_kernel<T, kEpi>, Layout<T>::kSmem);
   tile_epilogue_kernel<T, kEpi><<<grid, kThreads, Layout<T>::kSmem,
                                   at::cuda::getCurrentCUDAStream()>>>(
