@@ -60,18 +60,24 @@ class FeatureCache:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.identity_base = dict(identity)
-        self.identity = dict(identity, images=images_fingerprint(paths), n=str(len(paths)),
-                             shard_size=str(shard_size))
+        # The key is what the features are (model, weights, preprocessing, precision, images),
+        # not how they are stored: the shard size lives in the manifest, and a cache written with
+        # another shard size (`inmap extract --shard-size`) is found and kept as it is.
+        self.identity = dict(identity, images=images_fingerprint(paths), n=str(len(paths)))
         self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:24]
         self.dir = os.path.join(cache_dir, self.key)
         self.n = len(paths)
         self.shard_size = shard_size
         os.makedirs(self.dir, exist_ok=True)
         manifest = os.path.join(self.dir, "manifest.json")
-        if not os.path.exists(manifest):
+        if os.path.exists(manifest):
+            with open(manifest) as f:
+                self.shard_size = int(json.load(f).get("shard_size", shard_size))
+        else:
             tmp = manifest + f".tmp{os.getpid()}"
             with open(tmp, "w") as f:
-                json.dump(self.identity, f, indent=1, sort_keys=True)
+                json.dump(dict(self.identity, shard_size=str(shard_size)), f, indent=1,
+                          sort_keys=True)
             os.replace(tmp, manifest)
 
     @property

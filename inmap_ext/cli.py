@@ -267,8 +267,17 @@ def _check_hyper(args) -> None:
 def run(args) -> int:
     from . import pipeline
 
-    cmd = args.command
     _check_options(args)
+    if args.command in ("fit", "predict", "eval", "extract"):
+        with pipeline.Log(args.log).routing_third_party():
+            return _run(args)
+    return _run(args)
+
+
+def _run(args) -> int:
+    from . import pipeline
+
+    cmd = args.command
     if cmd in ("fit", "predict", "eval"):
         # options shared by the image commands (_model, _images, _common)
         common = dict(pretrained=args.pretrained, images=args.images, device=args.device,

@@ -73,7 +73,8 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
 
     labels: "folder" (ImageFolder layout: the first-level folder is the class; every folder must
     match a class), "none", or "auto" (folder labels when every image lies in a first-level
-    folder and at least one folder name is a class name; otherwise none).
+    folder and at least one folder name is a class name; an error when there are several such
+    folders and none matches a class: say "none" for unlabeled images; otherwise none).
     """
     if labels not in ("auto", "folder", "none"):
         raise ValueError(f"labels must be 'auto', 'folder' or 'none', got {labels!r}")
@@ -100,6 +101,13 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
         nested_everywhere = all(t is not None for t in top)
         names = {_norm(c) for c in (classnames or [])}
         hits = [f for f in folders if _norm((folder_map or {}).get(f, f)) in names]
+        if classnames and nested_everywhere and len(folders) >= 2 and not hits:
+            raise ValueError(
+                f"--images {images!r} has an ImageFolder layout ({len(folders)} folders: "
+                f"{folders[:5]}{' ...' if len(folders) > 5 else ''}) but no folder matches a "
+                f"class name (classes: {list(classnames)[:5]}"
+                f"{' ...' if len(classnames) > 5 else ''}); pass --labels none for unlabeled "
+                "images, or a JSON object folder -> class name as --classes")
         labels = "folder" if (classnames and nested_everywhere and hits) else "none"
     if labels == "none":
         return ImageSet(root, paths)

@@ -3,8 +3,10 @@
 it is usable from Python as well as from the CLI."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import os
 import platform
 import sys
@@ -33,6 +35,33 @@ class Log:
     @property
     def progress(self) -> bool:
         return self.mode == "text"
+
+    @contextlib.contextmanager
+    def routing_third_party(self):
+        """Within the block, Python warnings and library log records (open_clip's
+        ``WARNING:root:`` lines, torch's warnings) go through this Log: JSON lines in json mode,
+        nothing in quiet mode, "warning: ..." lines in text mode."""
+        log = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                msg = record.getMessage()
+                if record.name == "py.warnings":  # "file:line: Category: message\n  code"
+                    msg = msg.strip().splitlines()[0].split(": ", 1)[-1]
+                log("warning", f"{record.levelname.lower()}: {msg}", source=record.name,
+                    level=record.levelname, text=msg)
+
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level
+        root.handlers = [Handler(logging.WARNING)]
+        root.setLevel(logging.WARNING)
+        logging.captureWarnings(True)
+        try:
+            yield
+        finally:
+            logging.captureWarnings(False)
+            root.handlers, _ = saved
+            root.setLevel(saved[1])
 
     def __call__(self, event: str, message: str = "", **fields) -> None:
         if self.mode == "json":
@@ -376,6 +405,12 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
     from .classifier import VisionProxyClassifier
 
     VisionProxyClassifier(res.proxy, names)._check_model(clip.model)
+    fitted_weights = meta.get("weights_id")
+    if fitted_weights and fitted_weights != clip.weights_id:
+        log("warning", f"warning: the proxy was fitted on other weights ({fitted_weights}) than "
+            f"the model predicting now ({clip.weights_id}): its classes will not match these "
+            "image features; pass the --pretrained it was fitted with",
+            fitted=fitted_weights, using=clip.weights_id)
     feats = extract(clip, image_set, log, cache_dir=cache_dir, use_cache=use_cache,
                     batch_size=batch_size, workers=workers)
     vals, idx = res.topk(feats.features.to(clip.device), min(topk, len(names)))

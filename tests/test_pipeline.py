@@ -157,7 +157,7 @@ def test_cli_exit_codes(ws, tmp_path, capsys):
     assert main(["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["labeled"],
                  "--classes", ws["classes"], "--out", str(tmp_path / "o"), "--tau-t", "0",
                  "--workers", "0", "--cache-dir", ws["cache"], "-q"]) == 3
-    assert "tau_t must be a finite number > 0" in capsys.readouterr().err
+    assert "--tau-t must be a finite number > 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["fit", "--images", ws["labeled"]])
     assert e.value.code == 2
@@ -384,7 +384,7 @@ def test_help_texts(capsys):
 
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "130 interrupted" in capsys.readouterr().out
+    assert "130 interrupted" in " ".join(capsys.readouterr().out.split())
     for cmd in ("fit", "predict", "eval", "extract", "export", "demo"):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
@@ -419,3 +419,64 @@ def test_fit_report_class_prior_stop_and_file_modes(ws, tmp_path):
     assert report["mode"] == "paper" and report["class_prior"]["chosen"] == "uniform"
     assert report["descent"]["n_iters"] == 15
     assert main(_fit_args(ws, tmp_path, "--mode", "paper", "--class-prior", "estimate")) == 3
+
+
+def test_shard_size_does_not_decide_the_cache_key(ws, tmp_path):
+    clip = clip_mod.load_model(MODEL, ws["ckpt"])
+    images = list_images(ws["flat"])
+    kw = dict(cache_dir=str(tmp_path / "cache"), batch_size=2, workers=0, progress=False)
+    feats, _, cache = clip_mod.image_features(clip, images, shard_size=3, **kw)
+    calls = []
+    real = clip.model.encode_image
+    clip.model.encode_image = lambda x, **k: (calls.append(len(x)), real(x, **k))[1]
+    again, _, cache2 = clip_mod.image_features(clip, images, shard_size=4096, **kw)
+    assert cache2.dir == cache.dir and cache2.shard_size == 3 and sum(calls) == 0
+    assert torch.equal(again, feats)
+
+
+def test_log_json_lines_carry_third_party_warnings(ws, tmp_path, capsys, monkeypatch):
+    import logging
+    import warnings
+
+    real = clip_mod.load_model
+
+    def noisy(*a, **k):
+        logging.getLogger().warning("a library's plain warning line")   # as open_clip does
+        warnings.warn("a python warning", UserWarning)
+        return real(*a, **k)
+
+    monkeypatch.setattr(clip_mod, "load_model", noisy)
+    args = _fit_args(ws, tmp_path, "--iters", "5")
+    args.remove("-q")
+    assert main(args + ["--log", "json"]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    events = [json.loads(ln) for ln in lines]                 # every line is JSON
+    msgs = [e.get("text", "") for e in events if e["event"] == "warning"]
+    assert "a library's plain warning line" in msgs
+    assert "UserWarning: a python warning" in msgs
+    assert main(args + ["-q"]) == 0
+    assert capsys.readouterr().err == ""                       # quiet means quiet
+
+
+def test_imagefolder_matching_no_class_is_an_error(ws, tmp_path, capsys):
+    other = tmp_path / "classes_other.txt"
+    other.write_text("cat\ndog\n")
+    args = ["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["labeled"],
+            "--classes", str(other), "--out", str(tmp_path / "o"), "--workers", "0",
+            "--cache-dir", ws["cache"], "--iters", "5", "-q"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "no folder matches a class name" in err and "'red'" in err and "'cat'" in err
+    assert main(args + ["--labels", "none"]) == 0
+
+
+def test_predict_warns_on_other_weights(ws, tmp_path, capsys):
+    assert main(_fit_args(ws, tmp_path, "--iters", "5")) == 0
+    torch.manual_seed(1)
+    other = tmp_path / "other_random.pt"
+    torch.save(open_clip.create_model(MODEL, pretrained=None).state_dict(), other)
+    capsys.readouterr()
+    assert main(["predict", "--proxy", str(tmp_path / "o" / "proxy.safetensors"), "--pretrained",
+                 str(other), "--images", ws["labeled"], "--out", str(tmp_path / "p.csv"),
+                 "--workers", "0", "--cache-dir", ws["cache"]]) == 0
+    assert "fitted on other weights" in capsys.readouterr().err

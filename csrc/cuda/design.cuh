@@ -62,7 +62,7 @@ void for_each_softmax_chunk(const at::Tensor& x, const at::Tensor& w, const at::
       fused::for_each_chunk<T>(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor& xc,
                                                 const fused::Operands<T>& op) {
         Outputs o = outputs(rows);
-        const at::Tensor& lse = o.lse;
+        at::Tensor lse = o.lse;  // a handle on the same buffer (row_stats fills it)
         int64_t* ap = kThreshold ? static_cast<int64_t*>(o.arg.data_ptr()) : nullptr;
         uint8_t* cp = kThreshold ? static_cast<uint8_t*>(o.conf.data_ptr()) : nullptr;
         fused::row_stats<T>(op, static_cast<float>(inv_tau), bp, static_cast<float>(alpha), lse,
