@@ -30,7 +30,7 @@ SYNTHETIC = [
     ("C=100 balanced", 5000, 128, 100, dict(gap=2.0, text_noise=0.4)),
     ("C=100, 10 present", 1000, 128, 100, dict(gap=2.0, text_noise=0.4, present=10)),
     ("C=100 imbalanced", 5000, 128, 100, dict(gap=2.0, text_noise=0.4, imbalance=3.0)),
-    ("N=20k, C=1000", 20000, 128, 1000, dict(gap=2.0, text_noise=0.4)),
+    ("N=10k, C=1000", 10000, 128, 1000, dict(gap=2.0, text_noise=0.4)),
 ]
 
 

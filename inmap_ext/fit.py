@@ -52,7 +52,7 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         iters: the most gradient steps on the vision proxy (all of them in mode="paper").
         lr: initial learning rate eta; halved whenever ||G|| grows.
         stop: when the descent stops (solver.py): "auto" (default): once, over 10 steps, the
-            objective fell by at most 1e-3 (relative) and at most 0.05% of the images changed
+            objective fell by at most 2e-3 (relative) and at most 0.05% of the images changed
             their predicted class (150-300 steps on real CLIP features, with the accuracy of
             2000 steps); "none": every one of ``iters`` steps. None: "auto", or "none" in
             ``mode="paper"``.

@@ -30,7 +30,7 @@ Tensor = torch.Tensor
 
 STOP_RULES = ("auto", "none")
 CHECK_EVERY = 10          # steps between two checks of the stopping rule
-OBJECTIVE_RTOL = 1e-3     # relative decrease of the objective over CHECK_EVERY steps
+OBJECTIVE_RTOL = 2e-3     # relative decrease of the objective over CHECK_EVERY steps
 PREDICTION_TOL = 5e-4     # share of images whose prediction changed over CHECK_EVERY steps
 
 
