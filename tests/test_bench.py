@@ -22,6 +22,9 @@ def test_bench_run_writes_json_and_markdown(tmp_path):
     for name, r in rows.items():
         assert r["step_ms"] > 0 and r["N"] == 600 and r["C"] == 30, name
         if name != "published-dense":
-            assert r["rel_err_vs_torch"] <= 1e-5 and r["fit_measured_s"] > 0, name
+            assert r["rel_err_vs_torch"] <= 1e-5, name
+            # a whole fit is measured where the estimate says it takes < 5 s (a loaded
+            # machine can push the estimate past that: then it is left out, by design)
+            assert (r["fit_measured_s"] > 0) if r["fit_s"] < 5 else r["fit_measured_s"] is None
     md = (tmp_path / "smoke.md").read_text()
     assert "| 600 | 24 | 30 | fp32 |" in md and "Fastest gradient step" in md
