@@ -132,45 +132,41 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
     if requested == "none" or sinkhorn_iters == 0:
         why = "sinkhorn_iters=0" if sinkhorn_iters == 0 else "class_prior='none'"
         return None, record("none", f"no balancing ({why})")
-    iters = sinkhorn_iters
+
+    def balance(log_q):
+        return runner.sinkhorn_log_bias(x, t, tau_t, sinkhorn_iters, log_q, n, log_zs)
+
     if requested == "given":
         log_q = torch.log(class_prior).to(device=t.device, dtype=dt)
-        beta = runner.sinkhorn_log_bias(x, t, tau_t, iters, log_q, n, log_zs)
-        return beta, record("given", "class proportions given by the caller", log_q)
-    if class_prior == "uniform":
-        beta = runner.sinkhorn_log_bias(x, t, tau_t, iters, uniform_log_target(log_zs, gamma),
-                                        n, log_zs)
-        return beta, record("uniform", "the published target (class_prior='uniform')",
-                            uniform_log_target(log_zs, gamma))
-    if class_prior == "estimate":
-        log_pi = estimate_log_proportions(runner, x, t, tau_t, n)
-        beta = runner.sinkhorn_log_bias(x, t, tau_t, iters, log_pi, n, log_zs)
-        return beta, record("estimate", "class proportions estimated by EM "
-                            "(class_prior='estimate')", log_pi, _proportions(log_pi))
-    # auto
-    if C == 1:
-        return None, record("none", "a single class: nothing to balance")
-    if stats["coverage"] <= FEW_CLASSES:
-        log_pi = estimate_log_proportions(runner, x, t, tau_t, n)
-        beta = runner.sinkhorn_log_bias(x, t, tau_t, iters, log_pi, n, log_zs)
+        return balance(log_q), record("given", "class proportions given by the caller", log_q)
+    if requested == "uniform":
+        log_q = uniform_log_target(log_zs, gamma)
+        return balance(log_q), record("uniform", "the published target (class_prior='uniform')",
+                                      log_q)
+    reason = "class proportions estimated by EM (class_prior='estimate')"
+    if requested == "auto":
+        if C == 1:
+            return None, record("none", "a single class: nothing to balance")
+        if stats["coverage"] > FEW_CLASSES:
+            log_u = uniform_log_target(log_zs, gamma)
+            beta_u = balance(log_u)
+            spread = balancing_spread(beta_u, tau_t)
+            stats["uniform_spread"] = round(spread, 5)
+            if spread <= BALANCED_SPREAD and stats["coverage"] >= FULL_COVERAGE:
+                return beta_u, record("uniform", (
+                    f"the set appears to hold every class (coverage {stats['coverage']:.0%} >= "
+                    f"{FULL_COVERAGE:.0%}, uniform balancing spread {spread:.4f} <= "
+                    f"{BALANCED_SPREAD}): balanced to the published uniform prior"), log_u)
+            return None, record("none", (
+                f"the set appears to hold many but not all classes, or holds them unevenly "
+                f"(coverage {stats['coverage']:.0%}, uniform balancing spread {spread:.4f}; "
+                f"uniform needs coverage >= {FULL_COVERAGE:.0%} and spread <= "
+                f"{BALANCED_SPREAD}): no balancing, since no class prior can be trusted here"))
         reason = (f"the zero-shot predictions cover about {stats['coverage']:.0%} of the listed "
                   f"classes (<= {FEW_CLASSES:.0%}): few classes appear present, so the pseudo "
                   "labels are balanced to the class proportions estimated from the set")
-        return beta, record("estimate", reason, log_pi, _proportions(log_pi))
-    log_u = uniform_log_target(log_zs, gamma)
-    beta_u = runner.sinkhorn_log_bias(x, t, tau_t, iters, log_u, n, log_zs)
-    spread = balancing_spread(beta_u, tau_t)
-    stats["uniform_spread"] = round(spread, 5)
-    if spread <= BALANCED_SPREAD and stats["coverage"] >= FULL_COVERAGE:
-        reason = (f"the set appears to hold every class (coverage {stats['coverage']:.0%} >= "
-                  f"{FULL_COVERAGE:.0%}, uniform balancing spread {spread:.4f} <= "
-                  f"{BALANCED_SPREAD}): balanced to the published uniform prior")
-        return beta_u, record("uniform", reason, log_u)
-    reason = (f"the set appears to hold many but not all classes, or holds them unevenly "
-              f"(coverage {stats['coverage']:.0%}, uniform balancing spread {spread:.4f}; uniform "
-              f"needs coverage >= {FULL_COVERAGE:.0%} and spread <= {BALANCED_SPREAD}): no "
-              "balancing, since no class prior can be trusted here")
-    return None, record("none", reason)
+    log_pi = estimate_log_proportions(runner, x, t, tau_t, n)
+    return balance(log_pi), record("estimate", reason, log_pi, _proportions(log_pi))
 
 
 def uniform_log_target(log_zs: Tensor, gamma: float) -> Tensor:

@@ -37,7 +37,6 @@ HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vis
      "when the descent stops: auto (default: once objective and predictions settle) | none "
      "(every --iters step; the paper mode's)"),
 ]
-MODES = ("default", "paper")
 
 
 def _usable_cores() -> int:
@@ -203,7 +202,7 @@ def _check_options(args) -> None:
     """Every option error before any model is loaded or image read (hours on a big set)."""
     from . import validation
     from ._ops import BACKENDS
-    from .fit import PRECISIONS
+    from .fit import PRECISIONS, check_hyper
 
     if getattr(args, "batch_size", None) is not None:
         validation.count(args.batch_size, "--batch-size", 1)
@@ -223,17 +222,9 @@ def _check_options(args) -> None:
                              f"{torch.version.cuda or 'no'}); use --device cpu")
     if not hasattr(args, "tau_t"):
         return
-    validation.positive(args.tau_t, "--tau-t")
-    validation.positive(args.tau_i, "--tau-i")
-    validation.in_unit_interval(args.alpha, "--alpha")
-    validation.count(args.sinkhorn_iters, "--sinkhorn-iters")
-    validation.non_negative(args.gamma, "--gamma")
-    validation.count(args.iters, "--iters")
-    validation.positive(args.lr, "--lr")
-    if args.tol is not None:
-        validation.positive(args.tol, "--tol")
-    if args.chunk_size is not None:
-        validation.count(args.chunk_size, "--chunk-size", 1)
+    flags = {dest: flag for flag, dest, *_ in HYPER}
+    check_hyper(args.tau_t, args.tau_i, args.alpha, args.sinkhorn_iters, args.gamma, args.iters,
+                args.lr, args.tol, args.chunk_size, name=flags.get)
     if args.backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
     if args.precision not in PRECISIONS:
@@ -245,18 +236,18 @@ def _check_options(args) -> None:
 def _check_hyper(args) -> None:
     """The class prior / mode / stop options."""
     from .class_prior import CLASS_PRIORS
+    from .fit import MODES
+    from .solver import STOP_RULES
 
     if args.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
     cp = args.class_prior
     if cp is not None and cp not in CLASS_PRIORS:
-        import os
-
         if not os.path.isfile(cp):
             raise ValueError(f"--class-prior must be one of {', '.join(CLASS_PRIORS)} or a file "
                              f"of class weights; {cp!r} is neither")
-    if args.stop not in (None, "auto", "none"):
-        raise ValueError(f"--stop must be auto or none, got {args.stop!r}")
+    if args.stop is not None and args.stop not in STOP_RULES:
+        raise ValueError(f"--stop must be {' or '.join(STOP_RULES)}, got {args.stop!r}")
     if args.mode == "paper" and (args.stop == "auto" or args.tol is not None):
         raise ValueError("--mode paper runs every --iters step; drop --stop auto / --tol")
     if args.mode == "paper" and cp not in (None, "uniform"):

@@ -121,17 +121,8 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         >>> bool(acc > zero_shot)
         True
     """
-    tau_t = validation.positive(tau_t, "tau_t")
-    tau_i = validation.positive(tau_i, "tau_i")
-    alpha = validation.in_unit_interval(alpha, "alpha")
-    sinkhorn_iters = validation.count(sinkhorn_iters, "sinkhorn_iters")
-    gamma = validation.non_negative(gamma, "gamma")
-    iters = validation.count(iters, "iters")
-    lr = validation.positive(lr, "lr")
-    if tol is not None:
-        tol = validation.positive(tol, "tol")
-    if chunk_size is not None:
-        chunk_size = validation.count(chunk_size, "chunk_size", 1)
+    tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, chunk_size = check_hyper(
+        tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, chunk_size)
     class_prior, stop = _check_mode(mode, class_prior, tol, stop)
     streaming = stream or (device is not None and isinstance(image_features, torch.Tensor)
                            and torch.device(device) != image_features.device)
@@ -156,6 +147,21 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
 
 
 MODES = ("default", "paper")
+
+
+def check_hyper(tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, chunk_size,
+                name=lambda arg: arg):
+    """The numeric hyper-parameters of ``fit_vision_proxy``, checked and converted; errors name
+    each by ``name(argument)`` (the CLI passes its flags, so it can check before any work)."""
+    return (validation.positive(tau_t, name("tau_t")),
+            validation.positive(tau_i, name("tau_i")),
+            validation.in_unit_interval(alpha, name("alpha")),
+            validation.count(sinkhorn_iters, name("sinkhorn_iters")),
+            validation.non_negative(gamma, name("gamma")),
+            validation.count(iters, name("iters")),
+            validation.positive(lr, name("lr")),
+            None if tol is None else validation.positive(tol, name("tol")),
+            None if chunk_size is None else validation.count(chunk_size, name("chunk_size"), 1))
 
 
 def _check_mode(mode, class_prior, tol, stop):

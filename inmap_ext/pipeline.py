@@ -52,7 +52,7 @@ class Log:
                     level=record.levelname, text=msg)
 
         root = logging.getLogger()
-        saved = root.handlers[:], root.level
+        handlers, level = root.handlers[:], root.level
         root.handlers = [Handler(logging.WARNING)]
         root.setLevel(logging.WARNING)
         logging.captureWarnings(True)
@@ -60,8 +60,8 @@ class Log:
             yield
         finally:
             logging.captureWarnings(False)
-            root.handlers, _ = saved
-            root.setLevel(saved[1])
+            root.handlers = handlers
+            root.setLevel(level)
 
     def __call__(self, event: str, message: str = "", **fields) -> None:
         if self.mode == "json":
@@ -328,7 +328,7 @@ def _class_prior_option(hyper: dict, names: Sequence[str], log: Log) -> dict:
     from .class_prior import CLASS_PRIORS, check_class_prior
 
     cp = hyper.get("class_prior")
-    if cp is None or (isinstance(cp, str) and cp in CLASS_PRIORS) or not isinstance(cp, str):
+    if not isinstance(cp, str) or cp in CLASS_PRIORS:     # None, a name or a tensor already
         return hyper
     w = check_class_prior(read_class_weights(cp, names), len(names))
     missing = int((w == 0).sum())
