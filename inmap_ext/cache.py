@@ -6,20 +6,32 @@ stale features are never reused.
 Layout: <cache_dir>/<key>/manifest.json and shard_<i>.safetensors, each shard holding
 ``features`` (rows x D float32), ``index`` (the rows' positions in the image list) and ``ok``
 (1 where the image could be read). Shards are written to a temporary name and renamed, so a
-shard file that exists is complete.
+shard file that exists is complete. A shard is the unit of resumption: by default about 1/32 of
+the images (32 to 4096 images), so an interrupted run keeps nearly all its work on small sets
+too. The manifest also records what the entry is (model, weights, image count and folder,
+creation date) for ``inmap cache``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .fileio import save_safetensors
 
-DEFAULT_SHARD_SIZE = 4096
+MAX_SHARD_SIZE = 4096
+MIN_SHARD_SIZE = 32
+
+
+def default_shard_size(n: int) -> int:
+    """Images per shard when none is given: about n / 32, within [32, 4096]."""
+    return max(MIN_SHARD_SIZE, min(MAX_SHARD_SIZE, -(-n // 32)))
 
 
 def default_cache_dir() -> str:
@@ -56,7 +68,9 @@ def images_fingerprint(paths: Sequence[str]) -> str:
 
 class FeatureCache:
     def __init__(self, cache_dir: str, identity: Dict[str, str], paths: Sequence[str],
-                 shard_size: int = DEFAULT_SHARD_SIZE):
+                 shard_size: Optional[int] = None):
+        if shard_size is None:
+            shard_size = default_shard_size(len(paths))
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.identity_base = dict(identity)
@@ -65,7 +79,7 @@ class FeatureCache:
         # another shard size (`inmap extract --shard-size`) is found and kept as it is.
         self.identity = dict(identity, images=images_fingerprint(paths), n=str(len(paths)))
         self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:24]
-        self.dir = os.path.join(cache_dir, self.key)
+        self.dir = os.path.join(os.path.abspath(cache_dir), self.key)
         self.n = len(paths)
         self.shard_size = shard_size
         os.makedirs(self.dir, exist_ok=True)
@@ -75,8 +89,10 @@ class FeatureCache:
                 self.shard_size = int(json.load(f).get("shard_size", shard_size))
         else:
             tmp = manifest + f".tmp{os.getpid()}"
+            root = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else ""
             with open(tmp, "w") as f:
-                json.dump(dict(self.identity, shard_size=str(shard_size)), f, indent=1,
+                json.dump(dict(self.identity, shard_size=str(shard_size), root=root,
+                               created=time.strftime("%Y-%m-%d %H:%M:%S")), f, indent=1,
                           sort_keys=True)
             os.replace(tmp, manifest)
 
@@ -92,6 +108,11 @@ class FeatureCache:
 
     def missing_shards(self) -> List[int]:
         return [i for i in range(self.n_shards) if not os.path.exists(self.shard_path(i))]
+
+    def cached_rows(self) -> int:
+        """How many images already have their features here."""
+        missing = self.missing_shards()
+        return self.n - sum(len(self.shard_rows(i)) for i in missing)
 
     def write_shard(self, i: int, features: torch.Tensor, ok: torch.Tensor) -> None:
         rows = self.shard_rows(i)
@@ -144,17 +165,68 @@ class FeatureCache:
         return torch.cat(feats)[lo:lo + len(rows)], torch.cat(oks)[lo:lo + len(rows)]
 
 
-def clear_cache(cache_dir: Optional[str] = None) -> int:
-    """Delete every cached feature set under ``cache_dir``; returns how many were removed."""
-    import shutil
+@dataclass
+class CacheEntry:
+    """One cached feature set, as ``inmap cache`` lists it."""
+    key: str
+    path: str
+    model: str
+    weights: str
+    n_images: int
+    n_cached: int
+    root: str
+    created: str
+    size_bytes: int
 
+    @property
+    def complete(self) -> bool:
+        return self.n_cached == self.n_images
+
+
+def list_entries(cache_dir: Optional[str] = None) -> List[CacheEntry]:
+    """Every feature set under ``cache_dir`` (a folder with a manifest), newest first."""
     cache_dir = cache_dir or default_cache_dir()
     if not os.path.isdir(cache_dir):
-        return 0
-    n = 0
-    for name in os.listdir(cache_dir):
-        p = os.path.join(cache_dir, name)
-        if os.path.isdir(p) and os.path.exists(os.path.join(p, "manifest.json")):
-            shutil.rmtree(p)
-            n += 1
-    return n
+        return []
+    out = []
+    for name in sorted(os.listdir(cache_dir)):
+        d = os.path.join(cache_dir, name)
+        manifest = os.path.join(d, "manifest.json")
+        if not os.path.isfile(manifest):
+            continue
+        try:
+            with open(manifest) as f:
+                m = json.load(f)
+            n, shard = int(m.get("n", 0)), max(1, int(m.get("shard_size", MAX_SHARD_SIZE)))
+        except (OSError, ValueError, TypeError):
+            m, n, shard = {}, 0, 1
+        files = [os.path.join(d, f) for f in os.listdir(d)]
+        done = [f for f in files if f.endswith(".safetensors")]
+        n_cached = 0
+        for f in done:
+            try:
+                i = int(os.path.basename(f)[len("shard_"):-len(".safetensors")])
+            except ValueError:
+                continue
+            n_cached += max(0, min(n, (i + 1) * shard) - i * shard)
+        created = m.get("created") or time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(manifest)))
+        out.append(CacheEntry(name, d, m.get("model", "?"), m.get("weights", "?"), n, n_cached,
+                              m.get("root", ""), created,
+                              sum(os.path.getsize(f) for f in files if os.path.isfile(f))))
+    return sorted(out, key=lambda e: e.created, reverse=True)
+
+
+def clear_cache(cache_dir: Optional[str] = None, key: Optional[str] = None) -> List[CacheEntry]:
+    """Delete every cached feature set under ``cache_dir``, or the one whose key starts with
+    ``key``; returns what was removed. An unknown or ambiguous key is an error."""
+    entries = list_entries(cache_dir)
+    if key is not None:
+        entries = [e for e in entries if e.key.startswith(key)]
+        if len(entries) != 1:
+            raise ValueError(f"--clear {key!r} matches {len(entries)} cache entries "
+                             f"({', '.join(e.key for e in entries) or 'none'}); `inmap cache` "
+                             "lists the keys")
+    for e in entries:
+        shutil.rmtree(e.path)
+    return entries

@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+ALL = "\0all"   # `inmap cache --clear` without a key
+
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vision_proxy
@@ -63,7 +65,7 @@ def _model(p, required=True):
     p.add_argument("--model", required=required, help="open_clip architecture, e.g. ViT-B-32")
     p.add_argument("--pretrained", default=None,
                    help="open_clip pretrained tag (downloaded when online), a local checkpoint "
-                        "file, or 'none' for random weights")
+                        "file, or 'none' for random weights (seed 0: the same model every run)")
     p.add_argument("--precision", dest="model_precision", choices=["fp32", "amp", "amp_bf16"],
                    default="fp32", help="image/text encoder precision; amp = fp16 autocast on "
                    "CUDA (the fit's own precision: --compute-precision)")
@@ -137,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode the images into the feature cache, for later fits.")
     _model(p)
     _images(p)
-    p.add_argument("--shard-size", type=int, default=4096, help="images per cache shard")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per cache shard, the unit an interrupted run resumes from "
+                   "(default: about 1/32 of the images, 32 to 4096)")
     _common(p)
 
     p = sub.add_parser("eval", help="zero-shot vs InMaP accuracy on a labeled image folder",
@@ -175,9 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device(s) to check (default: cpu and cuda when present)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the table as JSON")
 
-    p = sub.add_parser("cache", help="show or clear the feature cache")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--clear", action="store_true", help="delete every cached feature set")
+    p = sub.add_parser("cache", help="list or clear the feature cache",
+                       description="List the cached feature sets (key, model, weights, images, "
+                       "size, date) and their total, or delete them.")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache (default $INMAP_CACHE or ~/.cache/inmap_ext/features)")
+    p.add_argument("--clear", nargs="?", const=ALL, default=None, metavar="KEY",
+                   help="delete every cached feature set, or the one whose key starts with KEY")
     p.add_argument("--device", default="cpu", help="accepted by every subcommand; unused here")
     return ap
 
@@ -311,14 +319,43 @@ def _run(args) -> int:
                 json.dump(rows, f, indent=1)
         return EXIT_OK if all(r["ok"] or r["note"] for r in rows) else EXIT_CHECK_FAILED
     elif cmd == "cache":
-        from .cache import clear_cache, default_cache_dir
-
-        d = args.cache_dir or default_cache_dir()
-        if args.clear:
-            print(f"removed {clear_cache(d)} cached feature set(s) from {d}")
-        else:
-            print(d)
+        _cache_command(args.cache_dir, args.clear)
     return EXIT_OK
+
+
+def _cache_command(cache_dir, clear) -> None:
+    """`inmap cache`: a table of the entries and the total (stdout), or --clear [KEY]."""
+    from .cache import clear_cache, default_cache_dir, list_entries
+
+    d = cache_dir or default_cache_dir()
+    if clear is not None:
+        gone = clear_cache(d, None if clear == ALL else clear)
+        size = sum(e.size_bytes for e in gone)
+        print(f"removed {len(gone)} cached feature set(s) ({_size(size)}) from {d}"
+              + "".join(f"\n  {e.key}  {e.model}  {e.n_images} images  {e.root}" for e in gone))
+        return
+    entries = list_entries(d)
+    print(f"feature cache {d}: {len(entries)} feature set(s), "
+          f"{_size(sum(e.size_bytes for e in entries))}")
+    if entries:
+        print(f"{'key':24}  {'model':16} {'weights':40} {'images':>15} {'size':>9}  "
+              f"{'created':19}  images under")
+    for e in entries:
+        n = f"{e.n_images}" if e.complete else f"{e.n_cached}/{e.n_images} (partial)"
+        print(f"{e.key:24}  {e.model:16} {_short(e.weights, 40):40} {n:>15} "
+              f"{_size(e.size_bytes):>9}  {e.created:19}  {e.root}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _short(s: str, width: int) -> str:
+    return s if len(s) <= width else s[:width - 3] + "..."
 
 
 def main(argv=None) -> int:

@@ -145,10 +145,15 @@ def _looks_like_openai_checkpoint(path: str) -> bool:
         return False
 
 
+RANDOM_SEED = 0
+
+
 def load_model(name: str, pretrained: Optional[str], device="cpu",
-               precision: str = "fp32") -> ClipModel:
+               precision: str = "fp32", seed: int = RANDOM_SEED) -> ClipModel:
     """An open_clip model by architecture name with a pretrained tag (downloaded by open_clip
-    when online), a local checkpoint file, or None / "none" (random weights)."""
+    when online), a local checkpoint file, or None / "none": random weights drawn from
+    ``seed`` (the caller's random state is left as it was), so that the same call gives the
+    same model and the feature cache, keyed by the seed, never mixes two random models."""
     oc = _open_clip()
     if precision not in ("fp32", "amp", "amp_bf16"):
         raise ValueError(f"--precision must be fp32, amp or amp_bf16, got {precision!r}")
@@ -165,11 +170,18 @@ def load_model(name: str, pretrained: Optional[str], device="cpu",
                 f"{pretrained} looks like an OpenAI checkpoint but {name} is not a QuickGELU "
                 f"config: open_clip would silently lose accuracy; use {name}-quickgelu",
                 UserWarning, stacklevel=2)
-    else:
-        weights_id = f"tag:{pretrained}" if pretrained else "random-init"
+    elif pretrained:
+        weights_id = f"tag:{pretrained}"
+    else:   # the initialisation depends on open_clip's code as well as the seed
+        weights_id = f"random-init:seed={seed}:open_clip={oc.__version__}"
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
     try:
-        model, _, preprocess = oc.create_model_and_transforms(name, pretrained=pretrained,
-                                                              device=device)
+        with torch.random.fork_rng(devices=cuda):
+            if pretrained is None:
+                torch.manual_seed(seed)
+            model, _, preprocess = oc.create_model_and_transforms(name, pretrained=pretrained,
+                                                                  device=device)
     except Exception as e:  # noqa: BLE001 - a file open_clip cannot read: say so, not KeyError
         if pretrained is not None and os.path.isfile(pretrained):
             raise ValueError(f"--pretrained {pretrained} is not a checkpoint open_clip can load "
@@ -206,46 +218,67 @@ def text_proxies(clip: ClipModel, classnames: Sequence[str],
 @torch.no_grad()
 def image_features(clip: ClipModel, images: ImageSet, *, cache_dir: Optional[str] = None,
                    use_cache: bool = True, batch_size: int = 64, workers: int = 4,
-                   shard_size: int = 4096, progress: bool = True,
-                   shard_filter: Optional[Callable[[int], bool]] = None
+                   shard_size: Optional[int] = None, progress: bool = True,
+                   shard_filter: Optional[Callable[[int], bool]] = None,
+                   log: Optional[Callable[..., None]] = None
                    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], FeatureCache]:
     """Features (N x D float32, unit rows) of every image, and an ``ok`` mask (False for files
-    that could not be read; their rows are zero). Finished shards of the cache are reused; a
-    killed run resumes. ``shard_filter`` restricts which shards this process computes (ranks of
-    a sharded extraction); it then returns (None, None, cache) when other shards are missing."""
+    that could not be read; their rows are zero). Finished shards of the cache are reused (a
+    killed run resumes; ``log(event, message, **fields)`` is told how many images were found);
+    each shard is written as soon as its images are encoded. ``shard_filter`` restricts which
+    shards this process computes (ranks of a sharded extraction); it then returns
+    (None, None, cache) when other shards are missing."""
     identity = {"model": clip.name, "weights": clip.weights_id,
                 "preprocess": repr(clip.preprocess), "precision": clip.precision}
     cache = FeatureCache(cache_dir or default_cache_dir(), identity, images.paths, shard_size)
     todo = cache.missing_shards() if use_cache else list(range(cache.n_shards))
+    if log is not None and use_cache and len(todo) < cache.n_shards:
+        cached = cache.cached_rows()
+        if todo:
+            log("resume", f"resuming: {cached}/{cache.n} images cached in {cache.dir}",
+                cached=cached, n=cache.n, cache=cache.dir)
+        else:
+            log("cached", f"features: all {cache.n} images cached in {cache.dir}",
+                cached=cached, n=cache.n, cache=cache.dir)
     if shard_filter is not None:
         todo = [i for i in todo if shard_filter(i)]
     if todo:
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(len(cache.shard_rows(i)) for i in todo), desc="image features",
-                       unit="img")
-        for i in todo:
-            rows = cache.shard_rows(i)
-            ds = ImageDataset(images.paths, clip.preprocess, list(rows))
-            loader = torch.utils.data.DataLoader(
-                ds, batch_size=batch_size, num_workers=workers, shuffle=False,
-                pin_memory=clip.device.type == "cuda")
-            feats, oks = [], []
-            for x, _, ok in loader:
-                with clip.autocast():
-                    f = clip.model.encode_image(x.to(clip.device, non_blocking=True),
-                                                normalize=True)
-                f = f.float() * ok.to(f.device)[:, None]
-                feats.append(f.cpu())
-                oks.append(ok)
-                if bar is not None:
-                    bar.update(len(x))
-            cache.write_shard(i, torch.cat(feats), torch.cat(oks))
-        if bar is not None:
-            bar.close()
+        _encode_shards(clip, images, cache, todo, batch_size, workers, progress)
     if cache.missing_shards():
         return None, None, cache
     feats, ok = cache.load()
     return feats, ok, cache
+
+
+def _encode_shards(clip: ClipModel, images: ImageSet, cache: FeatureCache, todo: List[int],
+                   batch_size: int, workers: int, progress: bool) -> None:
+    """Encode the images of shards ``todo`` through one DataLoader (workers start once), writing
+    each shard as soon as its last image is encoded."""
+    rows = [r for i in todo for r in cache.shard_rows(i)]
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(images.paths, clip.preprocess, rows), batch_size=batch_size,
+        num_workers=workers, shuffle=False, pin_memory=clip.device.type == "cuda")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows), desc="image features", unit="img")
+    pending = list(todo)
+    feats, oks, have = [], [], 0      # encoded rows of pending[0] (and beyond) not yet written
+    try:
+        for x, _, ok in loader:
+            with clip.autocast():
+                f = clip.model.encode_image(x.to(clip.device, non_blocking=True), normalize=True)
+            feats.append((f.float() * ok.to(f.device)[:, None]).cpu())
+            oks.append(ok)
+            have += len(x)
+            while pending and have >= len(cache.shard_rows(pending[0])):
+                need = len(cache.shard_rows(pending[0]))
+                f_all, ok_all = torch.cat(feats), torch.cat(oks)
+                cache.write_shard(pending.pop(0), f_all[:need], ok_all[:need])
+                feats, oks, have = [f_all[need:]], [ok_all[need:]], have - need
+            if bar is not None:
+                bar.update(len(x))
+    finally:
+        if bar is not None:
+            bar.close()

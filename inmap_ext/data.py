@@ -19,6 +19,7 @@ class ImageSet:
     paths: List[str]
     labels: Optional[List[int]] = None
     folder_to_class: Dict[str, int] = field(default_factory=dict)
+    missing: List[str] = field(default_factory=list)   # listed in a file list, not on disk
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -94,6 +95,10 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
     if not paths:
         raise ValueError(f"--images: no images found under {images!r} "
                          f"(extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    missing = [p for p in paths if not os.path.isfile(p)] if not os.path.isdir(images) else []
+    if len(missing) == len(paths):
+        raise FileNotFoundError(f"--images {images!r}: none of the {len(paths)} listed paths "
+                                f"exists (first: {paths[0]!r})")
     rel = [os.path.relpath(p, root) for p in paths]
     top = [r.split(os.sep)[0] if os.sep in r else None for r in rel]
     if labels == "auto":
@@ -110,7 +115,7 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
                 "images, or a JSON object folder -> class name as --classes")
         labels = "folder" if (classnames and nested_everywhere and hits) else "none"
     if labels == "none":
-        return ImageSet(root, paths)
+        return ImageSet(root, paths, missing=missing)
     if classnames is None:
         raise ValueError("folder labels need the class names")
     if any(t is None for t in top):
@@ -118,7 +123,7 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
         raise ValueError(f"folder labels: images must lie in class folders, found loose files "
                          f"at the top level: {loose}")
     mapping = match_folders(sorted(set(top)), classnames, folder_map)
-    return ImageSet(root, paths, [mapping[t] for t in top], mapping)
+    return ImageSet(root, paths, [mapping[t] for t in top], mapping, missing)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -25,7 +25,8 @@ from .synthetic import make_image_folder, make_problem
 CLIP_LIKE = dict(gap=2.0, text_noise=0.4)
 
 
-def synthetic_comparison(n=10000, d=256, c=50, iters=2000, devices=None, seed=0):
+def synthetic_comparison(n=10000, d=256, c=50, iters=2000, devices=None, seed=0,
+                         progress=True):
     devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     print(f"[1/2] synthetic CLIP-like problem (NOT real CLIP features): N={n} images, D={d}, "
           f"C={c} listed classes, modality gap between text proxies and image clusters")
@@ -43,11 +44,13 @@ def synthetic_comparison(n=10000, d=256, c=50, iters=2000, devices=None, seed=0)
                 if backend == "ext" and not _ops.ext_available(dev):
                     print(f"{name:22} {dev:6} {backend:7} (no compiled kernels for this device)")
                     continue
+                # a live bar per fit (the steps and the objective), removed when it ends
                 t0 = time.perf_counter()
-                r = fit_vision_proxy(x, t, iters=iters, backend=backend)
+                r = fit_vision_proxy(x, t, iters=iters, backend=backend, progress=progress)
                 secs = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                paper = fit_vision_proxy(x, t, iters=iters, backend=backend, mode="paper")
+                paper = fit_vision_proxy(x, t, iters=iters, backend=backend, mode="paper",
+                                         progress=progress)
                 paper_s = time.perf_counter() - t0
                 zs = (r.zero_shot_predict(x) == y).float().mean().item()
                 acc = (r.predict(x) == y).float().mean().item()

@@ -12,7 +12,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -98,24 +98,43 @@ def classification_metrics(indices: torch.Tensor, labels: torch.Tensor, num_clas
     return out
 
 
-def write_predictions(path: str, paths: Sequence[str], values: torch.Tensor,
-                      indices: torch.Tensor, classnames: Sequence[str],
+def write_predictions(path: str, paths: Sequence[str], classnames: Sequence[str],
+                      inmap: Tuple[torch.Tensor, torch.Tensor],
+                      zero_shot: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                       labels: Optional[Sequence[int]] = None) -> None:
-    """CSV: path, [label,] pred_1, score_1, ... pred_k, score_k (classes by name, cosines)."""
-    k = indices.shape[1]
+    """CSV, one row per readable image: path, [label,] inmap_class_1, inmap_cosine_1, ...
+    inmap_class_k, inmap_cosine_k (the InMaP vision proxy's top k, classes by name, cosines),
+    then zero_shot_class_1, zero_shot_cosine_1 ... for the zero-shot (text proxy) classifier's
+    top classes when given, for comparison."""
+    columns = [("inmap", *inmap)] + ([("zero_shot", *zero_shot)] if zero_shot is not None else [])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         head = ["path"] + (["label"] if labels is not None else [])
-        for j in range(1, k + 1):
-            head += [f"pred_{j}", f"score_{j}"]
+        for name, _, idx in columns:
+            for j in range(1, idx.shape[1] + 1):
+                head += [f"{name}_class_{j}", f"{name}_cosine_{j}"]
         w.writerow(head)
-        vals, idx = values.tolist(), indices.tolist()
+        lists = [(v.tolist(), i.tolist()) for _, v, i in columns]
         for r, p in enumerate(paths):
             row = [p] + ([classnames[labels[r]]] if labels is not None else [])
-            for j in range(k):
-                row += [classnames[idx[r][j]], f"{vals[r][j]:.6f}"]
+            for vals, idx in lists:
+                for j in range(len(idx[r])):
+                    row += [classnames[idx[r][j]], f"{vals[r][j]:.6f}"]
             w.writerow(row)
+
+
+def _log_missing(images: ImageSet, log: "Log") -> None:
+    """Paths of a file list that do not exist: named now, skipped at extraction."""
+    if images.missing:
+        log("missing", f"warning: {len(images.missing)} of the {len(images)} listed images do "
+            f"not exist and will be skipped: {_some(images.missing)}",
+            missing=images.missing, n=len(images))
+
+
+def _some(paths: Sequence[str], k: int = 5) -> str:
+    shown = ", ".join(paths[:k])
+    return shown + (f" and {len(paths) - k} more" if len(paths) > k else "")
 
 
 @dataclass
@@ -154,7 +173,8 @@ def extract(clip: "clip_mod.ClipModel", images: ImageSet, log: Log, group=None,
 
         rank, world = rank_and_world(group)
         _, _, cache = clip_mod.image_features(clip, images, progress=log.progress and rank == 0,
-                                              shard_filter=lambda i: i % world == rank, **kw)
+                                              shard_filter=lambda i: i % world == rank,
+                                              log=log if rank == 0 else None, **kw)
         dist.barrier(group)   # every rank's shards are now in `cache`
         kw = dict(kw, use_cache=True)
         if rank_rows_only:
@@ -166,11 +186,14 @@ def extract(clip: "clip_mod.ClipModel", images: ImageSet, log: Log, group=None,
             block, block_ok = cache.load(span)
             feats = block[block_ok]
     if rows is None:
-        feats, ok, cache = clip_mod.image_features(clip, images, progress=log.progress, **kw)
+        feats, ok, cache = clip_mod.image_features(
+            clip, images, progress=log.progress, log=log if group is None else None, **kw)
     skipped = [p for p, o in zip(images.paths, ok.tolist()) if not o]
-    log("features", f"features: {int(ok.sum())} images ({len(skipped)} unreadable, skipped) "
-        f"in {time.perf_counter() - t0:.1f}s; cache {cache.dir}", n=int(ok.sum()),
-        skipped=len(skipped), cache=cache.dir, seconds=time.perf_counter() - t0)
+    what = f"{len(skipped)} unreadable, skipped: {_some(skipped)}" if skipped else "none skipped"
+    log("features", f"features: {int(ok.sum())} images ({what}) in "
+        f"{time.perf_counter() - t0:.1f}s; cache {cache.dir}", n=int(ok.sum()),
+        skipped=len(skipped), skipped_paths=skipped, cache=cache.dir,
+        seconds=time.perf_counter() - t0)
     if not bool(ok.any()):
         raise ValueError(f"none of the {len(images)} images could be read")
     return Features(images, feats if rows is not None else feats[ok], ok, skipped, rows)
@@ -198,6 +221,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     log("images", f"images: {len(image_set)} under {image_set.root} "
         f"({'labeled by folder' if image_set.labels is not None else 'unlabeled'}); "
         f"classes: {len(spec.names)}", n=len(image_set), labeled=image_set.labels is not None)
+    _log_missing(image_set, log)
     clip = clip_mod.load_model(model, pretrained, device, model_precision)
     timings["load_model_s"] = time.perf_counter() - t0
 
@@ -241,9 +265,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     t0 = time.perf_counter()
     k = min(topk, len(spec.names))
     vals, idx = res.topk(x, k)
-    zs_idx = res.zero_shot_predict(x, k=min(5, len(spec.names)))
-    if zs_idx.dim() == 1:
-        zs_idx = zs_idx[:, None]
+    zs_vals, zs_idx = res.zero_shot_topk(x, min(5, len(spec.names)))
     timings["predict_s"] = time.perf_counter() - t0
 
     os.makedirs(out, exist_ok=True)
@@ -254,8 +276,8 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
             "versions": json.dumps(versions())}
     res.save(os.path.join(out, "proxy.safetensors"), metadata=meta)
     lab = feats.labels
-    write_predictions(os.path.join(out, "predictions.csv"), feats.paths, vals, idx, spec.names,
-                      lab.tolist() if lab is not None else None)
+    write_predictions(os.path.join(out, "predictions.csv"), feats.paths, spec.names, (vals, idx),
+                      (zs_vals[:, :1], zs_idx[:, :1]), lab.tolist() if lab is not None else None)
     report = {
         "model": model, "pretrained": str(pretrained), "device": str(clip.device),
         "images": image_set.root, "n_images": len(image_set), "n_used": int(feats.keep.sum()),
@@ -385,8 +407,9 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
                    model_precision: str = "fp32", batch_size: int = 64, workers: int = 4,
                    cache_dir: Optional[str] = None, use_cache: bool = True, topk: int = 5,
                    log: Optional[Log] = None) -> dict:
-    """``inmap predict``: a saved proxy + images -> predictions CSV. The model and weights come
-    from the proxy's metadata unless given."""
+    """``inmap predict``: a saved proxy + images -> predictions CSV (``write_predictions``) and
+    a report beside it (``predict_report_path``: counts, skipped files, timings); returns the
+    report. The model and weights come from the proxy's metadata unless given."""
     log = log or Log()
     res = load_vision_proxy(proxy)
     meta = res.metadata
@@ -401,6 +424,8 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
     names = json.loads(meta["classnames"]) if "classnames" in meta else \
         [str(i) for i in range(res.num_classes)]
     image_set = list_images(images, names, "none")
+    _log_missing(image_set, log)
+    t0 = time.perf_counter()
     clip = clip_mod.load_model(model, pretrained, device, model_precision)
     from .classifier import VisionProxyClassifier
 
@@ -413,11 +438,29 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
             fitted=fitted_weights, using=clip.weights_id)
     feats = extract(clip, image_set, log, cache_dir=cache_dir, use_cache=use_cache,
                     batch_size=batch_size, workers=workers)
-    vals, idx = res.topk(feats.features.to(clip.device), min(topk, len(names)))
-    write_predictions(out, feats.paths, vals, idx, names)
-    log("done", f"wrote {out} ({len(feats.paths)} images)", out=out)
-    return {"n_images": len(image_set), "n_skipped": len(feats.skipped), "skipped": feats.skipped,
-            "out": out}
+    x = feats.features.to(clip.device)
+    inmap, zero_shot = res.topk(x, min(topk, len(names))), res.zero_shot_topk(x, 1)
+    write_predictions(out, feats.paths, names, inmap, zero_shot)
+    report = {"proxy": os.path.abspath(proxy), "model": model, "pretrained": str(pretrained),
+              "device": str(clip.device), "images": image_set.root, "n_images": len(image_set),
+              "n_used": int(feats.keep.sum()), "n_skipped": len(feats.skipped),
+              "skipped": feats.skipped, "num_classes": len(names),
+              "changed_from_zero_shot": float((inmap[1][:, 0] != zero_shot[1][:, 0])
+                                              .double().mean()),
+              "seconds": time.perf_counter() - t0, "predictions": os.path.abspath(out),
+              "versions": versions()}
+    report_path = predict_report_path(out)
+    with open(report_path, "w") as f:
+        json.dump(report, f, indent=2)
+    skipped = f"; {len(feats.skipped)} skipped, listed in it" if feats.skipped else ""
+    log("done", f"wrote {out} ({len(feats.paths)} images) and {report_path}{skipped}", out=out,
+        report=report_path, n_skipped=len(feats.skipped))
+    return report
+
+
+def predict_report_path(out: str) -> str:
+    """Where ``inmap predict --out X.csv`` writes its report: X.report.json."""
+    return os.path.splitext(out)[0] + ".report.json"
 
 
 def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: str,

@@ -77,11 +77,17 @@ class VisionProxyResult:
         idx = self.topk(features, k, **kw)[1]
         return idx[:, 0] if k == 1 else idx
 
-    def zero_shot_predict(self, features: Tensor, k: int = 1, **kw) -> Tensor:
-        """The same with the text proxies: the zero-shot classifier InMaP started from."""
+    def zero_shot_topk(self, features: Tensor, k: int = 5, *, backend: str = "auto",
+                       chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """``topk`` with the text proxies: the zero-shot classifier InMaP started from."""
         from .functional import zero_shot_topk
 
-        idx = zero_shot_topk(features, self.text_proxies.to(features.device), k, **kw)[1]
+        return zero_shot_topk(features, self.text_proxies.to(features.device), k,
+                              backend=backend, chunk_size=chunk_size)
+
+    def zero_shot_predict(self, features: Tensor, k: int = 1, **kw) -> Tensor:
+        """``predict`` with the text proxies (the zero-shot classifier)."""
+        idx = self.zero_shot_topk(features, k, **kw)[1]
         return idx[:, 0] if k == 1 else idx
 
     def to(self, device) -> "VisionProxyResult":

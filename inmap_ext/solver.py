@@ -62,7 +62,8 @@ def descend(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, iters: int, 
     if progress:
         from tqdm.auto import tqdm
 
-        steps = bar = tqdm(steps, desc="vision proxy", unit="step")
+        # leave=False: the bar is live while the descent runs; callers report the result
+        steps = bar = tqdm(steps, desc="vision proxy", unit="step", leave=False)
     last_pred = None
     n_run, reason = 0, f"ran every one of iters={iters} steps"
     if stop == "auto":

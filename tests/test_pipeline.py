@@ -117,10 +117,19 @@ def test_cli_fit_predict_export_eval(ws, tmp_path, capsys):
               if l.startswith("{")]
     assert {"images", "features", "fit", "accuracy", "done"} <= set(events)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert len(rows) == 12 and set(rows[0]) == {"path", "label", "pred_1", "score_1", "pred_2",
-                                                 "score_2"}
-    assert all(r["pred_1"] in CLASSES for r in rows)
+    # the columns say which classifier each class comes from
+    assert len(rows) == 12 and list(rows[0]) == [
+        "path", "label", "inmap_class_1", "inmap_cosine_1", "inmap_class_2", "inmap_cosine_2",
+        "zero_shot_class_1", "zero_shot_cosine_1"]
     res = load_vision_proxy(out / "proxy.safetensors")
+    feats = torch.cat([clip_mod.image_features(clip_mod.load_model(MODEL, ws["ckpt"]),
+                                               list_images(ws["labeled"], CLASSES),
+                                               cache_dir=ws["cache"], workers=0,
+                                               progress=False)[0]])
+    feats = feats[feats.norm(dim=1) > 0]                     # the readable images, in order
+    assert [r["inmap_class_1"] for r in rows] == [CLASSES[i] for i in res.predict(feats)]
+    assert [r["zero_shot_class_1"] for r in rows] == \
+        [CLASSES[i] for i in res.zero_shot_predict(feats)]
     assert res.metadata["model"] == MODEL and json.loads(res.metadata["classnames"]) == CLASSES
     assert res.proxy.shape == (512, 3)
 
@@ -129,7 +138,9 @@ def test_cli_fit_predict_export_eval(ws, tmp_path, capsys):
                  "--out", str(pred_csv), "--workers", "0", "--cache-dir", ws["cache"],
                  "-q"]) == 0
     prow = list(csv.DictReader(open(pred_csv)))
-    assert len(prow) == 8 and "pred_3" in prow[0]
+    assert len(prow) == 8 and "inmap_class_3" in prow[0] and "zero_shot_class_1" in prow[0]
+    prep = json.loads((tmp_path / "pred.report.json").read_text())
+    assert prep["n_images"] == 8 and prep["n_used"] == 8 and prep["skipped"] == []
 
     clf = tmp_path / "clf.pt"
     assert main(["export", "--proxy", str(out / "proxy.safetensors"), "--out", str(clf)]) == 0
@@ -480,3 +491,108 @@ def test_predict_warns_on_other_weights(ws, tmp_path, capsys):
                  str(other), "--images", ws["labeled"], "--out", str(tmp_path / "p.csv"),
                  "--workers", "0", "--cache-dir", ws["cache"]]) == 0
     assert "fitted on other weights" in capsys.readouterr().err
+
+
+def test_resume_says_what_it_found_and_small_sets_resume(ws, tmp_path, capsys):
+    from inmap_ext.cache import default_shard_size
+
+    # the unit of resumption: ~1/32 of the images, so a small set keeps most of a killed run
+    assert default_shard_size(500) == 32 and default_shard_size(10_000) == 313
+    assert default_shard_size(8) == 32 and default_shard_size(10**7) == 4096
+    clip = clip_mod.load_model(MODEL, ws["ckpt"])
+    images = list_images(ws["flat"])
+    cache = str(tmp_path / "cache")
+    # a killed extraction that wrote its first shard of 3 images (of 8)
+    clip_mod.image_features(clip, images, cache_dir=cache, workers=0, shard_size=3,
+                            progress=False, shard_filter=lambda i: i == 0)
+    args = ["extract", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["flat"],
+            "--cache-dir", cache, "--workers", "0"]
+    capsys.readouterr()
+    assert main(args + ["--log", "json"]) == 0
+    events = [json.loads(ln) for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    resume = [e for e in events if e["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["cached"] == 3 and resume[0]["n"] == 8
+    assert main(args) == 0
+    assert "features: all 8 images cached" in capsys.readouterr().err
+
+
+def test_pretrained_none_is_one_seeded_model(ws, tmp_path):
+    """Random weights are drawn from a fixed seed that is part of the cache key: a fit that
+    reuses the cache equals one that recomputes every feature."""
+    a, b = clip_mod.load_model(MODEL, "none"), clip_mod.load_model(MODEL, None)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert "seed=0" in a.weights_id and a.weights_id == b.weights_id
+    assert clip_mod.load_model(MODEL, "none", seed=1).weights_id != a.weights_id
+    state = torch.get_rng_state()
+    clip_mod.load_model(MODEL, None)
+    assert torch.equal(torch.get_rng_state(), state)          # the caller's RNG is untouched
+    reports = []
+    for extra in ([], ["--no-cache"]):
+        out = tmp_path / f"o{len(reports)}"
+        assert main(["fit", "--model", MODEL, "--pretrained", "none", "--images", ws["labeled"],
+                     "--classes", ws["classes"], "--out", str(out), "--workers", "0",
+                     "--cache-dir", str(tmp_path / "cache"), "--iters", "10", "-q", *extra]) == 0
+        reports.append(load_vision_proxy(out / "proxy.safetensors"))
+    torch.testing.assert_close(reports[0].text_proxies, reports[1].text_proxies)
+    torch.testing.assert_close(reports[0].proxy, reports[1].proxy, rtol=1e-4, atol=1e-5)
+
+
+def test_missing_and_unreadable_files_are_named(ws, tmp_path, capsys):
+    good = list_images(ws["flat"]).paths[:3]
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(good + [str(tmp_path / "gone.jpg"),
+                                     os.path.join(ws["labeled"], "green", "broken.jpg")]) + "\n")
+    args = _fit_args(ws, tmp_path, "--iters", "5")
+    args.remove("-q")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "1 unreadable, skipped: " in err and "broken.jpg" in err
+    assert main(["predict", "--proxy", str(tmp_path / "o" / "proxy.safetensors"), "--images",
+                 str(lst), "--out", str(tmp_path / "p.csv"), "--workers", "0", "--cache-dir",
+                 ws["cache"], "--log", "json"]) == 0
+    events = [json.loads(ln) for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    missing = [e for e in events if e["event"] == "missing"]
+    assert missing and missing[0]["missing"] == [str(tmp_path / "gone.jpg")]
+    report = json.loads((tmp_path / "p.report.json").read_text())
+    assert report["n_images"] == 5 and report["n_used"] == 3 and report["n_skipped"] == 2
+    assert {os.path.basename(p) for p in report["skipped"]} == {"gone.jpg", "broken.jpg"}
+    assert len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 3
+    lst.write_text(str(tmp_path / "gone.jpg") + "\n")
+    assert main(["predict", "--proxy", str(tmp_path / "o" / "proxy.safetensors"), "--images",
+                 str(lst), "--out", str(tmp_path / "p.csv"), "-q"]) == 3
+    assert "none of the 1 listed paths exists" in capsys.readouterr().err
+
+
+def test_cache_lists_entries_and_clears_one(ws, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    for images in (ws["flat"], ws["labeled"]):
+        assert main(["extract", "--model", MODEL, "--pretrained", ws["ckpt"], "--images",
+                     images, "--cache-dir", cache, "--workers", "0", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["cache", "--cache-dir", cache]) == 0
+    out = capsys.readouterr().out
+    assert "2 feature set(s)" in out and out.count(MODEL) == 2
+    lines = [ln for ln in out.splitlines() if MODEL in ln]
+    assert any(" 8 " in ln and ln.rstrip().endswith("flat") for ln in lines)
+    assert any(" 13 " in ln and ln.rstrip().endswith("labeled") for ln in lines)
+    flat_key = next(ln.split()[0] for ln in lines if ln.rstrip().endswith("flat"))
+    assert main(["cache", "--cache-dir", cache, "--clear", "no-such-key"]) == 3
+    assert "matches 0 cache entries" in capsys.readouterr().err
+    assert main(["cache", "--cache-dir", cache, "--clear", flat_key[:8]]) == 0
+    assert "removed 1 cached feature set(s)" in capsys.readouterr().out
+    from inmap_ext.cache import list_entries
+
+    left = list_entries(cache)
+    assert [e.n_images for e in left] == [13] and left[0].complete
+    assert main(["cache", "--cache-dir", cache, "--clear"]) == 0
+    assert list_entries(cache) == []
+
+
+def test_demo_shows_a_bar_per_fit(capsys):
+    from inmap_ext.demo import synthetic_comparison
+
+    rows = synthetic_comparison(n=300, d=16, c=5, iters=30, devices=["cpu"])
+    err = capsys.readouterr().err
+    assert "vision proxy" in err and "step" in err         # tqdm's live bar
+    assert len(rows) >= 2 and all(r["steps"] <= 30 for r in rows)
