@@ -22,6 +22,10 @@ BACKENDS = ("auto", "ext", "torch", "triton")
 DESIGN_ENV = "INMAP_CUDA_DESIGN"
 CUDA_DESIGNS = ("chunked", "fused")
 
+# The fused kernels read x in rows of a multiple of this many elements, 16-byte aligned
+# (csrc/cuda/fused_tiles.cuh kPadD); other x is zero-padded into such a copy.
+FUSED_PAD_D = 32
+
 _LOAD_ERROR: "Exception | None" = None
 try:
     from . import _C  # noqa: F401  (registers torch.ops.inmap_ext.*)
@@ -114,6 +118,18 @@ def cuda_design(design: str) -> Iterator[None]:
             os.environ.pop(DESIGN_ENV, None)
         else:
             os.environ[DESIGN_ENV] = before
+
+
+def fused_design_requested(x: torch.Tensor) -> bool:
+    """True when the compiled CUDA ops would run ``x`` through the fused design
+    (csrc/cuda/design.cuh ``use_fused``: INMAP_CUDA_DESIGN=fused, fp16 / bf16 / TF32-allowed
+    fp32, sm_80+), short of its check of the loaded kernels' PTX version."""
+    if x.device.type != "cuda" or os.environ.get(DESIGN_ENV) != "fused":
+        return False
+    if not (x.dtype in (torch.float16, torch.bfloat16) or
+            (x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)):
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 8
 
 
 def op(name: str, backend: str) -> Callable:

@@ -241,6 +241,8 @@ def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, to
     device = runner.device
     dt = acc_dtype(runner.dtype)
     t = t.to(device=device, dtype=dt)
+    if not runner.streams:
+        x = runner.own_features(x)     # any copy the kernels would make per call, made once
     n = int(runner.sum_(torch.tensor(x.shape[0], device=device)).item())
     timings = {}
 

@@ -43,6 +43,35 @@ class Runner:
         self.chunk = (validation.count(chunk_size, "chunk_size", 1) if chunk_size is not None
                       else auto_chunk_size(n, c, device, dtype))
         self.group = process_group
+        self.pad_cols = 0                   # zero columns own_features appended to x
+
+    def own_features(self, x: Tensor) -> Tensor:
+        """x as every op of this fit will see it. Where the fused CUDA kernels would zero-pad a
+        copy of X on every call (D not a multiple of ``_ops.FUSED_PAD_D``, or x strided or
+        misaligned), the padded copy is made here once; the ops then pad w's rows to match
+        (zero columns add nothing to X W) and return the first D rows of X^T P. Kept per call
+        (no copy) when the copy would take more than half the free device memory."""
+        if self.backend != "ext" or not _ops.fused_design_requested(x):
+            return x
+        n, d = x.shape
+        d_pad = -(-d // _ops.FUSED_PAD_D) * _ops.FUSED_PAD_D
+        if d_pad == d and x.is_contiguous() and x.data_ptr() % 16 == 0:
+            return x
+        if 2 * n * d_pad * x.element_size() > _free_bytes(x.device):
+            return x
+        padded = x.new_zeros((n, d_pad))
+        padded[:, :d] = x
+        self.pad_cols = d_pad - d
+        return padded
+
+    def _w(self, w: Tensor, x: Tensor) -> Tensor:
+        """w in x's dtype, with zero rows for the columns own_features appended to x."""
+        w = w.to(x.dtype)
+        return torch.nn.functional.pad(w, (0, 0, 0, self.pad_cols)) if self.pad_cols else w
+
+    def _rows(self, t: Tensor) -> Tensor:
+        """The first D rows of a (D + pad_cols) x C result."""
+        return t[: t.shape[0] - self.pad_cols] if self.pad_cols else t
 
     # -- reductions over the rows of every rank (identity in a single process) ---------------
     def sum_(self, t: Tensor) -> Tensor:
@@ -64,22 +93,22 @@ class Runner:
 
     # -- the ops -----------------------------------------------------------------------------
     def column_lse(self, x: Tensor, w: Tensor, bias: Optional[Tensor], inv_tau: float) -> Tensor:
-        out = _ops.op("softmax_column_lse", self.backend)(x, w.to(x.dtype), bias, inv_tau,
+        out = _ops.op("softmax_column_lse", self.backend)(x, self._w(w, x), bias, inv_tau,
                                                             self.chunk)
         return self.lse_(out)
 
     def pseudo_labels(self, x, w, bias, inv_tau, alpha):
         B, mass, counts, n_conf = _ops.op("pseudo_label_reduce", self.backend)(
-            x, w.to(x.dtype), bias, inv_tau, alpha, self.chunk)
-        return self.sum_(B), self.sum_(mass), self.sum_(counts), self.sum_(n_conf)
+            x, self._w(w, x), bias, inv_tau, alpha, self.chunk)
+        return self.sum_(self._rows(B)), self.sum_(mass), self.sum_(counts), self.sum_(n_conf)
 
     def xt_softmax(self, x: Tensor, w: Tensor, inv_tau: float) -> Tuple[Tensor, Tensor]:
         """(X^T softmax(X W * inv_tau), sum of the rows' log-sum-exps): one pass."""
-        G, lse_sum = _ops.op("xt_softmax", self.backend)(x, w.to(x.dtype), inv_tau, self.chunk)
-        return self.sum_(G), self.sum_(lse_sum)
+        G, lse_sum = _ops.op("xt_softmax", self.backend)(x, self._w(w, x), inv_tau, self.chunk)
+        return self.sum_(self._rows(G)), self.sum_(lse_sum)
 
     def topk(self, x: Tensor, w: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-        return _ops.op("topk_scores", self.backend)(x, w.to(x.dtype), k, self.chunk)
+        return _ops.op("topk_scores", self.backend)(x, self._w(w, x), k, self.chunk)
 
     # -- the method's steps ------------------------------------------------------------------
     def sinkhorn_log_bias(self, x: Tensor, t: Tensor, tau_t: float, iters: int, log_q: Tensor,
@@ -95,6 +124,10 @@ class Runner:
                 log_colsum = self.column_lse(x, t, beta, 1.0 / tau_t) - math.log(n_total)
             beta = torch.where(absent, log_q, beta + log_q - log_colsum)
         return beta
+
+
+def _free_bytes(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 62
 
 
 def _collective(fn, *args, **kwargs):

@@ -203,6 +203,28 @@ def test_fit_end_to_end_and_precisions(design):
         assert changed <= 0.001, (precision, changed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_fit_pads_odd_d_once(monkeypatch, dtype):
+    """D = 100 under the fused design: the Runner pads X to 128 columns once per fit (not the
+    kernels on every call) and the fit equals the chunked design's."""
+    from inmap_ext.functional import Runner
+
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    X, T, _ = clip_like(5000, 100, 40, seed=4, dtype=torch.float32)
+    x = X.cuda().to(dtype)
+    monkeypatch.setenv("INMAP_CUDA_DESIGN", "fused")
+    runner = Runner("cuda", "ext", None, 5000, 40, dtype)
+    owned = runner.own_features(x)
+    assert owned.shape == (5000, 128) and runner.pad_cols == 28
+    fused = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), iters=200, precision=precision)
+    monkeypatch.setenv("INMAP_CUDA_DESIGN", "chunked")
+    chunked = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), iters=200,
+                                         precision=precision)
+    assert fused.proxy.shape == (100, 40)
+    changed = (fused.predict(X.cuda()) != chunked.predict(X.cuda())).double().mean().item()
+    assert changed <= 0.002, changed
+
+
 def test_fit_float64_on_cuda_matches_dense_reference():
     from dense_inmap import dense_inmap
 

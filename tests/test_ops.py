@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from inmap_ext import _ops, reference
-from testing import DEVICES, FLOAT_DTYPES, skip_if_no_ext, unit_cols, unit_rows
+from testing import (DEVICES, FLOAT_DTYPES, clip_like, inmap_ext, skip_if_no_ext, unit_cols,
+                     unit_rows)
 
 # (N, D, C, chunk): N < C, C = 1, D not a multiple of 8, one row, ragged last chunk, chunk > N.
 SHAPES = [(1, 5, 3, 4), (7, 13, 1, 3), (5, 9, 40, 2), (257, 31, 17, 64), (300, 8, 130, 1000),
@@ -209,3 +210,33 @@ def test_fused_design_choice(fused, dtype_ok, major, ptx, allowed):
     if not _ops.extension_loaded():
         pytest.skip("extension not built")
     assert torch.ops.inmap_ext.fused_design_allowed(fused, dtype_ok, major, ptx) is allowed
+
+
+@pytest.mark.parametrize("d,strided,padded", [(100, False, 128), (64, False, 64), (64, True, 64)])
+def test_runner_pads_x_once_per_fit_where_the_fused_kernels_would(monkeypatch, d, strided,
+                                                                  padded):
+    """Where the fused CUDA design would zero-pad X on every call, the Runner makes the copy once
+    (own_features) and pads w's rows to match; the fit is unchanged. Exercised here with the
+    CPU kernels standing in for the CUDA ones (the copy logic is the same)."""
+    from inmap_ext.functional import Runner
+
+    if not _ops.ext_available("cpu"):
+        pytest.skip("extension not built")
+    X, T, _ = clip_like(400, d, 7, seed=5, dtype=torch.float32)
+    if strided:                                     # rows of a wider tensor: not contiguous
+        X = torch.cat([X, X], dim=1)[:, :d]
+    plain = inmap_ext.fit_vision_proxy(X, T, iters=60, backend="ext")
+    monkeypatch.setattr(_ops, "fused_design_requested", lambda x: True)
+    runner = Runner("cpu", "ext", None, 400, 7)
+    owned = runner.own_features(X)
+    assert owned.shape == (400, padded) and owned.is_contiguous()
+    assert runner.pad_cols == padded - d and torch.equal(owned[:, :d], X)
+    assert (owned is X) == (padded == d and not strided)
+    G, lse = runner.xt_softmax(owned, T, 25.0)
+    G0, lse0 = _ops.op("xt_softmax", "ext")(X.contiguous(), T, 25.0, 400)
+    assert G.shape == (d, 7)
+    torch.testing.assert_close(G, G0, rtol=1e-5, atol=1e-6)
+    padded_fit = inmap_ext.fit_vision_proxy(X, T, iters=60, backend="ext")
+    assert padded_fit.proxy.shape == (d, 7)
+    torch.testing.assert_close(padded_fit.proxy, plain.proxy, rtol=1e-5, atol=1e-6)
+    assert torch.equal(padded_fit.predict(X), plain.predict(X))
