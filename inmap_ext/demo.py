@@ -44,7 +44,7 @@ def synthetic_comparison(n=10000, d=256, c=50, iters=2000, devices=None, seed=0,
                 if backend == "ext" and not _ops.ext_available(dev):
                     print(f"{name:22} {dev:6} {backend:7} (no compiled kernels for this device)")
                     continue
-                # a live bar per fit (the steps and the objective), removed when it ends
+                # a bar per fit (steps, objective) on stderr; the table goes to stdout
                 t0 = time.perf_counter()
                 r = fit_vision_proxy(x, t, iters=iters, backend=backend, progress=progress)
                 secs = time.perf_counter() - t0

@@ -62,8 +62,7 @@ def descend(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, iters: int, 
     if progress:
         from tqdm.auto import tqdm
 
-        # leave=False: the bar is live while the descent runs; callers report the result
-        steps = bar = tqdm(steps, desc="vision proxy", unit="step", leave=False)
+        steps = bar = tqdm(steps, desc="vision proxy", unit="step")
     last_pred = None
     n_run, reason = 0, f"ran every one of iters={iters} steps"
     if stop == "auto":

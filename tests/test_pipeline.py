@@ -569,9 +569,13 @@ def test_cache_lists_entries_and_clears_one(ws, tmp_path, capsys):
     for images in (ws["flat"], ws["labeled"]):
         assert main(["extract", "--model", MODEL, "--pretrained", ws["ckpt"], "--images",
                      images, "--cache-dir", cache, "--workers", "0", "-q"]) == 0
-    capsys.readouterr()
-    assert main(["cache", "--cache-dir", cache]) == 0
-    out = capsys.readouterr().out
+    import subprocess
+    import sys
+
+    listing = subprocess.run([sys.executable, "-m", "inmap_ext", "cache", "--cache-dir", cache],
+                             capture_output=True, text=True, timeout=300)   # the command itself
+    assert listing.returncode == 0, listing.stderr
+    out = listing.stdout
     assert "2 feature set(s)" in out and out.count(MODEL) == 2
     lines = [ln for ln in out.splitlines() if MODEL in ln]
     assert any(" 8 " in ln and ln.rstrip().endswith("flat") for ln in lines)
