@@ -122,11 +122,10 @@ def test_cli_fit_predict_export_eval(ws, tmp_path, capsys):
         "path", "label", "inmap_class_1", "inmap_cosine_1", "inmap_class_2", "inmap_cosine_2",
         "zero_shot_class_1", "zero_shot_cosine_1"]
     res = load_vision_proxy(out / "proxy.safetensors")
-    feats = torch.cat([clip_mod.image_features(clip_mod.load_model(MODEL, ws["ckpt"]),
-                                               list_images(ws["labeled"], CLASSES),
-                                               cache_dir=ws["cache"], workers=0,
-                                               progress=False)[0]])
-    feats = feats[feats.norm(dim=1) > 0]                     # the readable images, in order
+    feats, ok, _ = clip_mod.image_features(clip_mod.load_model(MODEL, ws["ckpt"]),
+                                           list_images(ws["labeled"], CLASSES),
+                                           cache_dir=ws["cache"], workers=0, progress=False)
+    feats = feats[ok]                                        # the readable images, in order
     assert [r["inmap_class_1"] for r in rows] == [CLASSES[i] for i in res.predict(feats)]
     assert [r["zero_shot_class_1"] for r in rows] == \
         [CLASSES[i] for i in res.zero_shot_predict(feats)]
