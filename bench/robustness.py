@@ -1,4 +1,5 @@
-"""Class-prior robustness: `python bench/robustness.py DATA.npz [--iters 300] [--seeds 0 1]`.
+"""Class-prior robustness: `python bench/robustness.py DATA.npz [--iters 300] [--seeds 0 1]
+[--text-noise SIGMA]`.
 
 DATA.npz holds X (N x D image features), y (N labels) and T (D x C text proxies). For the full
 set, subsets holding 30%, 10% and 3% of the classes, and a long tail (45% of the classes, the
@@ -51,6 +52,10 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=300, help="gradient steps per fit (300)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="subset draws")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--text-noise", type=float, default=0.0,
+                    help="perturb the text proxies (per-class Gaussian noise of this relative "
+                    "size, seed 0): a weaker, more biased zero-shot classifier on real images "
+                    "(0.5: zero-shot 40%% instead of 61%% on the dev set; 1.0: 15%%)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
 
@@ -59,6 +64,10 @@ def main(argv=None):
     T = torch.tensor(d["T"]).float().to(args.device)
     y = np.asarray(d["y"]).astype(np.int64)
     C = T.shape[1]
+    if args.text_noise > 0:
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(T.shape, generator=g) / T.shape[0] ** 0.5
+        T = torch.nn.functional.normalize(T + args.text_noise * noise.to(T.device), dim=0)
     rows = []
     for seed in args.seeds:
         for name, idx in subsets(y, C, seed).items():
@@ -88,9 +97,12 @@ def main(argv=None):
 
 def _write(args, rows, C):
     data = os.path.basename(args.data).rsplit(".", 1)[0]
+    if args.text_noise > 0:
+        data += f"_textnoise{args.text_noise:g}"
     date = datetime.date.today().isoformat()
     cpu = platform.processor() or platform.machine()
-    meta = {"data": os.path.basename(args.data), "classes": C, "iters": args.iters,
+    meta = {"data": os.path.basename(args.data), "text_noise": args.text_noise,
+            "classes": C, "iters": args.iters,
             "seeds": args.seeds, "device": args.device, "machine": cpu,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "inmap_ext": inmap_ext.__version__, "date": date}
@@ -102,7 +114,10 @@ def _write(args, rows, C):
     lines = [f"# Class-prior robustness on `{meta['data']}` ({date})", "",
              f"C = {C} listed classes, {args.iters} gradient steps per fit, device "
              f"{args.device} ({meta['threads']} threads), torch {meta['torch']}. Top-1 % on "
-             "the unlabeled set itself (transductive); time: whole fit in seconds.", "",
+             "the unlabeled set itself (transductive); time: whole fit in seconds."
+             + (f" Text proxies perturbed (--text-noise {args.text_noise:g}): a weaker, more "
+                "biased zero-shot classifier on the same real images." if args.text_noise else ""),
+             "",
              "| set | seed | N | classes present | zero-shot | paper | auto | uniform | "
              "estimate | none | auto chose | auto - zero-shot | auto time s | paper time s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -21,6 +21,10 @@ The auto rule uses two statistics that cost one pass and the uniform balancing i
    classes the set appears to hold. At most ``FEW_CLASSES`` (0.5): few classes are present,
    and the estimated prior is used (it finds the present classes: +7 to +13 points on real
    CLIP features where the uniform target loses 40-50).
+   The estimate is trusted only if it does not collapse: its pseudo labels must keep at least
+   ``KEPT_CLASSES`` (0.6) of the effective number of classes the zero-shot predictions span
+   (measured where it helped: 0.65-1.0; where EM collapsed onto a few "hub" classes of a weak or
+   biased zero-shot classifier and lost 5 to 13 points: 0.05-0.57); else no balancing.
 2. otherwise, with coverage at least ``FULL_COVERAGE`` (0.7), the spread of the uniform balancing's per-class log-bias beta, as the
    inter-quartile range of tau_t * beta (a cosine). A set that holds every class needs only
    CLIP's own per-class bias corrected (measured spread 0.013-0.016); one that lacks many
@@ -46,6 +50,8 @@ CLASS_PRIORS = ("auto", "uniform", "estimate", "none")
 FEW_CLASSES = 0.42         # auto: coverage at or below which the prior is estimated
 FULL_COVERAGE = 0.7        # auto: least coverage for the uniform target ...
 BALANCED_SPREAD = 0.017    # ... and the largest IQR of tau_t * beta (cosine) it may need
+KEPT_CLASSES = 0.6         # auto: least share of the zero-shot predictions' effective classes
+                           # the estimate-balanced pseudo labels must keep (else EM collapsed)
 EM_ITERS = 100             # EM iterations of the prior estimate (stops earlier when settled)
 EM_TOL = 1e-6              # ... when the largest change of a class proportion is below this
 
@@ -166,7 +172,18 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
                   f"classes (<= {FEW_CLASSES:.0%}): few classes appear present, so the pseudo "
                   "labels are balanced to the class proportions estimated from the set")
     log_pi = estimate_log_proportions(runner, x, t, tau_t, n)
-    return balance(log_pi), record("estimate", reason, log_pi, _proportions(log_pi))
+    beta = balance(log_pi)
+    if requested == "auto":
+        kept = kept_classes(runner, x, t, beta, inv_tau)
+        stats["estimate_kept_classes"] = round(kept, 4)
+        if kept < KEPT_CLASSES:
+            return None, record("none", (
+                f"few classes appear present (coverage {stats['coverage']:.0%}), but the "
+                f"estimated proportions collapse the predictions onto {kept:.0%} of the "
+                f"classes the zero-shot predictions span (< {KEPT_CLASSES:.0%}): the zero-shot "
+                "posteriors are too weak to estimate from, so no balancing"),
+                estimate=_proportions(log_pi))
+    return beta, record("estimate", reason, log_pi, _proportions(log_pi))
 
 
 def uniform_log_target(log_zs: Tensor, gamma: float) -> Tensor:
@@ -191,6 +208,18 @@ def estimate_log_proportions(runner, x: Tensor, t: Tensor, tau_t: float, n: int)
         if settled:
             break
     return log_pi
+
+
+def kept_classes(runner, x: Tensor, t: Tensor, beta: Tensor, inv_tau: float) -> float:
+    """Effective number of classes (exp entropy of the argmax counts) of the pseudo labels
+    balanced by ``beta``, as a share of that of the zero-shot predictions (two passes)."""
+    def effective(counts):
+        counts = counts.cpu().double()
+        return _effective(counts / counts.sum().clamp_min(1))
+
+    balanced = runner.pseudo_labels(x, t, beta, inv_tau, 1.0)[2]
+    zero_shot = runner.pseudo_labels(x, t, None, inv_tau, 1.0)[2]
+    return effective(balanced) / max(effective(zero_shot), 1e-12)
 
 
 def balancing_spread(beta: Tensor, tau_t: float) -> float:

@@ -183,3 +183,35 @@ def test_streamed_fit_equals_in_memory_for_every_prior(tmp_path, prior):
                                      stream=True, chunk_size=77)
     assert got.class_prior.chosen == ref.class_prior.chosen
     torch.testing.assert_close(got.proxy, ref.proxy, rtol=0, atol=1e-8)
+
+
+def test_auto_does_not_trust_a_collapsing_estimate():
+    """A weak, biased zero-shot classifier (noisy text proxies: zero-shot ~15% over 100
+    classes) makes few classes *appear* present; the EM estimate then collapses the pseudo
+    labels onto a few hub classes (far below zero-shot). auto sees the collapse (the balanced
+    pseudo labels keep < 60% of the zero-shot predictions' effective classes) and does not
+    balance."""
+    X, T, y = clip_like(1000, 128, 100, seed=1, dtype=torch.float32, gap=2.0, text_noise=1.0)
+    zs = _acc((X @ T).argmax(1), y)
+    est = inmap_ext.fit_vision_proxy(X, T, iters=100, class_prior="estimate")
+    auto = inmap_ext.fit_vision_proxy(X, T, iters=100)
+    p = auto.class_prior
+    assert p.stats["coverage"] <= 0.42 and p.stats["estimate_kept_classes"] < 0.6
+    assert p.chosen == "none" and "collapse" in p.reason and p.few_classes
+    assert _acc(est.predict(X), y) < zs - 0.05                  # what auto avoided
+    assert _acc(auto.predict(X), y) >= zs - 0.01
+
+
+@pytest.mark.parametrize("chosen,words", [("estimate", "balanced to the estimated class"),
+                                          ("none", "not balanced (the estimate could not")])
+def test_cli_warns_when_few_classes_appear_present(capsys, chosen, words):
+    from types import SimpleNamespace
+
+    from inmap_ext.class_prior import ClassPrior
+    from inmap_ext.pipeline import Log, _log_class_prior
+
+    p = ClassPrior("auto", chosen, "why", None, torch.full((100,), 0.01),
+                   torch.full((100,), 0.01), {"coverage": 0.2})
+    _log_class_prior(SimpleNamespace(class_prior=p, num_classes=100), Log("text"))
+    err = capsys.readouterr().err
+    assert "appear to hold only about 100 of the 100 listed classes" in err and words in err
