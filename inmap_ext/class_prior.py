@@ -16,9 +16,10 @@ what to balance to:
 - ``"auto"``      decides from the unlabeled data alone (the rule below; README "Class prior"
                   has the measurements that chose it).
 
-The auto rule uses two statistics that cost one pass and the uniform balancing itself:
+The auto rule uses two statistics that cost one pass and the uniform balancing itself (and,
+before trusting an estimate, two argmax-count passes):
 1. coverage = exp(entropy of the zero-shot class masses) / C, the effective share of listed
-   classes the set appears to hold. At most ``FEW_CLASSES`` (0.5): few classes are present,
+   classes the set appears to hold. At most ``FEW_CLASSES`` (0.42): few classes are present,
    and the estimated prior is used (it finds the present classes: +7 to +13 points on real
    CLIP features where the uniform target loses 40-50).
    The estimate is trusted only if it does not collapse: its pseudo labels must keep at least
