@@ -66,6 +66,18 @@ def images_fingerprint(paths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _n_shards(n: int, shard_size: int) -> int:
+    return (n + shard_size - 1) // shard_size
+
+
+def _shard_rows(i: int, n: int, shard_size: int) -> range:
+    return range(i * shard_size, min(n, (i + 1) * shard_size))
+
+
+def _shard_path(entry_dir: str, i: int) -> str:
+    return os.path.join(entry_dir, f"shard_{i:06d}.safetensors")
+
+
 class FeatureCache:
     def __init__(self, cache_dir: str, identity: Dict[str, str], paths: Sequence[str],
                  shard_size: Optional[int] = None):
@@ -98,13 +110,13 @@ class FeatureCache:
 
     @property
     def n_shards(self) -> int:
-        return (self.n + self.shard_size - 1) // self.shard_size
+        return _n_shards(self.n, self.shard_size)
 
     def shard_rows(self, i: int) -> range:
-        return range(i * self.shard_size, min(self.n, (i + 1) * self.shard_size))
+        return _shard_rows(i, self.n, self.shard_size)
 
     def shard_path(self, i: int) -> str:
-        return os.path.join(self.dir, f"shard_{i:06d}.safetensors")
+        return _shard_path(self.dir, i)
 
     def missing_shards(self) -> List[int]:
         return [i for i in range(self.n_shards) if not os.path.exists(self.shard_path(i))]
@@ -120,8 +132,8 @@ class FeatureCache:
             raise ValueError(f"shard {i} needs {len(rows)} rows, got {features.shape[0]}")
         tmp = self.shard_path(i) + f".tmp{os.getpid()}"
         save_safetensors({"features": features.float().contiguous().cpu(),
-                   "index": torch.arange(rows.start, rows.stop, dtype=torch.int64),
-                   "ok": ok.to(torch.uint8).cpu()}, tmp)
+                          "index": torch.arange(rows.start, rows.stop, dtype=torch.int64),
+                          "ok": ok.to(torch.uint8).cpu()}, tmp)
         os.replace(tmp, self.shard_path(i))
 
     def _require_complete(self) -> None:
@@ -200,15 +212,9 @@ def list_entries(cache_dir: Optional[str] = None) -> List[CacheEntry]:
             n, shard = int(m.get("n", 0)), max(1, int(m.get("shard_size", MAX_SHARD_SIZE)))
         except (OSError, ValueError, TypeError):
             m, n, shard = {}, 0, 1
+        n_cached = sum(len(_shard_rows(i, n, shard)) for i in range(_n_shards(n, shard))
+                       if os.path.exists(_shard_path(d, i)))
         files = [os.path.join(d, f) for f in os.listdir(d)]
-        done = [f for f in files if f.endswith(".safetensors")]
-        n_cached = 0
-        for f in done:
-            try:
-                i = int(os.path.basename(f)[len("shard_"):-len(".safetensors")])
-            except ValueError:
-                continue
-            n_cached += max(0, min(n, (i + 1) * shard) - i * shard)
         created = m.get("created") or time.strftime(
             "%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(manifest)))
         out.append(CacheEntry(name, d, m.get("model", "?"), m.get("weights", "?"), n, n_cached,

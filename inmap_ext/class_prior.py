@@ -214,13 +214,9 @@ def estimate_log_proportions(runner, x: Tensor, t: Tensor, tau_t: float, n: int)
 def kept_classes(runner, x: Tensor, t: Tensor, beta: Tensor, inv_tau: float) -> float:
     """Effective number of classes (exp entropy of the argmax counts) of the pseudo labels
     balanced by ``beta``, as a share of that of the zero-shot predictions (two passes)."""
-    def effective(counts):
-        counts = counts.cpu().double()
-        return _effective(counts / counts.sum().clamp_min(1))
-
     balanced = runner.pseudo_labels(x, t, beta, inv_tau, 1.0)[2]
     zero_shot = runner.pseudo_labels(x, t, None, inv_tau, 1.0)[2]
-    return effective(balanced) / max(effective(zero_shot), 1e-12)
+    return _effective(balanced.cpu()) / max(_effective(zero_shot.cpu()), 1e-12)
 
 
 def balancing_spread(beta: Tensor, tau_t: float) -> float:
@@ -239,6 +235,8 @@ def _proportions(log_p: Tensor) -> Tensor:
 
 
 def _effective(p: Tensor) -> float:
+    """exp(entropy) of the distribution proportional to ``p`` (masses or counts)."""
     p = p.double()
+    p = p / p.sum()
     nz = p[p > 0]
     return float(torch.exp(-(nz * torch.log(nz)).sum()))

@@ -272,8 +272,7 @@ def _encode_shards(clip: ClipModel, images: ImageSet, cache: FeatureCache, todo:
             feats.append((f.float() * ok.to(f.device)[:, None]).cpu())
             oks.append(ok)
             have += len(x)
-            while pending and have >= len(cache.shard_rows(pending[0])):
-                need = len(cache.shard_rows(pending[0]))
+            while pending and have >= (need := len(cache.shard_rows(pending[0]))):
                 f_all, ok_all = torch.cat(feats), torch.cat(oks)
                 cache.write_shard(pending.pop(0), f_all[:need], ok_all[:need])
                 feats, oks, have = [f_all[need:]], [ok_all[need:]], have - need
