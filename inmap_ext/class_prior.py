@@ -13,29 +13,34 @@ what to balance to:
 - ``"none"``      no balancing: the pseudo labels are the zero-shot softmax(X T / tau_t).
 - a tensor        given proportions (C non-negative numbers; 0 = the class is known absent, its
                   log target is -inf and every kernel keeps it exactly at zero mass).
-- ``"auto"``      decides from the unlabeled data alone (the rule below; README "Class prior"
-                  has the measurements that chose it).
+- ``"auto"``      decides from the unlabeled data alone (below).
 
-The auto rule uses two statistics that cost one pass and the uniform balancing itself (and,
-before trusting an estimate, two argmax-count passes):
-1. coverage = exp(entropy of the zero-shot class masses) / C, the effective share of listed
-   classes the set appears to hold. At most ``FEW_CLASSES`` (0.42): few classes are present,
-   and the estimated prior is used (it finds the present classes: +7 to +13 points on real
-   CLIP features where the uniform target loses 40-50).
-   The estimate is trusted only if it does not collapse: its pseudo labels must keep at least
-   ``KEPT_CLASSES`` (0.6) of the effective number of classes the zero-shot predictions span
-   (measured where it helped: 0.65-1.0; where EM collapsed onto a few "hub" classes of a weak or
-   biased zero-shot classifier and lost 5 to 13 points: 0.05-0.57); else no balancing.
-2. otherwise, with coverage at least ``FULL_COVERAGE`` (0.7), the spread of the uniform balancing's per-class log-bias beta, as the
-   inter-quartile range of tau_t * beta (a cosine). A set that holds every class needs only
-   CLIP's own per-class bias corrected (measured spread 0.013-0.016); one that lacks many
-   classes needs large pushes onto the absent ones (0.018-0.026). Up to ``BALANCED_SPREAD``
-   the uniform target is kept (the published gain, +4 to +8 points); above it the pseudo labels
-   are not balanced at all (``"none"``: never below zero-shot, where every fixed target tried
-   lost points).
+``"auto"`` is a decision under uncertainty, made with the data's own probabilities. Each candidate
+prior is also a model of the set: the zero-shot posteriors (``"none"``: CLIP's classifier is
+right as it is), the uniform-balanced ones (``"uniform"``: the set is balanced and CLIP's
+per-class biases are to be corrected) and the estimate-balanced ones (``"estimate"``: CLIP is
+unbiased and the set holds its estimated proportions). From unlabeled images alone a per-class
+bias and a class proportion are the same thing (both are a per-class shift of the logits), so no
+statistic of the zero-shot logits can say which model is right; but each model says how many of
+the *other* candidates' pseudo labels it expects to be right. ``auto`` picks the candidate whose
+pseudo labels have the highest expected accuracy under an equal-weight mixture of the models
+(``expected_accuracies``: A[c, h] = mean_i P_h(argmax_j P_c(j | x_i) | x_i)). The numbers are
+probabilities of the set itself, so the rule is the same in every model's cosine units, class
+count and set size; equal weights are the prior odds of a decision with no reason to favour any
+candidate, and the only constant.
 
-Every statistic is a column log-sum-exp of a biased softmax (``softmax_column_lse``): no N x C
-matrix, every backend, sharded and streamed fits alike.
+One guard, for a failure the mixture cannot see: EM on flat or biased posteriors collapses the
+proportions onto a few "hub" classes (the known failure of maximum-likelihood label-shift
+estimation with uncalibrated posteriors, Alexandari et al., ICML 2020), and the collapsed model is
+then confident in itself. The estimate is a candidate only if its pseudo labels still span at
+least ``KEPT_CLASSES`` (half) of the effective number of classes the zero-shot predictions span:
+an estimate that removes more than half of what the classifier itself sees has stopped
+describing the set and describes the classifier's hubs.
+
+Cost: the EM estimate (at most ``EM_ITERS`` column log-sum-exp passes, usually far fewer), two
+Sinkhorn balancings (``sinkhorn_iters`` passes each) and one scoring pass (``expected_accuracies``,
+a chunked pass in torch that also counts the argmax classes). No N x C matrix; every backend,
+sharded (every rank reduces the same sums, so every rank decides the same) and streamed fits.
 """
 from __future__ import annotations
 
@@ -45,16 +50,16 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .reference import acc_dtype
+
 Tensor = torch.Tensor
 
 CLASS_PRIORS = ("auto", "uniform", "estimate", "none")
-FEW_CLASSES = 0.42         # auto: coverage at or below which the prior is estimated
-FULL_COVERAGE = 0.7        # auto: least coverage for the uniform target ...
-BALANCED_SPREAD = 0.017    # ... and the largest IQR of tau_t * beta (cosine) it may need
-KEPT_CLASSES = 0.6         # auto: least share of the zero-shot predictions' effective classes
-                           # the estimate-balanced pseudo labels must keep (else EM collapsed)
+KEPT_CLASSES = 0.5         # auto: least share of the zero-shot predictions' effective classes the
+                           # estimate-balanced predictions must keep to be a candidate (see above)
 EM_ITERS = 100             # EM iterations of the prior estimate (stops earlier when settled)
-EM_TOL = 1e-6              # ... when the largest change of a class proportion is below this
+EM_TOL = 0.01              # ... once no class proportion moves by more than this share of a
+                           # uniform class share (1/C) in an iteration: scale-free in C
 
 
 @dataclass
@@ -78,8 +83,11 @@ class ClassPrior:
 
     @property
     def few_classes(self) -> bool:
-        """The set appears to hold only a small part of the listed classes."""
-        return self.stats.get("coverage", 1.0) <= FEW_CLASSES
+        """The pseudo labels were balanced to estimated proportions that hold at most half of
+        the listed classes: the set appears to hold only part of the class list."""
+        p = self.estimated_proportions
+        return (self.chosen == "estimate" and p is not None
+                and _effective(p) <= 0.5 * p.numel())
 
     def to(self, device) -> "ClassPrior":
         mv = lambda v: None if v is None else v.to(device)  # noqa: E731
@@ -150,41 +158,77 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
         log_q = uniform_log_target(log_zs, gamma)
         return balance(log_q), record("uniform", "the published target (class_prior='uniform')",
                                       log_q)
-    reason = "class proportions estimated by EM (class_prior='estimate')"
-    if requested == "auto":
-        if C == 1:
-            return None, record("none", "a single class: nothing to balance")
-        if stats["coverage"] > FEW_CLASSES:
-            log_u = uniform_log_target(log_zs, gamma)
-            beta_u = balance(log_u)
-            spread = balancing_spread(beta_u, tau_t)
-            stats["uniform_spread"] = round(spread, 5)
-            if spread <= BALANCED_SPREAD and stats["coverage"] >= FULL_COVERAGE:
-                return beta_u, record("uniform", (
-                    f"the set appears to hold every class (coverage {stats['coverage']:.0%} >= "
-                    f"{FULL_COVERAGE:.0%}, uniform balancing spread {spread:.4f} <= "
-                    f"{BALANCED_SPREAD}): balanced to the published uniform prior"), log_u)
-            return None, record("none", (
-                f"the set appears to hold many but not all classes, or holds them unevenly "
-                f"(coverage {stats['coverage']:.0%}, uniform balancing spread {spread:.4f}; "
-                f"uniform needs coverage >= {FULL_COVERAGE:.0%} and spread <= "
-                f"{BALANCED_SPREAD}): no balancing, since no class prior can be trusted here"))
-        reason = (f"the zero-shot predictions cover about {stats['coverage']:.0%} of the listed "
-                  f"classes (<= {FEW_CLASSES:.0%}): few classes appear present, so the pseudo "
-                  "labels are balanced to the class proportions estimated from the set")
+    if requested == "estimate":
+        log_pi = estimate_log_proportions(runner, x, t, tau_t, n)
+        return balance(log_pi), record("estimate", "class proportions estimated by EM "
+                                       "(class_prior='estimate')", log_pi, _proportions(log_pi))
+    if C == 1:
+        return None, record("none", "a single class: nothing to balance")
+    return _auto(runner, x, t, tau_t, n, stats, balance, uniform_log_target(log_zs, gamma),
+                 record)
+
+
+CANDIDATES = ("none", "uniform", "estimate")
+
+
+def _auto(runner, x, t, tau_t, n, stats, balance, log_u, record):
+    """class_prior="auto" (module docstring): the candidate with the highest expected accuracy
+    under the equal mixture of the candidates' posterior models; the estimate only if it does
+    not collapse."""
     log_pi = estimate_log_proportions(runner, x, t, tau_t, n)
-    beta = balance(log_pi)
-    if requested == "auto":
-        kept = kept_classes(runner, x, t, beta, inv_tau)
-        stats["estimate_kept_classes"] = round(kept, 4)
-        if kept < KEPT_CLASSES:
-            return None, record("none", (
-                f"few classes appear present (coverage {stats['coverage']:.0%}), but the "
-                f"estimated proportions collapse the predictions onto {kept:.0%} of the "
-                f"classes the zero-shot predictions span (< {KEPT_CLASSES:.0%}): the zero-shot "
-                "posteriors are too weak to estimate from, so no balancing"),
-                estimate=_proportions(log_pi))
-    return beta, record("estimate", reason, log_pi, _proportions(log_pi))
+    betas = {"none": torch.zeros_like(log_u), "uniform": balance(log_u),
+             "estimate": balance(log_pi)}
+    A, counts = expected_accuracies(runner, x, t, list(betas.values()), 1.0 / tau_t)
+    A = A / n
+    kept = _effective(counts[2].cpu()) / max(_effective(counts[0].cpu()), 1e-12)
+    stats["estimate_kept_classes"] = round(kept, 4)
+    allowed = [0, 1] + ([2] if kept >= KEPT_CLASSES else [])
+    score = {CANDIDATES[c]: float(A[c, allowed].mean()) for c in allowed}
+    stats["expected_accuracy"] = {k: round(v, 4) for k, v in score.items()}
+    chosen = max(score, key=score.get)     # ties: the first of none, uniform, estimate
+    estimate = _proportions(log_pi)
+    pct = ", ".join(f"{k} {100 * v:.1f}%" for k, v in score.items())
+    why = (f"expected accuracy of the pseudo labels under the candidates' own posteriors: {pct}"
+           + ("" if 2 in allowed else
+              f"; the estimate was left out: its predictions keep {kept:.0%} (< "
+              f"{KEPT_CLASSES:.0%}) of the classes the zero-shot predictions span (EM "
+              "collapsed onto a few classes)"))
+    if chosen == "none":
+        return None, record("none", f"no balancing ({why})", estimate=estimate)
+    if chosen == "uniform":
+        return betas["uniform"], record("uniform", f"balanced to the uniform prior ({why})",
+                                        log_u, estimate)
+    return betas["estimate"], record("estimate", f"balanced to the class proportions "
+                                     f"estimated from the set ({why})", log_pi, estimate)
+
+
+def expected_accuracies(runner, x: Tensor, t: Tensor, betas, inv_tau: float
+                        ) -> Tuple[Tensor, Tensor]:
+    """One chunked pass over the rows for K candidate log-biases beta_k of softmax(X T * inv_tau
+    + beta_k): A[c, h] = sum_i P_h(argmax_j P_c(j | x_i) | x_i) (K x K, summed over the rows of
+    every rank) and the argmax counts of every candidate (K x C). Pure torch on the runner's
+    row chunks: a chunk x C logit block at a time, never N x C."""
+    from .reference import _logits
+
+    K, C = len(betas), t.shape[1]
+    dt = acc_dtype(runner.dtype)
+    B = torch.stack([b.to(device=runner.device, dtype=dt) for b in betas])
+    A = torch.zeros(K, K, dtype=dt, device=runner.device)
+    counts = torch.zeros(K, C, dtype=torch.int64, device=runner.device)
+    w = t.to(device=runner.device)
+    if runner.pad_cols:
+        w = torch.nn.functional.pad(w, (0, 0, 0, runner.pad_cols))
+    for xc in runner.row_chunks(x):
+        z = _logits(xc, w, inv_tau, None)
+        top = [torch.argmax(z + B[c], dim=1) for c in range(K)]
+        for c in range(K):
+            counts[c] += torch.bincount(top[c], minlength=C)
+        for h in range(K):
+            lse = torch.logsumexp(z + B[h], dim=1)
+            for c in range(K):
+                zc = z.gather(1, top[c][:, None])[:, 0] + B[h][top[c]]
+                A[c, h] += torch.exp(zc - lse).sum()
+    return runner.sum_(A), runner.sum_(counts)
 
 
 def uniform_log_target(log_zs: Tensor, gamma: float) -> Tensor:
@@ -204,30 +248,11 @@ def estimate_log_proportions(runner, x: Tensor, t: Tensor, tau_t: float, n: int)
     for _ in range(EM_ITERS):
         new = runner.column_lse(x, t, log_pi, 1.0 / tau_t) - math.log(n)
         new = new - torch.logsumexp(new, dim=0)      # exact normalisation against rounding
-        settled = float((torch.exp(new) - torch.exp(log_pi)).abs().max()) < EM_TOL
+        settled = float((torch.exp(new) - torch.exp(log_pi)).abs().max()) * C < EM_TOL
         log_pi = new
         if settled:
             break
     return log_pi
-
-
-def kept_classes(runner, x: Tensor, t: Tensor, beta: Tensor, inv_tau: float) -> float:
-    """Effective number of classes (exp entropy of the argmax counts) of the pseudo labels
-    balanced by ``beta``, as a share of that of the zero-shot predictions (two passes)."""
-    balanced = runner.pseudo_labels(x, t, beta, inv_tau, 1.0)[2]
-    zero_shot = runner.pseudo_labels(x, t, None, inv_tau, 1.0)[2]
-    return _effective(balanced.cpu()) / max(_effective(zero_shot.cpu()), 1e-12)
-
-
-def balancing_spread(beta: Tensor, tau_t: float) -> float:
-    """Inter-quartile range of tau_t * beta over the classes (a cosine): how unequally the
-    uniform balancing had to push the classes."""
-    b = (beta.double() * tau_t).cpu()
-    b = b[torch.isfinite(b)]
-    if b.numel() < 2:
-        return 0.0
-    q = torch.quantile(b, torch.tensor([0.25, 0.75], dtype=torch.float64))
-    return float(q[1] - q[0])
 
 
 def _proportions(log_p: Tensor) -> Tensor:

@@ -73,6 +73,11 @@ class Runner:
         """The first D rows of a (D + pad_cols) x C result."""
         return t[: t.shape[0] - self.pad_cols] if self.pad_cols else t
 
+    def row_chunks(self, x: Tensor):
+        """x's rows, a chunk at a time, on the compute device: for method passes written in
+        torch (class_prior.expected_accuracies); StreamingRunner streams them."""
+        return x.split(self.chunk, dim=0) if x.shape[0] else ()
+
     # -- reductions over the rows of every rank (identity in a single process) ---------------
     def sum_(self, t: Tensor) -> Tensor:
         if self.group is not None:

@@ -79,6 +79,8 @@ class StreamingRunner(Runner):
             yield self._finish(dev[k][:rows], s)
             consumed[k].record(main)
 
+    row_chunks = chunks
+
     def _finish(self, xc: Tensor, start: int) -> Tensor:
         if self.row_scale is not None:
             scale = self.row_scale[start:start + xc.shape[0], None]
