@@ -386,7 +386,8 @@ def image_features(clip: ClipModel, images: ImageSet, *, cache_dir: Optional[str
     if shard_filter is not None:
         todo = [i for i in todo if shard_filter(i)]
     if todo:
-        _encode_shards(clip, images, cache, todo, batch_size, workers, progress)
+        _encode_shards(clip, images, cache, todo, batch_size, workers, progress,
+                       reuse=use_cache, log=log)
     if cache.missing_shards():
         return None, None, cache
     feats, ok = cache.load()
@@ -394,31 +395,54 @@ def image_features(clip: ClipModel, images: ImageSet, *, cache_dir: Optional[str
 
 
 def _encode_shards(clip: ClipModel, images: ImageSet, cache: FeatureCache, todo: List[int],
-                   batch_size: int, workers: int, progress: bool) -> None:
+                   batch_size: int, workers: int, progress: bool, reuse: bool = False,
+                   log: Optional[Callable[..., None]] = None) -> None:
     """Encode the images of shards ``todo`` through one DataLoader (workers start once), writing
-    each shard as soon as its last image is encoded."""
+    each shard as soon as its last image is ready. With ``reuse``, images whose features another
+    cached set holds (same model/weights/preprocessing, unchanged file: FeatureCache.reuse_plan)
+    are copied from it instead of encoded."""
     rows = [r for i in todo for r in cache.shard_rows(i)]
+    ready: Dict[int, Tuple[torch.Tensor, bool]] = {}     # row -> (features, ok), not yet written
+    plan = cache.reuse_plan(rows) if reuse else {}
+    if plan:
+        got, got_ok = FeatureCache.read_planned(list(plan.values()))
+        for r, f, o in zip(plan, got, got_ok.tolist()):
+            if o:
+                ready[r] = (f, True)
+    cache.reused = len(ready)
+    encode = [r for r in rows if r not in ready]
+    if log is not None and ready:
+        log("reuse", f"features: {len(ready)} of {len(rows)} images taken from earlier cached "
+            f"sets (same model and weights, files unchanged); encoding {len(encode)}",
+            reused=len(ready), encode=len(encode), n=len(rows))
+    pending = list(todo)
+
+    def flush():
+        while pending and all(r in ready for r in cache.shard_rows(pending[0])):
+            i = pending.pop(0)
+            got = [ready.pop(r) for r in cache.shard_rows(i)]
+            cache.write_shard(i, torch.stack([f for f, _ in got]),
+                              torch.tensor([o for _, o in got], dtype=torch.bool))
+
+    flush()
+    if not encode:
+        return
     loader = torch.utils.data.DataLoader(
-        ImageDataset(images.paths, clip.preprocess, rows), batch_size=batch_size,
+        ImageDataset(images.paths, clip.preprocess, encode), batch_size=batch_size,
         num_workers=workers, shuffle=False, pin_memory=clip.device.type == "cuda")
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(rows), desc="image features", unit="img")
-    pending = list(todo)
-    feats, oks, have = [], [], 0      # encoded rows of pending[0] (and beyond) not yet written
+        bar = tqdm(total=len(encode), desc="image features", unit="img")
     try:
-        for x, _, ok in loader:
+        for x, idx, ok in loader:
             with clip.autocast():
                 f = clip.model.encode_image(x.to(clip.device, non_blocking=True), normalize=True)
-            feats.append((f.float() * ok.to(f.device)[:, None]).cpu())
-            oks.append(ok)
-            have += len(x)
-            while pending and have >= (need := len(cache.shard_rows(pending[0]))):
-                f_all, ok_all = torch.cat(feats), torch.cat(oks)
-                cache.write_shard(pending.pop(0), f_all[:need], ok_all[:need])
-                feats, oks, have = [f_all[need:]], [ok_all[need:]], have - need
+            f = (f.float() * ok.to(f.device)[:, None]).cpu()
+            for r, fr, o in zip(idx.tolist(), f, ok.tolist()):
+                ready[r] = (fr, bool(o))
+            flush()
             if bar is not None:
                 bar.update(len(x))
     finally:
