@@ -377,7 +377,13 @@ def _check_model(args) -> None:
         args.pretrained = clip_mod.default_pretrained(args.model)
         args.pretrained_default = True
     if args.pretrained is not None:
-        clip_mod.check_weights(args.model, args.pretrained)
+        try:
+            clip_mod.check_weights(args.model, args.pretrained)
+        except ValueError as e:
+            if getattr(args, "pretrained_default", False):
+                raise ValueError(f"{e} (no --pretrained given: {args.pretrained!r} is the "
+                                 f"default for {args.model})") from None
+            raise
 
 
 def run(args) -> int:

@@ -191,7 +191,10 @@ def _weights_cached(cfg: dict) -> Tuple[bool, str]:
                     return True, ""
             except Exception:  # noqa: BLE001 - an odd cache layout: treat as not cached
                 pass
-        return False, os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        from urllib.parse import urlparse as _u
+
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        return False, _u(endpoint).hostname or endpoint
     if url:
         target = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
         return os.path.isfile(target), urlparse(url).netloc
@@ -202,9 +205,7 @@ def _reachable(host: str, timeout: float = REACH_TIMEOUT_S) -> bool:
     """A TCP connection to host:443 within ``timeout`` seconds (name lookup included)."""
     import socket
     import threading
-    from urllib.parse import urlparse
 
-    host = urlparse(host).hostname or host if "://" in host else host
     ok = []
 
     def probe():
