@@ -10,6 +10,13 @@ shard file that exists is complete. A shard is the unit of resumption: by defaul
 the images (32 to 4096 images), so an interrupted run keeps nearly all its work on small sets
 too. The manifest also records what the entry is (model, weights, image count and folder,
 creation date) for ``inmap cache``.
+
+Per-image reuse: each entry also keeps ``fingerprints.json``, one fingerprint per row (the
+image's absolute path, size and modification time, hashed). A new image list (a folder with a
+few images added or removed) gets a new key, but before encoding, the rows whose image has the
+same fingerprint in a complete shard of another entry with the same model, weights,
+preprocessing and precision are copied from there; only new or changed images are encoded. A
+changed file has another size or modification time, so stale features are still never reused.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import torch
 from .fileio import save_safetensors
 
 MAX_SHARD_SIZE = 4096
+FINGERPRINTS = "fingerprints.json"
 MIN_SHARD_SIZE = 32
 
 
@@ -54,16 +62,37 @@ def file_fingerprint(path: str) -> str:
     return f"{size}:{h.hexdigest()[:32]}"
 
 
-def images_fingerprint(paths: Sequence[str]) -> str:
-    """Identity of an image list: every path with its size and modification time, in order."""
-    h = hashlib.sha256()
+def _stat_lines(paths: Sequence[str]) -> List[Optional[str]]:
+    """Per image "path\0size\0mtime_ns" (None for a file that does not exist)."""
+    out = []
     for p in paths:
         try:
             st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            out.append(f"{p}\0{st.st_size}\0{st.st_mtime_ns}")
         except OSError:
-            h.update(f"{p}\0missing\n".encode())
+            out.append(None)
+    return out
+
+
+def _list_key(paths: Sequence[str], stats: Sequence[Optional[str]]) -> str:
+    h = hashlib.sha256()
+    for p, line in zip(paths, stats):
+        h.update(f"{line}\n".encode() if line is not None else f"{p}\0missing\n".encode())
     return h.hexdigest()
+
+
+def images_fingerprint(paths: Sequence[str]) -> str:
+    """Identity of an image list: every path with its size and modification time, in order."""
+    return _list_key(paths, _stat_lines(paths))
+
+
+def image_fingerprints(paths: Sequence[str]) -> List[Optional[str]]:
+    """Identity of each image: its absolute path, size and modification time, hashed (None for
+    a missing file). A row of one cached feature set is reused for another set of the same
+    model, weights and preprocessing only when these match."""
+    return [None if line is None else
+            hashlib.blake2b(line.encode(), digest_size=12).hexdigest()
+            for line in _stat_lines([os.path.abspath(p) for p in paths])]
 
 
 def _n_shards(n: int, shard_size: int) -> int:
@@ -89,7 +118,10 @@ class FeatureCache:
         # The key is what the features are (model, weights, preprocessing, precision, images),
         # not how they are stored: the shard size lives in the manifest, and a cache written with
         # another shard size (`inmap extract --shard-size`) is found and kept as it is.
-        self.identity = dict(identity, images=images_fingerprint(paths), n=str(len(paths)))
+        stats = _stat_lines(paths)
+        self.identity = dict(identity, images=_list_key(paths, stats), n=str(len(paths)))
+        self._paths = list(paths)
+        self.reused = 0          # rows the last extraction took from other cached sets
         self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:24]
         self.dir = os.path.join(os.path.abspath(cache_dir), self.key)
         self.n = len(paths)
@@ -107,6 +139,86 @@ class FeatureCache:
                                created=time.strftime("%Y-%m-%d %H:%M:%S")), f, indent=1,
                           sort_keys=True)
             os.replace(tmp, manifest)
+        self._write_fingerprints()
+
+    # -- per-image reuse across feature sets ----------------------------------------------------
+    def _write_fingerprints(self) -> None:
+        """FINGERPRINTS: each row's image fingerprint, so that later sets (the folder with a few
+        images added or removed) can take this set's rows instead of encoding them again."""
+        path = os.path.join(self.dir, FINGERPRINTS)
+        if os.path.exists(path):
+            return
+        tmp = path + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(image_fingerprints(self._paths), f)
+        os.replace(tmp, path)
+
+    def _same_features(self, manifest: dict) -> bool:
+        return all(manifest.get(k) == v for k, v in self.identity_base.items())
+
+    def reuse_plan(self, rows: Sequence[int]) -> Dict[int, Tuple[str, int]]:
+        """For each of ``rows`` whose image (same path, size and modification time) has readable
+        features in a complete shard of another cached set with the same model, weights,
+        preprocessing and precision: (that shard's file, the row within it)."""
+        if not rows:
+            return {}
+        mine = image_fingerprints([self._paths[r] for r in rows])
+        want = {fp: r for fp, r in zip(mine, rows) if fp is not None}
+        if not want:
+            return {}
+        plan: Dict[int, Tuple[str, int]] = {}
+        base = os.path.dirname(self.dir)
+        for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            d = os.path.join(base, name)
+            if d == self.dir or not want:
+                continue
+            try:
+                with open(os.path.join(d, "manifest.json")) as f:
+                    m = json.load(f)
+                if not self._same_features(m):
+                    continue
+                with open(os.path.join(d, FINGERPRINTS)) as f:
+                    theirs = json.load(f)
+                shard = max(1, int(m.get("shard_size", MAX_SHARD_SIZE)))
+            except (OSError, ValueError, TypeError):
+                continue
+            for j, fp in enumerate(theirs):
+                r = want.get(fp)
+                if r is None:
+                    continue
+                path = _shard_path(d, j // shard)
+                if os.path.exists(path):
+                    plan[r] = (path, j - (j // shard) * shard)
+                    del want[fp]
+        return plan
+
+    @staticmethod
+    def read_planned(plan_rows: Sequence[Tuple[str, int]], dim: Optional[int] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(features, ok) of planned rows; rows that turn out unreadable in their shard (or a
+        shard that went away) come back with ok False, for the caller to encode."""
+        from safetensors.torch import load_file
+
+        loaded: Dict[str, Optional[Dict[str, torch.Tensor]]] = {}
+        feats, oks = [], []
+        for path, j in plan_rows:
+            if path not in loaded:
+                if len(loaded) > 2:
+                    loaded.pop(next(iter(loaded)))
+                try:
+                    loaded[path] = load_file(path)
+                except Exception:  # noqa: BLE001 - removed or damaged meanwhile: encode instead
+                    loaded[path] = None
+            t = loaded[path]
+            good = t is not None and j < t["ok"].shape[0] and bool(t["ok"][j])
+            if good:
+                dim = t["features"].shape[1]
+            feats.append(t["features"][j] if good else None)
+            oks.append(good)
+        if dim is None:
+            return torch.zeros(len(plan_rows), 0), torch.zeros(len(plan_rows), dtype=torch.bool)
+        return (torch.stack([f if f is not None else torch.zeros(dim) for f in feats])
+                if feats else torch.zeros(0, dim), torch.tensor(oks, dtype=torch.bool))
 
     @property
     def n_shards(self) -> int:

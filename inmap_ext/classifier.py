@@ -59,6 +59,19 @@ class VisionProxyClassifier(torch.nn.Module):
         names = json.loads(res.metadata["classnames"]) if "classnames" in res.metadata else None
         return cls(res.proxy, names, clip_model, model_name=saved or model_name, **kw)
 
+    def __repr__(self) -> str:
+        """Short: the head's shape and classes, the wrapped model's class name; never its
+        tensors or the whole architecture."""
+        D, C = self.proxy.shape
+        names = self.classnames
+        shown = "" if names is None else \
+            f", classes={names[:5]!r}"[:-1] + (f", ... {len(names) - 5} more]" if len(names) > 5
+                                                else "]")
+        wraps = "" if self.clip_model is None else f", wraps={type(self.clip_model).__name__}"
+        model = f", model={self.model_name!r}" if self.model_name else ""
+        return (f"VisionProxyClassifier(D={D}, C={C}{shown}{model}, "
+                f"logit_scale={self.logit_scale:g}{wraps})")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.clip_model is not None and x.dim() == 4:
             x = self.clip_model.encode_image(x)

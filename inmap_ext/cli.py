@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a check failed (`inmap check`); 2 usage error; 3 bad input (a missing
 file, an unknown class, inputs that fail validation); 4 runtime failure; 130 interrupted.
-Every option is checked before any model is loaded or image read. ``--debug`` (or
+Every option, and every output path, is checked before any model is loaded or image read;
+option errors and ``--version`` do not import torch (about a second). ``--debug`` (or
 INMAP_DEBUG=1) prints the traceback behind an error.
 """
 from __future__ import annotations
@@ -10,11 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 ALL = "\0all"   # `inmap cache --clear` without a key
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+# The library's choices, here so that option errors need no torch import (tests/test_cli_*.py
+# check them against _ops.BACKENDS, fit.PRECISIONS, fit.MODES, class_prior.CLASS_PRIORS and
+# solver.STOP_RULES).
+BACKENDS = ("auto", "ext", "torch", "triton")
+PRECISIONS = ("auto", "fp64", "fp32", "tf32", "fp16", "bf16")
+MODES = ("default", "paper")
+CLASS_PRIORS = ("auto", "uniform", "estimate", "none")
+STOP_RULES = ("auto", "none")
+MODEL_COMMANDS = ("fit", "predict", "eval", "extract")
 
 HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vision_proxy
     ("--tau-t", "tau_t", float, 0.01, "temperature of the pseudo labels"),
@@ -64,8 +76,12 @@ def _common(p, model_required=True):
 def _model(p, required=True):
     p.add_argument("--model", required=required, help="open_clip architecture, e.g. ViT-B-32")
     p.add_argument("--pretrained", default=None,
-                   help="open_clip pretrained tag (downloaded when online), a local checkpoint "
-                        "file, or 'none' for random weights (seed 0: the same model every run)")
+                   help="open_clip pretrained tag (downloaded when online, cached after), a "
+                        "local checkpoint file, or 'none' for random weights (seed 0: the same "
+                        "model every run). " + (
+                            "Default: the weights the proxy was fitted with" if not required else
+                            "Default: the model's 'openai' tag where open_clip has one (e.g. "
+                            "ViT-B-32), else its first listed tag; never random unless asked"))
     p.add_argument("--precision", dest="model_precision", choices=["fp32", "amp", "amp_bf16"],
                    default="fp32", help="image/text encoder precision; amp = fp16 autocast on "
                    "CUDA (the fit's own precision: --compute-precision)")
@@ -131,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy", required=True, help="proxy.safetensors written by `inmap fit`")
     _model(p, required=False)
     _images(p)
-    p.add_argument("--out", required=True, help="predictions CSV to write")
+    p.add_argument("--out", required=True, help="predictions CSV to write (and its report, "
+                   "OUT without .csv + .report.json)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--force", action="store_true",
+                   help="predict even with another model or weights than the proxy was fitted "
+                   "with (otherwise an error: its classes would not match the image features)")
     _common(p)
 
     p = sub.add_parser("extract", help="image features only, into the cache (reused by fit)",
@@ -206,20 +226,35 @@ def _hyper_kwargs(args) -> dict:
     return {dest: getattr(args, dest) for _, dest, *_ in HYPER}
 
 
-def _check_options(args) -> None:
-    """Every option error before any model is loaded or image read (hours on a big set)."""
-    from . import validation
-    from ._ops import BACKENDS
-    from .fit import PRECISIONS, check_hyper
+def _count(value, flag: str, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{flag} must be an integer >= {minimum}, got {value!r}")
 
+
+def _number(value, flag: str, lo: float, strict: bool) -> None:
+    import math
+
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and \
+        (value > lo if strict else value >= lo)
+    if not ok:
+        raise ValueError(f"{flag} must be a finite number {'>' if strict else '>='} {lo:g}, "
+                         f"got {value!r}")
+
+
+def _check_options(args) -> None:
+    """Every option error before any model is loaded or image read (hours on a big set); the
+    checks here need no torch, so that they answer at once."""
     if getattr(args, "batch_size", None) is not None:
-        validation.count(args.batch_size, "--batch-size", 1)
+        _count(args.batch_size, "--batch-size", 1)
     if getattr(args, "workers", None) is not None:
-        validation.count(args.workers, "--workers", 0)
+        _count(args.workers, "--workers", 0)
     if getattr(args, "topk", None) is not None:
-        validation.count(args.topk, "--topk", 1)
+        _count(args.topk, "--topk", 1)
     if getattr(args, "shard_size", None) is not None:
-        validation.count(args.shard_size, "--shard-size", 1)
+        _count(args.shard_size, "--shard-size", 1)
+    if hasattr(args, "tau_t"):
+        _check_hyper(args)
+    _check_outputs(args)
     device = getattr(args, "device", None)
     if isinstance(device, str) and device.startswith("cuda"):
         import torch
@@ -228,25 +263,29 @@ def _check_options(args) -> None:
             raise ValueError(f"--device {device}: no CUDA device is available here "
                              f"(torch {torch.__version__}, CUDA build: "
                              f"{torch.version.cuda or 'no'}); use --device cpu")
-    if not hasattr(args, "tau_t"):
-        return
-    flags = {dest: flag for flag, dest, *_ in HYPER}
-    check_hyper(args.tau_t, args.tau_i, args.alpha, args.sinkhorn_iters, args.gamma, args.iters,
-                args.lr, args.tol, args.chunk_size, name=flags.get)
+    if args.command in MODEL_COMMANDS and getattr(args, "model", None):
+        _check_model(args)
+
+
+def _check_hyper(args) -> None:
+    """The numeric hyper-parameters (fit.check_hyper's rules, by flag) and the class prior /
+    mode / stop / backend / precision options."""
+    for flag, dest, lo, strict in (("--tau-t", "tau_t", 0, True), ("--tau-i", "tau_i", 0, True),
+                                   ("--gamma", "gamma", 0, False), ("--lr", "lr", 0, True)):
+        _number(getattr(args, dest), flag, lo, strict)
+    if not 0 <= args.alpha <= 1:
+        raise ValueError(f"--alpha must be a number in [0, 1], got {args.alpha!r}")
+    _count(args.sinkhorn_iters, "--sinkhorn-iters")
+    _count(args.iters, "--iters")
+    if args.tol is not None:
+        _number(args.tol, "--tol", 0, True)
+    if args.chunk_size is not None:
+        _count(args.chunk_size, "--chunk-size", 1)
     if args.backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
     if args.precision not in PRECISIONS:
         raise ValueError(f"--compute-precision must be one of {', '.join(PRECISIONS)}, got "
                          f"{args.precision!r}")
-    _check_hyper(args)
-
-
-def _check_hyper(args) -> None:
-    """The class prior / mode / stop options."""
-    from .class_prior import CLASS_PRIORS
-    from .fit import MODES
-    from .solver import STOP_RULES
-
     if args.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
     cp = args.class_prior
@@ -263,31 +302,116 @@ def _check_hyper(args) -> None:
                          f"{cp} (or use --mode default)")
 
 
-def run(args) -> int:
-    from . import pipeline
+# -- outputs: checked before any work --------------------------------------------------------
+def _probe_dir(d: str, flag: str, path: str) -> None:
+    """``d`` (an existing folder) accepts a new file: one is created and removed."""
+    import tempfile
 
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".inmap-write-check-", dir=d)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {d} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _existing_ancestor(path: str, flag: str, given: str) -> str:
+    """The nearest existing folder above ``path`` (the folders below it would be made)."""
+    d = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise ValueError(f"{flag} {given}: {d} is a file, not a folder")
+    return d
+
+
+def check_output(path: str, flag: str, kind: str = "file") -> None:
+    """An output path the command will write: ``kind`` "dir" (a folder, made if needed) or
+    "file". It must not be the other kind already, and the place must be writable; the error
+    names ``flag``. Nothing is left behind."""
+    p = os.path.abspath(path)
+    if kind == "dir":
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise ValueError(f"{flag} {path}: is an existing file; {flag} names a folder "
+                             "(it is made if needed)")
+        _probe_dir(p if os.path.isdir(p) else _existing_ancestor(p, flag, path), flag, path)
+        return
+    if os.path.isdir(p):
+        raise ValueError(f"{flag} {path}: is a folder; {flag} names a file to write")
+    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
+        raise ValueError(f"{flag} {path}: names a folder; {flag} names a file to write")
+    if os.path.exists(p):
+        try:
+            with open(p, "ab"):
+                pass
+        except OSError as e:
+            raise ValueError(f"{flag} {path}: cannot be written ({e.strerror or e})") from None
+        return
+    _probe_dir(_existing_ancestor(p, flag, path), flag, path)
+
+
+def _check_outputs(args) -> None:
+    cmd = args.command
+    out = getattr(args, "out", None)
+    if cmd == "fit":
+        check_output(out, "--out", "dir")
+    elif cmd in ("predict", "eval", "export") and out:
+        check_output(out, "--out", "file")
+        if cmd == "predict":
+            check_output(_predict_report_path(out), "--out (its report)", "file")
+    elif cmd == "check" and getattr(args, "json_out", None):
+        check_output(args.json_out, "--json", "file")
+
+
+def _predict_report_path(out: str) -> str:   # = pipeline.predict_report_path, without torch
+    return os.path.splitext(out)[0] + ".report.json"
+
+
+def _check_model(args) -> None:
+    """The architecture, and the weights (the default filled in), before any image is listed:
+    an unknown model, an unknown tag or weights that cannot be had offline fail in one line."""
+    from . import clip as clip_mod
+
+    clip_mod.check_model_name(args.model)
+    if args.pretrained is None and args.command != "predict":
+        args.pretrained = clip_mod.default_pretrained(args.model)
+        args.pretrained_default = True
+    if args.pretrained is not None:
+        try:
+            clip_mod.check_weights(args.model, args.pretrained)
+        except ValueError as e:
+            if getattr(args, "pretrained_default", False):
+                raise ValueError(f"{e} (no --pretrained given: {args.pretrained!r} is the "
+                                 f"default for {args.model})") from None
+            raise
+
+
+def run(args) -> int:
     _check_options(args)
-    if args.command in ("fit", "predict", "eval", "extract"):
+    if args.command in MODEL_COMMANDS:
+        from . import pipeline
+
         with pipeline.Log(args.log).routing_third_party():
             return _run(args)
     return _run(args)
 
 
 def _run(args) -> int:
-    from . import pipeline
-
     cmd = args.command
+    if cmd in ("fit", "predict", "eval", "extract"):
+        from . import pipeline
     if cmd in ("fit", "predict", "eval"):
         # options shared by the image commands (_model, _images, _common)
         common = dict(pretrained=args.pretrained, images=args.images, device=args.device,
                       model_precision=args.model_precision, batch_size=args.batch_size,
                       workers=args.workers, cache_dir=args.cache_dir, use_cache=args.use_cache,
-                      log=pipeline.Log(args.log), model=args.model, out=args.out)
+                      log=pipeline.Log(args.log), model=args.model, out=args.out,
+                      command=getattr(args, "command_line", None))
     if cmd == "fit":
         pipeline.fit_images(classes=args.classes, templates=args.templates, prompts=args.prompts,
                             labels=args.labels, topk=args.topk, **common, **_hyper_kwargs(args))
     elif cmd == "predict":
-        pipeline.predict_images(proxy=args.proxy, topk=args.topk, **common)
+        pipeline.predict_images(proxy=args.proxy, topk=args.topk, force=args.force, **common)
     elif cmd == "eval":
         pipeline.eval_images(classes=args.classes, templates=args.templates,
                              dataset=args.dataset, **common, **_hyper_kwargs(args))
@@ -299,11 +423,16 @@ def _run(args) -> int:
         log = pipeline.Log(args.log if group is None or torch_rank(group) == 0 else "quiet")
         clip = clip_mod.load_model(args.model, args.pretrained, args.device,
                                    args.model_precision)
-        pipeline.extract(clip, list_images(args.images, labels="none"), log, group=group,
+        image_set = list_images(args.images, labels="none")
+        pipeline._log_images(image_set, log)
+        pipeline._log_missing(image_set, log)
+        pipeline.extract(clip, image_set, log, group=group,
                          cache_dir=args.cache_dir, use_cache=args.use_cache,
                          batch_size=args.batch_size, workers=args.workers,
                          shard_size=args.shard_size)
     elif cmd == "export":
+        from . import pipeline
+
         w = pipeline.export_classifier(args.proxy, args.out)
         print(f"wrote {args.out}: a {tuple(w.shape)} float32 tensor (D x C)", file=sys.stderr)
     elif cmd == "demo":
@@ -359,10 +488,19 @@ def _short(s: str, width: int) -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["inmap"] + argv)
     debug = getattr(args, "debug", False) or os.environ.get("INMAP_DEBUG", "") not in ("", "0")
     try:
         return run(args)
+    except BrokenPipeError:   # `inmap cache | head`: the reader left; stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_OK
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .cache import FeatureCache, default_cache_dir, file_fingerprint
-from .data import ImageDataset, ImageSet
+from .data import ImageDataset, ImageSet, load_json, read_lines, read_text  # noqa: F401
 
 Template = Union[str, Callable[[str], str]]
 TEMPLATE_SETS = ("simple", "openai")
@@ -50,8 +50,7 @@ def load_classnames(spec: str) -> ClassSpec:
         raise FileNotFoundError(f"--classes: {spec!r} is not a built-in set ({', '.join(CLASS_SETS)}) "
                                 "nor a file")
     if spec.lower().endswith(".json"):
-        with open(spec) as f:
-            data = json.load(f)
+        data = load_json(spec, "--classes")
         if isinstance(data, list) and all(isinstance(c, str) for c in data):
             spec_ = ClassSpec(list(data))
         elif isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
@@ -60,8 +59,7 @@ def load_classnames(spec: str) -> ClassSpec:
             raise ValueError(f"--classes {spec}: expected a JSON list of names or an object "
                              "folder -> name")
     else:
-        with open(spec) as f:
-            spec_ = ClassSpec([ln.strip() for ln in f if ln.strip()])
+        spec_ = ClassSpec([ln.strip() for ln in read_lines(spec, "--classes") if ln.strip()])
     if not spec_.names:
         raise ValueError(f"--classes {spec}: no class names")
     dup = sorted({c for c in spec_.names if spec_.names.count(c) > 1})
@@ -89,9 +87,8 @@ def load_templates(spec: str) -> List[Template]:
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--templates: {spec!r} is not a built-in set "
                                 f"({', '.join(TEMPLATE_SETS)}) nor a file")
-    with open(spec) as f:
-        items = json.load(f) if spec.lower().endswith(".json") else \
-            [ln.rstrip("\n") for ln in f if ln.strip()]
+    items = load_json(spec, "--templates") if spec.lower().endswith(".json") else \
+        [ln for ln in read_lines(spec, "--templates") if ln.strip()]
     if not items:
         raise ValueError(f"--templates {spec}: no templates")
     return [_template_from_string(t) for t in items]
@@ -100,8 +97,7 @@ def load_templates(spec: str) -> List[Template]:
 def load_prompts(path: str, classnames: Sequence[str]) -> Dict[str, List[str]]:
     """Per-class prompt lists (CuPL style): JSON object class name -> list of prompts; every
     class needs at least one."""
-    with open(path) as f:
-        data = json.load(f)
+    data = load_json(path, "--prompts")
     if not isinstance(data, dict):
         raise ValueError(f"--prompts {path}: expected a JSON object class -> [prompts]")
     missing = [c for c in classnames if not data.get(c)]
@@ -146,22 +142,142 @@ def _looks_like_openai_checkpoint(path: str) -> bool:
 
 
 RANDOM_SEED = 0
+RANDOM_WEIGHTS = ("none", "random")
+REACH_TIMEOUT_S = 3.0
+
+
+def is_random(pretrained: Optional[str]) -> bool:
+    return pretrained is None or pretrained.strip().lower() in RANDOM_WEIGHTS + ("",)
+
+
+def check_model_name(name: str) -> None:
+    oc = _open_clip()
+    if name not in oc.list_models():
+        close = [m for m in oc.list_models() if name.lower().replace("/", "-") in m.lower()][:5]
+        raise ValueError(f"--model {name!r} is not an open_clip architecture"
+                         + (f" (did you mean {', '.join(close)}?)" if close else
+                            " (see open_clip.list_models())"))
+
+
+def default_pretrained(name: str) -> str:
+    """The weights ``inmap`` uses when --pretrained is not given: 'openai' where open_clip has
+    it for the model, else its first listed tag. A model without released weights is an error
+    that says what to pass (random weights are never chosen silently)."""
+    tags = _open_clip().list_pretrained_tags_by_model(name)
+    if not tags:
+        raise ValueError(f"--model {name} has no pretrained weights in open_clip: pass "
+                         "--pretrained FILE (a checkpoint), or --pretrained none for random "
+                         "weights")
+    return "openai" if "openai" in tags else tags[0]
+
+
+def _weights_cached(cfg: dict) -> Tuple[bool, str]:
+    """(the tag's weights are in the local cache, the host they would be downloaded from)."""
+    from urllib.parse import urlparse
+
+    if cfg.get("file"):
+        return os.path.isfile(cfg["file"]), ""
+    oc_pre = _open_clip().pretrained
+    hub, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+    if hub and oc_pre.has_hf_hub():
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        filename = filename or getattr(oc_pre, "HF_WEIGHTS_NAME", "open_clip_pytorch_model.bin")
+        alts = list(getattr(oc_pre, "_get_safe_alternatives", lambda f: [])(filename))
+        for f in alts + [filename]:
+            try:
+                if isinstance(try_to_load_from_cache(repo, f), str):
+                    return True, ""
+            except Exception:  # noqa: BLE001 - an odd cache layout: treat as not cached
+                pass
+        from urllib.parse import urlparse as _u
+
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        return False, _u(endpoint).hostname or endpoint
+    if url:
+        target = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        return os.path.isfile(target), urlparse(url).netloc
+    return True, ""
+
+
+def _reachable(host: str, timeout: float = REACH_TIMEOUT_S) -> bool:
+    """A TCP connection to host:443 within ``timeout`` seconds (name lookup included)."""
+    import socket
+    import threading
+
+    ok = []
+
+    def probe():
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def check_weights(name: str, pretrained: Optional[str]) -> None:
+    """Fail fast, in one line, on weights that cannot be had: a checkpoint path that does not
+    exist, a tag open_clip does not know for the model, or a tag whose weights are not cached
+    while offline (HF_HUB_OFFLINE=1, or the download host cannot be reached within a few
+    seconds) — instead of minutes of download retries."""
+    if is_random(pretrained) or os.path.isfile(pretrained):
+        return
+    oc = _open_clip()
+    looks_like_path = os.sep in pretrained or pretrained.lower().endswith(
+        (".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+    tags = oc.list_pretrained_tags_by_model(name)
+    cfg = oc.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        if looks_like_path:
+            raise FileNotFoundError(f"--pretrained {pretrained}: no such checkpoint file")
+        raise ValueError(f"--pretrained {pretrained!r} is neither a file nor an open_clip tag of "
+                         f"{name} (its tags: {', '.join(tags) or 'none'}; or 'none' for random "
+                         "weights)")
+    cached, host = _weights_cached(cfg)
+    if cached:
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline or not _reachable(host):
+        why = "HF_HUB_OFFLINE is set" if offline else f"{host} cannot be reached"
+        raise ValueError(f"--pretrained {pretrained}: the {name} weights {pretrained!r} are not "
+                         f"in the local cache and {why}; download them once online, pass a local "
+                         "checkpoint file, or --pretrained none for random weights")
+
+
+@contextlib.contextmanager
+def _quiet_downloads():
+    """No retry/progress log lines from huggingface_hub while open_clip fetches weights."""
+    import logging
+
+    lg = logging.getLogger("huggingface_hub")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
 
 
 def load_model(name: str, pretrained: Optional[str], device="cpu",
                precision: str = "fp32", seed: int = RANDOM_SEED) -> ClipModel:
     """An open_clip model by architecture name with a pretrained tag (downloaded by open_clip
-    when online), a local checkpoint file, or None / "none": random weights drawn from
+    when online; ``check_weights`` fails fast offline), a local checkpoint file, or None /
+    "none": random weights drawn from
     ``seed`` (the caller's random state is left as it was), so that the same call gives the
     same model and the feature cache, keyed by the seed, never mixes two random models."""
     oc = _open_clip()
     if precision not in ("fp32", "amp", "amp_bf16"):
         raise ValueError(f"--precision must be fp32, amp or amp_bf16, got {precision!r}")
-    if name not in oc.list_models():
-        raise ValueError(f"--model {name!r} is not an open_clip architecture "
-                         "(see open_clip.list_models())")
-    if pretrained is not None and pretrained.lower() in ("none", ""):
+    check_model_name(name)
+    if is_random(pretrained):
         pretrained = None
+    check_weights(name, pretrained)
     device = torch.device(device)
     if pretrained is not None and os.path.isfile(pretrained):
         weights_id = "file:" + file_fingerprint(pretrained)
@@ -180,17 +296,28 @@ def load_model(name: str, pretrained: Optional[str], device="cpu",
         with torch.random.fork_rng(devices=cuda):
             if pretrained is None:
                 torch.manual_seed(seed)
-            model, _, preprocess = oc.create_model_and_transforms(name, pretrained=pretrained,
-                                                                  device=device)
+            with _quiet_downloads():
+                model, _, preprocess = oc.create_model_and_transforms(
+                    name, pretrained=pretrained, device=device)
     except Exception as e:  # noqa: BLE001 - a file open_clip cannot read: say so, not KeyError
         if pretrained is not None and os.path.isfile(pretrained):
             raise ValueError(f"--pretrained {pretrained} is not a checkpoint open_clip can load "
                              f"into {name} ({type(e).__name__}: {e}); pass a state_dict saved "
                              "with torch.save, an open_clip tag, or 'none'") from e
+        if pretrained is not None and _is_download_error(e):
+            raise ValueError(f"--pretrained {pretrained}: the {name} weights could not be "
+                             f"downloaded ({type(e).__name__}); download them once online, pass "
+                             "a local checkpoint file, or --pretrained none") from e
         raise
     model.eval()
     return ClipModel(model, preprocess, oc.get_tokenizer(name), name, pretrained, weights_id,
                      device, precision)
+
+
+def _is_download_error(e: BaseException) -> bool:
+    mod = type(e).__module__ or ""
+    return isinstance(e, (ConnectionError, TimeoutError)) or \
+        mod.startswith(("huggingface_hub", "requests", "urllib3", "urllib"))
 
 
 @torch.no_grad()
@@ -201,18 +328,35 @@ def text_proxies(clip: ClipModel, classnames: Sequence[str],
     """D x C text proxies: per class, encode every prompt, L2-normalise each, average,
     L2-normalise (open_clip.build_zero_shot_classifier for templates; per-class prompt lists
     the same way, one class at a time)."""
-    if prompts is None:
-        with clip.autocast():
-            w = _open_clip().build_zero_shot_classifier(
-                clip.model, clip.tokenizer, list(classnames), list(templates),
-                device=clip.device, use_tqdm=progress)
-        return w.float()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(classnames), desc="text proxies", unit="class")
     cols = []
-    for c in classnames:
-        with clip.autocast():
-            e = clip.model.encode_text(clip.tokenizer(prompts[c]).to(clip.device), normalize=True)
-        cols.append(torch.nn.functional.normalize(e.float().mean(0), dim=0))
-    return torch.stack(cols, dim=1)
+    try:
+        if prompts is None:
+            names, step = list(classnames), 10      # open_clip's classes per batch
+            for i in range(0, len(names), step):
+                with clip.autocast():
+                    w = _open_clip().build_zero_shot_classifier(
+                        clip.model, clip.tokenizer, names[i:i + step], list(templates),
+                        num_classes_per_batch=step, device=clip.device, use_tqdm=False)
+                cols.append(w.float())
+                if bar is not None:
+                    bar.update(len(names[i:i + step]))
+            return torch.cat(cols, dim=1)
+        for c in classnames:
+            with clip.autocast():
+                e = clip.model.encode_text(clip.tokenizer(prompts[c]).to(clip.device),
+                                           normalize=True)
+            cols.append(torch.nn.functional.normalize(e.float().mean(0), dim=0))
+            if bar is not None:
+                bar.update(1)
+        return torch.stack(cols, dim=1)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 @torch.no_grad()
@@ -243,7 +387,8 @@ def image_features(clip: ClipModel, images: ImageSet, *, cache_dir: Optional[str
     if shard_filter is not None:
         todo = [i for i in todo if shard_filter(i)]
     if todo:
-        _encode_shards(clip, images, cache, todo, batch_size, workers, progress)
+        _encode_shards(clip, images, cache, todo, batch_size, workers, progress,
+                       reuse=use_cache, log=log)
     if cache.missing_shards():
         return None, None, cache
     feats, ok = cache.load()
@@ -251,31 +396,54 @@ def image_features(clip: ClipModel, images: ImageSet, *, cache_dir: Optional[str
 
 
 def _encode_shards(clip: ClipModel, images: ImageSet, cache: FeatureCache, todo: List[int],
-                   batch_size: int, workers: int, progress: bool) -> None:
+                   batch_size: int, workers: int, progress: bool, reuse: bool = False,
+                   log: Optional[Callable[..., None]] = None) -> None:
     """Encode the images of shards ``todo`` through one DataLoader (workers start once), writing
-    each shard as soon as its last image is encoded."""
+    each shard as soon as its last image is ready. With ``reuse``, images whose features another
+    cached set holds (same model/weights/preprocessing, unchanged file: FeatureCache.reuse_plan)
+    are copied from it instead of encoded."""
     rows = [r for i in todo for r in cache.shard_rows(i)]
+    ready: Dict[int, Tuple[torch.Tensor, bool]] = {}     # row -> (features, ok), not yet written
+    plan = cache.reuse_plan(rows) if reuse else {}
+    if plan:
+        got, got_ok = FeatureCache.read_planned(list(plan.values()))
+        for r, f, o in zip(plan, got, got_ok.tolist()):
+            if o:
+                ready[r] = (f, True)
+    cache.reused = len(ready)
+    encode = [r for r in rows if r not in ready]
+    if log is not None and ready:
+        log("reuse", f"features: {len(ready)} of {len(rows)} images taken from earlier cached "
+            f"sets (same model and weights, files unchanged); encoding {len(encode)}",
+            reused=len(ready), encode=len(encode), n=len(rows))
+    pending = list(todo)
+
+    def flush():
+        while pending and all(r in ready for r in cache.shard_rows(pending[0])):
+            i = pending.pop(0)
+            got = [ready.pop(r) for r in cache.shard_rows(i)]
+            cache.write_shard(i, torch.stack([f for f, _ in got]),
+                              torch.tensor([o for _, o in got], dtype=torch.bool))
+
+    flush()
+    if not encode:
+        return
     loader = torch.utils.data.DataLoader(
-        ImageDataset(images.paths, clip.preprocess, rows), batch_size=batch_size,
+        ImageDataset(images.paths, clip.preprocess, encode), batch_size=batch_size,
         num_workers=workers, shuffle=False, pin_memory=clip.device.type == "cuda")
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(rows), desc="image features", unit="img")
-    pending = list(todo)
-    feats, oks, have = [], [], 0      # encoded rows of pending[0] (and beyond) not yet written
+        bar = tqdm(total=len(encode), desc="image features", unit="img")
     try:
-        for x, _, ok in loader:
+        for x, idx, ok in loader:
             with clip.autocast():
                 f = clip.model.encode_image(x.to(clip.device, non_blocking=True), normalize=True)
-            feats.append((f.float() * ok.to(f.device)[:, None]).cpu())
-            oks.append(ok)
-            have += len(x)
-            while pending and have >= (need := len(cache.shard_rows(pending[0]))):
-                f_all, ok_all = torch.cat(feats), torch.cat(oks)
-                cache.write_shard(pending.pop(0), f_all[:need], ok_all[:need])
-                feats, oks, have = [f_all[need:]], [ok_all[need:]], have - need
+            f = (f.float() * ok.to(f.device)[:, None]).cpu()
+            for r, fr, o in zip(idx.tolist(), f, ok.tolist()):
+                ready[r] = (fr, bool(o))
+            flush()
             if bar is not None:
                 bar.update(len(x))
     finally:

@@ -2,6 +2,7 @@
 layout, and a Dataset that never stops a run on a corrupt image (it flags it instead)."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -12,6 +13,34 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
                     ".pgm", ".jfif")
 
 
+# -- text files ------------------------------------------------------------------------------
+def read_text(path: str, option: str) -> str:
+    """The text of a UTF-8 file; a file that is not UTF-8 is an error naming the file, the line
+    and the option it was given to."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{option} {path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                         "save the file as UTF-8") from None
+
+
+def read_lines(path: str, option: str) -> List[str]:
+    return read_text(path, option).splitlines()
+
+
+def load_json(path: str, option: str):
+    """A JSON file; malformed JSON is an error naming the file, line and column."""
+    text = read_text(path, option)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option} {path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") \
+            from None
+
+
 @dataclass
 class ImageSet:
     """An ordered list of image paths, with labels (class indices) when the layout gives them."""
@@ -20,9 +49,18 @@ class ImageSet:
     labels: Optional[List[int]] = None
     folder_to_class: Dict[str, int] = field(default_factory=dict)
     missing: List[str] = field(default_factory=list)   # listed in a file list, not on disk
+    source: str = ""                    # the folder or the file list given (absolute)
+    is_list: bool = False               # ``source`` is a file list
+    ignored: List[str] = field(default_factory=list)   # loose files beside the class folders
+    note: str = ""                      # why the images are unlabeled, when it is not obvious
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def describe(self) -> str:
+        """Where the images come from, in words: 'under FOLDER' or 'listed in FILE'."""
+        where = self.source or self.root
+        return f"listed in {where}" if self.is_list else f"under {where}"
 
 
 def is_image(path: str) -> bool:
@@ -73,19 +111,23 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
     path per line, relative paths taken from the file's folder).
 
     labels: "folder" (ImageFolder layout: the first-level folder is the class; every folder must
-    match a class), "none", or "auto" (folder labels when every image lies in a first-level
-    folder and at least one folder name is a class name; an error when there are several such
-    folders and none matches a class: say "none" for unlabeled images; otherwise none).
+    match a class; loose files at the top level are left out and named in ``ignored``, for the
+    caller to warn about), "none", or "auto" (folder labels when at least one first-level folder
+    name is a class name and fewer images lie loose at the top level than in folders; an error
+    when every image lies in one of several folders and none matches a class: say "none" for
+    unlabeled images; otherwise none, with ``note`` saying why when class folders were found).
     """
     if labels not in ("auto", "folder", "none"):
         raise ValueError(f"labels must be 'auto', 'folder' or 'none', got {labels!r}")
+    is_list = False
     if os.path.isdir(images):
         root = os.path.abspath(images)
         paths = _walk(root)
     elif os.path.isfile(images):
+        is_list = True
         base = os.path.dirname(os.path.abspath(images))
-        with open(images) as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+        lines = [ln.strip() for ln in read_lines(images, "--images")
+                 if ln.strip() and not ln.startswith("#")]
         paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in lines]
         root = os.path.commonpath(paths) if paths else base
         if labels == "auto":
@@ -99,31 +141,48 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
     if len(missing) == len(paths):
         raise FileNotFoundError(f"--images {images!r}: none of the {len(paths)} listed paths "
                                 f"exists (first: {paths[0]!r})")
+    source = os.path.abspath(images)
     rel = [os.path.relpath(p, root) for p in paths]
     top = [r.split(os.sep)[0] if os.sep in r else None for r in rel]
+    loose = [p for p, t in zip(paths, top) if t is None]
+    nested = len(paths) - len(loose)
+    note = ""
     if labels == "auto":
         folders = sorted({t for t in top if t is not None})
-        nested_everywhere = all(t is not None for t in top)
         names = {_norm(c) for c in (classnames or [])}
         hits = [f for f in folders if _norm((folder_map or {}).get(f, f)) in names]
-        if classnames and nested_everywhere and len(folders) >= 2 and not hits:
+        if classnames and not loose and len(folders) >= 2 and not hits:
             raise ValueError(
                 f"--images {images!r} has an ImageFolder layout ({len(folders)} folders: "
                 f"{folders[:5]}{' ...' if len(folders) > 5 else ''}) but no folder matches a "
                 f"class name (classes: {list(classnames)[:5]}"
                 f"{' ...' if len(classnames) > 5 else ''}); pass --labels none for unlabeled "
                 "images, or a JSON object folder -> class name as --classes")
-        labels = "folder" if (classnames and nested_everywhere and hits) else "none"
+        # class folders with a few stray files beside them: the folders still label the images
+        # (the stray files are left out, with a warning); mostly loose files: unlabeled, saying so
+        if classnames and hits and len(loose) < nested:
+            labels = "folder"
+        else:
+            labels = "none"
+            if classnames and hits:
+                note = (f"{len(loose)} of the {len(paths)} images lie outside the class folders "
+                        f"(e.g. {os.path.basename(loose[0])}), so folder names are not used as "
+                        "labels; pass --labels folder to use them (leaving the loose files out)")
     if labels == "none":
-        return ImageSet(root, paths, missing=missing)
+        return ImageSet(root, paths, missing=missing, source=source, is_list=is_list, note=note)
     if classnames is None:
         raise ValueError("folder labels need the class names")
-    if any(t is None for t in top):
-        loose = [r for r, t in zip(rel, top) if t is None][:3]
-        raise ValueError(f"folder labels: images must lie in class folders, found loose files "
-                         f"at the top level: {loose}")
+    if loose:
+        if not nested:
+            raise ValueError(f"folder labels: images must lie in class folders, found only "
+                             f"loose files at the top level of {root}")
+        keep = [t is not None for t in top]
+        paths = [p for p, k in zip(paths, keep) if k]
+        top = [t for t, k in zip(top, keep) if k]
+        missing = [p for p in missing if p not in set(loose)]
     mapping = match_folders(sorted(set(top)), classnames, folder_map)
-    return ImageSet(root, paths, [mapping[t] for t in top], mapping, missing)
+    return ImageSet(root, paths, [mapping[t] for t in top], mapping, missing, source=source,
+                    is_list=is_list, ignored=loose)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -124,6 +124,9 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, chunk_size = check_hyper(
         tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, chunk_size)
     class_prior, stop = _check_mode(mode, class_prior, tol, stop)
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA device is available here (torch "
+                         f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
     streaming = stream or (device is not None and isinstance(image_features, torch.Tensor)
                            and torch.device(device) != image_features.device)
     if streaming:

@@ -124,6 +124,26 @@ def write_predictions(path: str, paths: Sequence[str], classnames: Sequence[str]
             w.writerow(row)
 
 
+def _log_images(image_set: ImageSet, log: "Log", num_classes: Optional[int] = None) -> None:
+    """What was found where; loose files left out beside the class folders; why the images are
+    unlabeled when class folders were found."""
+    labeled = image_set.labels is not None
+    classes = f"; classes: {num_classes}" if num_classes is not None else ""
+    log("images", f"images: {len(image_set)} {image_set.describe()} "
+        f"({'labeled by folder' if labeled else 'unlabeled'}){classes}", n=len(image_set),
+        labeled=labeled, images=image_set.source or image_set.root)
+    if image_set.ignored:
+        log("warning", f"warning: {len(image_set.ignored)} file(s) at the top level of "
+            f"{image_set.root}, outside the class folders, are left out: "
+            f"{_some(image_set.ignored)}", ignored=image_set.ignored)
+    if image_set.note:
+        log("warning", f"warning: unlabeled: {image_set.note}", note=image_set.note)
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def _log_missing(images: ImageSet, log: "Log") -> None:
     """Paths of a file list that do not exist: named now, skipped at extraction."""
     if images.missing:
@@ -192,7 +212,7 @@ def extract(clip: "clip_mod.ClipModel", images: ImageSet, log: Log, group=None,
     what = f"{len(skipped)} unreadable, skipped: {_some(skipped)}" if skipped else "none skipped"
     log("features", f"features: {int(ok.sum())} images ({what}) in "
         f"{time.perf_counter() - t0:.1f}s; cache {cache.dir}", n=int(ok.sum()),
-        skipped=len(skipped), skipped_paths=skipped, cache=cache.dir,
+        skipped=len(skipped), skipped_paths=skipped, cache=cache.dir, reused=cache.reused,
         seconds=time.perf_counter() - t0)
     if not bool(ok.any()):
         raise ValueError(f"none of the {len(images)} images could be read")
@@ -203,10 +223,12 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
                templates: str = "simple", prompts: Optional[str] = None, labels: str = "auto",
                device: str = "cpu", model_precision: str = "fp32", batch_size: int = 64,
                workers: int = 4, cache_dir: Optional[str] = None, use_cache: bool = True,
-               topk: int = 5, log: Optional[Log] = None, **hyper) -> dict:
+               topk: int = 5, log: Optional[Log] = None, command: Optional[str] = None,
+               **hyper) -> dict:
     """``inmap fit``: writes out/proxy.safetensors, out/report.json, out/predictions.csv and
-    returns the report."""
+    returns the report (``command``: the command line, recorded in it)."""
     log = log or Log()
+    started = _now_iso()
     group = _group(device)
     rank = 0 if group is None else torch.distributed.get_rank(group)
     if rank != 0:
@@ -218,10 +240,11 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     per_class = clip_mod.load_prompts(prompts, spec.names) if prompts else None
     hyper = _class_prior_option(hyper, spec.names, log)
     image_set = list_images(images, spec.names, labels, spec.folder_map)
-    log("images", f"images: {len(image_set)} under {image_set.root} "
-        f"({'labeled by folder' if image_set.labels is not None else 'unlabeled'}); "
-        f"classes: {len(spec.names)}", n=len(image_set), labeled=image_set.labels is not None)
+    _log_images(image_set, log, len(spec.names))
     _log_missing(image_set, log)
+    coverage = _label_coverage(image_set, spec.names)
+    if coverage is not None:
+        log("warning", f"warning: {coverage['note']}", **coverage)
     clip = clip_mod.load_model(model, pretrained, device, model_precision)
     timings["load_model_s"] = time.perf_counter() - t0
 
@@ -278,9 +301,13 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     lab = feats.labels
     write_predictions(os.path.join(out, "predictions.csv"), feats.paths, spec.names, (vals, idx),
                       (zs_vals[:, :1], zs_idx[:, :1]), lab.tolist() if lab is not None else None)
+    counts = res.class_counts.tolist()
     report = {
-        "model": model, "pretrained": str(pretrained), "device": str(clip.device),
-        "images": image_set.root, "n_images": len(image_set), "n_used": int(feats.keep.sum()),
+        "command": command, "timestamp": started, "finished": _now_iso(),
+        "model": model, "pretrained": str(pretrained), "weights_id": clip.weights_id,
+        "device": str(clip.device),
+        "images": image_set.source or image_set.root, "n_images": len(image_set),
+        "n_used": int(feats.keep.sum()),
         "n_skipped": len(feats.skipped), "skipped": feats.skipped,
         "num_classes": len(spec.names), "backend": res.backend, "hyper": res.hyper,
         "mode": res.hyper["mode"], "class_prior": _prior_report(res, spec.names),
@@ -289,6 +316,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
             "class_counts_min": int(res.class_counts.min()),
             "class_counts_max": int(res.class_counts.max()),
             "classes_without_pseudo_label": int((res.class_counts == 0).sum()),
+            "class_counts": dict(zip(spec.names, (int(c) for c in counts))),
         },
         "descent": {"solver": res.hyper["solver"], "stop": res.hyper["stop"],
                     "n_iters": res.n_iters, "converged": res.converged,
@@ -303,6 +331,10 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
                     "predictions": os.path.join(out, "predictions.csv")},
         "versions": versions(),
     }
+    if image_set.ignored:
+        report["ignored"] = image_set.ignored
+    if coverage is not None:
+        report["label_coverage"] = coverage
     if lab is not None:
         report["zero_shot"] = classification_metrics(zs_idx.cpu(), lab, len(spec.names))
         report["inmap"] = classification_metrics(idx.cpu(), lab, len(spec.names))
@@ -314,15 +346,37 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     return report
 
 
+def _label_coverage(image_set: ImageSet, names: Sequence[str]) -> Optional[dict]:
+    """When folder labels cover only part of the class list: how much, and which are absent."""
+    if image_set.labels is None:
+        return None
+    present = sorted(set(image_set.labels))
+    if len(present) == len(names):
+        return None
+    absent = [n for i, n in enumerate(names) if i not in set(present)]
+    return {"classes_with_images": len(present), "num_classes": len(names),
+            "classes_without_images": absent,
+            "note": f"the image folders cover {len(present)} of the {len(names)} classes "
+                    f"(no folder for {_some(absent)}); accuracy is over those classes only"}
+
+
 def read_class_weights(path: str, names: Sequence[str]) -> torch.Tensor:
     """Class proportions from a file: JSON {class: weight}, or lines 'class weight' (the last
     whitespace- or comma-separated field is the weight; '#' starts a comment). Classes not
     listed get weight 0 (known absent); an unknown class name is an error."""
-    with open(path) as f:
-        text = f.read()
+    from .data import read_text
+
+    text = read_text(path, "--class-prior")
     pairs = []
     if text.lstrip().startswith("{"):
-        pairs = list(json.loads(text).items())
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--class-prior {path}:{e.lineno}:{e.colno}: not valid JSON "
+                             f"({e.msg})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"--class-prior {path}: expected a JSON object class -> weight")
+        pairs = list(data.items())
     else:
         for n, line in enumerate(text.splitlines(), 1):
             line = line.split("#", 1)[0].strip()
@@ -408,11 +462,15 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
                    pretrained: Optional[str] = None, device: str = "cpu",
                    model_precision: str = "fp32", batch_size: int = 64, workers: int = 4,
                    cache_dir: Optional[str] = None, use_cache: bool = True, topk: int = 5,
-                   log: Optional[Log] = None) -> dict:
+                   log: Optional[Log] = None, force: bool = False,
+                   command: Optional[str] = None) -> dict:
     """``inmap predict``: a saved proxy + images -> predictions CSV (``write_predictions``) and
     a report beside it (``predict_report_path``: counts, skipped files, timings); returns the
-    report. The model and weights come from the proxy's metadata unless given."""
+    report. The model and weights come from the proxy's metadata unless given; other ones
+    than the proxy was fitted with are an error (its classes would not match the features)
+    unless ``force``, then a warning."""
     log = log or Log()
+    started = _now_iso()
     res = load_vision_proxy(proxy)
     meta = res.metadata
     model = model or meta.get("model")
@@ -421,11 +479,13 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
     if not model:
         raise ValueError(f"{proxy} names no model in its metadata: pass --model and --pretrained")
     if meta.get("model") and meta["model"] != model:
-        log("warning", f"warning: the proxy was fitted with {meta['model']}, predicting with "
-            f"{model}", fitted=meta["model"], using=model)
+        _mismatch(force, log, f"the proxy {proxy} was fitted with --model {meta['model']}, not "
+                  f"{model}", fitted=meta["model"], using=model)
     names = json.loads(meta["classnames"]) if "classnames" in meta else \
         [str(i) for i in range(res.num_classes)]
+    clip_mod.check_model_name(model)
     image_set = list_images(images, names, "none")
+    _log_images(image_set, log)
     _log_missing(image_set, log)
     t0 = time.perf_counter()
     clip = clip_mod.load_model(model, pretrained, device, model_precision)
@@ -434,17 +494,20 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
     VisionProxyClassifier(res.proxy, names)._check_model(clip.model)
     fitted_weights = meta.get("weights_id")
     if fitted_weights and fitted_weights != clip.weights_id:
-        log("warning", f"warning: the proxy was fitted on other weights ({fitted_weights}) than "
-            f"the model predicting now ({clip.weights_id}): its classes will not match these "
-            "image features; pass the --pretrained it was fitted with",
-            fitted=fitted_weights, using=clip.weights_id)
+        _mismatch(force, log, f"the proxy {proxy} was fitted on other weights ({fitted_weights}) "
+                  f"than the model predicting now ({clip.weights_id}): its classes would not "
+                  f"match these image features; pass the --pretrained it was fitted with "
+                  f"({meta.get('pretrained')})", fitted=fitted_weights, using=clip.weights_id)
     feats = extract(clip, image_set, log, cache_dir=cache_dir, use_cache=use_cache,
                     batch_size=batch_size, workers=workers)
     x = feats.features.to(clip.device)
     inmap, zero_shot = res.topk(x, min(topk, len(names))), res.zero_shot_topk(x, 1)
     write_predictions(out, feats.paths, names, inmap, zero_shot)
-    report = {"proxy": os.path.abspath(proxy), "model": model, "pretrained": str(pretrained),
-              "device": str(clip.device), "images": image_set.root, "n_images": len(image_set),
+    report = {"command": command, "timestamp": started,
+              "proxy": os.path.abspath(proxy), "model": model, "pretrained": str(pretrained),
+              "weights_id": clip.weights_id, "forced": bool(force),
+              "device": str(clip.device), "images": image_set.source or image_set.root,
+              "n_images": len(image_set),
               "n_used": int(feats.keep.sum()), "n_skipped": len(feats.skipped),
               "skipped": feats.skipped, "num_classes": len(names),
               "changed_from_zero_shot": float((inmap[1][:, 0] != zero_shot[1][:, 0])
@@ -460,6 +523,13 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
     return report
 
 
+def _mismatch(force: bool, log: Log, message: str, **fields) -> None:
+    """Another model or weights than the proxy's: an input error, or with --force a warning."""
+    if not force:
+        raise ValueError(message + " (--force predicts anyway)")
+    log("warning", f"warning: {message} (--force)", **fields)
+
+
 def predict_report_path(out: str) -> str:
     """Where ``inmap predict --out X.csv`` writes its report: X.report.json."""
     return os.path.splitext(out)[0] + ".report.json"
@@ -469,13 +539,18 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
                 out: Optional[str] = None, templates: str = "simple", device: str = "cpu",
                 model_precision: str = "fp32", batch_size: int = 64, workers: int = 4,
                 cache_dir: Optional[str] = None, use_cache: bool = True,
-                dataset: Optional[str] = None, log: Optional[Log] = None, **hyper) -> List[dict]:
+                dataset: Optional[str] = None, log: Optional[Log] = None,
+                command: Optional[str] = None, **hyper) -> List[dict]:
     """``inmap eval``: zero-shot vs InMaP (without and with Sinkhorn) on a labeled folder; one
     CLIP_benchmark-shaped record per method."""
     log = log or Log()
     spec = clip_mod.load_classnames(classes)
     hyper = _class_prior_option(hyper, spec.names, log)
     image_set = list_images(images, spec.names, "folder", spec.folder_map)
+    _log_images(image_set, log, len(spec.names))
+    coverage = _label_coverage(image_set, spec.names)
+    if coverage is not None:
+        log("warning", f"warning: {coverage['note']}", **coverage)
     clip = clip_mod.load_model(model, pretrained, device, model_precision)
     text = clip_mod.text_proxies(clip, spec.names, clip_mod.load_templates(templates),
                                  progress=log.progress)
@@ -515,6 +590,10 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             json.dump(records, f, indent=2)
+        log("done", f"wrote {out} ({len(records)} records: {', '.join(runs)})", out=out,
+            n_records=len(records))
+    else:
+        log("done", "results not written (pass --out FILE.json to keep them)", out=None)
     return records
 
 

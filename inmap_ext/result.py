@@ -63,6 +63,17 @@ class VisionProxyResult:
     def num_classes(self) -> int:
         return self.proxy.shape[1]
 
+    def __repr__(self) -> str:
+        """Short: shapes, prior, steps; never whole tensors."""
+        D, C = self.proxy.shape
+        prior = self.class_prior.chosen if self.class_prior is not None else None
+        model = self.metadata.get("model")
+        return (f"VisionProxyResult(proxy D={D} x C={C} {str(self.proxy.dtype).replace('torch.', '')}"
+                f" on {self.proxy.device}, n_images={self.n_images}, steps={self.n_iters}, "
+                f"converged={self.converged}, class_prior={prior!r}, "
+                f"confident_fraction={self.confident_fraction:.3f}, backend={self.backend!r}"
+                + (f", model={model!r}" if model else "") + ")")
+
     # -- prediction ---------------------------------------------------------------------------
     def topk(self, features: Tensor, k: int = 5, *, backend: str = "auto",
              chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:

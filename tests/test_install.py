@@ -15,6 +15,7 @@ sys.modules["inmap_ext._C"] = None          # as if the .so were missing or brok
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import inmap_ext
+    inmap_ext.extension_loaded          # the package loads its kernels on first use
 msgs = [str(w.message) for w in caught if "inmap_ext" in str(w.message)]
 assert len(msgs) == 1 and "pure-torch backend" in msgs[0], msgs
 assert not inmap_ext.extension_loaded()

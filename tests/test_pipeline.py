@@ -480,15 +480,18 @@ def test_imagefolder_matching_no_class_is_an_error(ws, tmp_path, capsys):
     assert main(args + ["--labels", "none"]) == 0
 
 
-def test_predict_warns_on_other_weights(ws, tmp_path, capsys):
+def test_predict_on_other_weights_needs_force(ws, tmp_path, capsys):
     assert main(_fit_args(ws, tmp_path, "--iters", "5")) == 0
     torch.manual_seed(1)
     other = tmp_path / "other_random.pt"
     torch.save(open_clip.create_model(MODEL, pretrained=None).state_dict(), other)
     capsys.readouterr()
-    assert main(["predict", "--proxy", str(tmp_path / "o" / "proxy.safetensors"), "--pretrained",
-                 str(other), "--images", ws["labeled"], "--out", str(tmp_path / "p.csv"),
-                 "--workers", "0", "--cache-dir", ws["cache"]]) == 0
+    args = ["predict", "--proxy", str(tmp_path / "o" / "proxy.safetensors"), "--pretrained",
+            str(other), "--images", ws["labeled"], "--out", str(tmp_path / "p.csv"),
+            "--workers", "0", "--cache-dir", ws["cache"]]
+    assert main(args) == 3                      # an input error unless forced
+    assert "fitted on other weights" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0
     assert "fitted on other weights" in capsys.readouterr().err
 
 
