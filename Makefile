@@ -33,9 +33,11 @@ BUILD ?= auto
 
 # a line every 30 s while a long step runs: no silent minutes
 TICK = start=$$(date +%s); ( while sleep 30; do echo "   ... $(1): $$(( $$(date +%s) - start )) s so far"; done ) & tick=$$!; trap "kill $$tick 2>/dev/null" EXIT;
-# pip -v | the lines that say what is built: setup.py's, and ninja's [k/n] per compiled source
+# pip -v | the lines that say what is built: setup.py's (once), and ninja's [k/n] per compiled source
 BUILD_LOG = $(VENV)/build.log
-SHOW_BUILD = { grep --line-buffered -E '^inmap_ext:|^\[[0-9]+/[0-9]+\]' | sed -u -E 's@^(\[[0-9]+/[0-9]+\]) .* (-c|-c -c) [^ ]*/(csrc/[^ ]+) .*@   \1 \3@' || true; }
+SHOW_BUILD = awk '/^ *inmap_ext: building/ && !seen[$$0]++ { sub(/^ +/, ""); print "   " $$0; fflush() } \
+  /^ *\[[0-9]+\/[0-9]+\] / { f = ""; for (i = 2; i <= NF; i++) if ($$i ~ /csrc\/.*\.(cpp|cu)$$/) f = $$i; \
+    sub(/.*\/csrc\//, "csrc/", f); print "   " $$1 " compiled " f; fflush() }'
 
 .PHONY: install demo test cpu-test cmake-test bench check clean
 
