@@ -49,8 +49,8 @@ $(VENV)/.deps:
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 	@echo "== building the extension inmap_ext._C ($(if $(filter cuda,$(BUILD)),FORCE_CUDA=1: CPU + every CUDA kernel$(comma) ~15 min on 2 cores,CPU kernels: ~1 min on 2 cores$(comma) + CUDA kernels only if a GPU is visible: ~15 min)); full log: $(BUILD_LOG)"
-	@set -o pipefail; $(call TICK,building) \
-	  $(if $(filter cuda,$(BUILD)),FORCE_CUDA=1) $(VENV)/bin/pip install -v --no-build-isolation --no-deps . > $(BUILD_LOG) 2>&1 & pip=$$!; \
+	@set -o pipefail; : > $(BUILD_LOG); $(call TICK,building) \
+	  $(if $(filter cuda,$(BUILD)),FORCE_CUDA=1) $(VENV)/bin/pip install -v --no-build-isolation --no-deps . >> $(BUILD_LOG) 2>&1 & pip=$$!; \
 	  tail -n +1 -f --pid=$$pip $(BUILD_LOG) | $(SHOW_BUILD); \
 	  wait $$pip || { echo "build failed; the end of $(BUILD_LOG):"; tail -40 $(BUILD_LOG); exit 1; }; \
 	  echo "   built in $$(( $$(date +%s) - start )) s"
