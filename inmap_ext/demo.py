@@ -28,8 +28,8 @@ from .synthetic import make_image_folder, make_problem
 # ITERS gradient steps (the published algorithm runs all of them).
 N, D, C, ITERS = 1000, 128, 30, 2000
 
-# CLIP-calibrated synthetic geometry: image-text cosines ~0.4 through a shared modality gap,
-# zero-shot well below InMaP, as CLIP on ImageNet (docs/class_prior.md).
+# CLIP-like synthetic geometry: image-text cosines ~0.4 through a shared modality gap, so that
+# InMaP has the text-image gap to close (synthetic, not CLIP features).
 CLIP_LIKE = dict(gap=2.0, text_noise=0.4)
 
 
