@@ -183,10 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "itself runs on the CPU")
 
     p = sub.add_parser("demo", help="the built-in offline demo (synthetic problem + pipeline)")
-    p.add_argument("--n", type=int, default=10000, help="synthetic images (default 10000)")
-    p.add_argument("--dim", type=int, default=256, help="synthetic feature dimension (256)")
-    p.add_argument("--classes", type=int, default=50, help="synthetic classes (default 50)")
-    p.add_argument("--iters", type=int, default=2000, help="most gradient steps (default 2000)")
+    p.add_argument("--n", type=int, default=None, help="synthetic images (default 1000)")
+    p.add_argument("--dim", type=int, default=None, help="synthetic feature dimension (128)")
+    p.add_argument("--classes", type=int, default=None, help="synthetic classes (default 30)")
+    p.add_argument("--iters", type=int, default=None, help="most gradient steps (default 2000)")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture of the pipeline "
                    "stage (default ViT-B-32, random weights offline)")
     p.add_argument("--pretrained", default=None, help="weights of the pipeline stage (default: "
