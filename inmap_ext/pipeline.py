@@ -432,13 +432,11 @@ def _log_class_prior(res: VisionProxyResult, log: Log) -> None:
         effective_classes=p.effective_classes)
     if p.few_classes:
         C = res.num_classes
-        what = {"estimate": "balanced to the estimated class proportions",
-                "none": "not balanced (the estimate could not be trusted)"}.get(
-                    p.chosen, f"balanced to {p.chosen}")
         log("warning", f"warning: the images appear to hold only about {p.effective_classes:.0f} "
-            f"of the {C} listed classes; the pseudo labels were {what}. If you know which "
-            "classes are present, pass --class-prior FILE", chosen=p.chosen,
-            effective_classes=p.effective_classes, num_classes=C)
+            f"of the {C} listed classes; the pseudo labels were balanced to the class "
+            "proportions estimated from them. If you know which classes are present, pass "
+            "--class-prior FILE", chosen=p.chosen, effective_classes=p.effective_classes,
+            num_classes=C)
 
 
 def _fits_on_device(x: torch.Tensor, device: torch.device) -> bool:
