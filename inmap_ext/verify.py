@@ -253,8 +253,8 @@ def resolve(name: str, backend: str, device, dtype, group=None) -> Tuple[Callabl
     ref = getattr(reference, name)
     design = design_of(backend, device, dtype)
     record = dict(op=name, requested=backend, ran=backend, design=design, verified="-")
-    if f is ref:                      # nothing compiled runs this op (torch, Triton's top-k)
-        return f, dict(record, ran="torch", design="torch")
+    if f is ref:          # nothing compiled runs this op (backend "torch", Triton's top-k)
+        return f, record
     ok = True
     if enabled():
         key = (name, backend, str(device), dtype, design, uses_tf32(device, dtype))
