@@ -128,7 +128,8 @@ def format_table(rows) -> str:
     n_pass = sum(r["ok"] for r in rows)
     n_fail = sum((not r["ok"]) and not r["note"] for r in rows)
     n_skip = sum(bool(r["note"]) for r in rows)
-    lines.append(f"{n_pass} passed, {n_fail} failed" + (f", {n_skip} not checked" if n_skip else ""))
+    lines.append(f"{n_pass} passed, {n_fail} failed" +
+                 (f", {n_skip} not checked" if n_skip else ""))
     if any(r["note"] == NO_GPU for r in rows):
         lines.append("The CUDA kernels were NOT checked: this machine has no GPU, so nothing "
                      "above says they are correct. On a GPU, `inmap check` checks them, and every "

@@ -118,6 +118,11 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(diff / want[finite].norm().clamp_min(1e-30))
 
 
+OUTPUTS = {"softmax_column_lse": ("column log-sums",),
+           "pseudo_label_reduce": ("X^T P", "class mass", "argmax counts", "one-hot rows"),
+           "xt_softmax": ("X^T softmax", "log-partition sum")}
+
+
 def compare(name: str, got, want, args, tol: float) -> Tuple[bool, float, str]:
     """(agree, worst relative error, which output) of an op's outputs against the reference's.
     Floating outputs: relative error <= tol. Pseudo-label counts: exact (the probe has no
@@ -131,17 +136,19 @@ def compare(name: str, got, want, args, tol: float) -> Tuple[bool, float, str]:
         x, w = args[0], args[1]
         acc = reference.acc_dtype(x.dtype)
         idx = got[1].long().clamp(0, w.shape[1] - 1) if got[1].shape == want[1].shape else None
-        at_idx = None if idx is None else torch.gather(x.to(acc) @ w.to(acc), 1, idx)
+        at_idx = None if idx is None else torch.cat(   # chunked: no N x C matrix
+            [torch.gather(xc.to(acc) @ w.to(acc), 1, ic)
+             for xc, ic in zip(x.split(4096), idx.split(4096))])
         errs = {"values": rel_err(got[0], want[0]),
                 "indices": math.inf if at_idx is None or not torch.equal(idx, got[1]) else
                 rel_err(at_idx, want[0])}
     else:
         errs = {}
-        for i, (a, b) in enumerate(zip(got, want)):
+        for out, a, b in zip(OUTPUTS[name], got, want):
             if b.is_floating_point():
-                errs[f"output {i}"] = rel_err(a, b)
+                errs[out] = rel_err(a, b)
             else:
-                errs[f"output {i}"] = 0.0 if (isinstance(a, torch.Tensor) and a.shape == b.shape
+                errs[out] = 0.0 if (isinstance(a, torch.Tensor) and a.shape == b.shape
                                               and torch.equal(a.long(), b)) else math.inf
     worst = max(errs, key=errs.get)
     return errs[worst] <= tol, errs[worst], worst
@@ -178,6 +185,14 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def _indexed(device) -> torch.device:
+    """``device`` with its index ("cuda" -> "cuda:0"), so that a combination has one key."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -185,9 +200,7 @@ def _sync(device):
 
 def check_op(name: str, backend: str, device, dtype) -> Verdict:
     """Run op ``name`` of ``backend`` on the probe and compare with the pure-torch backend."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _indexed(device)
     tf32 = uses_tf32(device, dtype)
     tol = tolerance(dtype, tf32)
     design = design_of(backend, device, dtype)
@@ -248,7 +261,7 @@ def resolve(name: str, backend: str, device, dtype, group=None) -> Tuple[Callabl
     and a record of what runs and why. A compiled op is checked on its first use in this process
     (``check_op``); one that failed runs as the pure-torch op. With a process group, the ranks
     agree: if any rank's check failed, every rank runs the pure-torch op."""
-    device = torch.device(device)
+    device = _indexed(device)
     f = _ops.op(name, backend)
     ref = getattr(reference, name)
     design = design_of(backend, device, dtype)
@@ -264,8 +277,8 @@ def resolve(name: str, backend: str, device, dtype, group=None) -> Tuple[Callabl
             verdict = _MEMO[key]
         ok = verdict.ok
         err = verdict.rel_err if math.isfinite(verdict.rel_err) else None  # JSON-safe
-        record.update(verified="passed" if ok else "failed", rel_err=err,
-                      tol=verdict.tol, check_ms=round(verdict.ms, 3), device_name=verdict.device_name)
+        record.update(verified="passed" if ok else "failed", rel_err=err, tol=verdict.tol,
+                      check_ms=round(verdict.ms, 3), device_name=verdict.device_name)
         if not ok:
             record["error"] = verdict.error
             _warn_once(key, verdict.describe())

@@ -103,14 +103,14 @@ def test_compare_catches_what_matters():
     shifted = counts.roll(1)
     ok, _, what = verify.compare("pseudo_label_reduce", (B, mass, shifted, n), (B, mass, counts, n),
                                  calls["pseudo_label_reduce"], 1e-4)
-    assert not ok and what == "output 2"
+    assert not ok and what == "argmax counts"
     vals, idx = reference.topk_scores(*calls["topk_scores"])
     ok, _, what = verify.compare("topk_scores", (vals, (idx + 1) % w.shape[1]), (vals, idx),
                                  calls["topk_scores"], 1e-4)
     assert not ok and what == "indices"
 
 
-# -- the mechanism, on the CPU kernels --------------------------------------------------------------
+# -- the mechanism, on the CPU kernels ---------------------------------------------------------
 def test_compiled_cpu_ops_pass_once_per_combination(monkeypatch):
     skip_if_no_ext("cpu")
     checks = _count_checks(monkeypatch)
@@ -242,7 +242,7 @@ def test_sharded_fit_ranks_agree_on_the_fallback(tmp_path):
     assert any("relative error" in m for m in out[1]["warnings"])
 
 
-# -- inmap check: the long form ----------------------------------------------------------------------
+# -- inmap check: the long form -------------------------------------------------------------------
 def test_check_uses_the_probe_and_says_when_cuda_was_not_checked(monkeypatch, capsys):
     skip_if_no_ext("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
