@@ -124,12 +124,18 @@ def fused_design_requested(x: torch.Tensor) -> bool:
     """True when the compiled CUDA ops would run ``x`` through the fused design
     (csrc/cuda/design.cuh ``use_fused``: INMAP_CUDA_DESIGN=fused, fp16 / bf16 / TF32-allowed
     fp32, sm_80+), short of its check of the loaded kernels' PTX version."""
-    if x.device.type != "cuda" or os.environ.get(DESIGN_ENV) != "fused":
-        return False
-    if not (x.dtype in (torch.float16, torch.bfloat16) or
-            (x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)):
-        return False
-    return torch.cuda.get_device_capability(x.device)[0] >= 8
+    return x.device.type == "cuda" and cuda_design_of(x.device, x.dtype) == "fused"
+
+
+def cuda_design_of(device: "torch.device | str", dtype: torch.dtype) -> str:
+    """The design ("chunked" or "fused") the compiled CUDA ops run for ``dtype`` on the CUDA
+    ``device`` under the current INMAP_CUDA_DESIGN and TF32 setting."""
+    if os.environ.get(DESIGN_ENV) != "fused":
+        return "chunked"
+    if not (dtype in (torch.float16, torch.bfloat16) or
+            (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)):
+        return "chunked"
+    return "fused" if torch.cuda.get_device_capability(device)[0] >= 8 else "chunked"
 
 
 def op(name: str, backend: str) -> Callable:

@@ -277,12 +277,14 @@ def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, to
                  class_prior=prior.chosen, solver="gd", stop=stop,
                  precision=precision, compute_dtype=str(runner.dtype).replace("torch.", ""),
                  streamed=runner.streams)
+    backend, verification = runner.summary()
     return VisionProxyResult(
         proxy=W, text_proxies=t, log_bias=beta, class_counts=counts, class_mass=mass,
         confident_fraction=float(n_confident) / n, grad_norm=d.grad_norm, lr=d.lr,
         objective=d.objective, n_iters=d.n_iters, converged=d.converged,
         stop_reason=d.stop_reason, n_images=n,
-        backend=runner.backend, hyper=hyper, timings=timings, class_prior=prior)
+        backend=backend, hyper=hyper, timings=timings, class_prior=prior,
+        verification=verification)
 
 
 def _now(device: torch.device) -> float:

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _ops, validation
+from . import _ops, validation, verify
 from .reference import acc_dtype
 
 Tensor = torch.Tensor
@@ -31,7 +31,9 @@ def auto_chunk_size(n: int, c: int, device: "torch.device | str", dtype=torch.fl
 
 class Runner:
     """Runs the ops for one problem: resolved backend, chunk size, and the reductions across
-    ranks when a process group shards the rows (``distributed.py``)."""
+    ranks when a process group shards the rows (``distributed.py``). Each op is resolved on its
+    first use through ``verify.resolve``: a compiled op is checked once per process against the
+    pure-torch backend, and runs as the pure-torch op if it failed (``ran`` records what ran)."""
 
     streams = False   # x is on the compute device (StreamingRunner: x stays in host memory)
 
@@ -44,6 +46,23 @@ class Runner:
                       else auto_chunk_size(n, c, device, dtype))
         self.group = process_group
         self.pad_cols = 0                   # zero columns own_features appended to x
+        self._resolved = {}                 # op name -> the callable that runs it
+        self.ran = {}                       # op name -> verify.resolve's record
+
+    def op(self, name: str):
+        """The callable running op ``name`` in this fit (resolved and verified on first use;
+        every rank of a sharded fit resolves the same ops in the same order)."""
+        f = self._resolved.get(name)
+        if f is None:
+            f, self.ran[name] = verify.resolve(name, self.backend, self.device, self.dtype,
+                                               self.group)
+            self._resolved[name] = f
+        return f
+
+    def summary(self):
+        """(the backend that ran, e.g. "ext" or "ext+torch" after a fallback; the record of
+        what ran and what the verification found) for VisionProxyResult."""
+        return verify.summarize(self.ran, self.backend)
 
     def own_features(self, x: Tensor) -> Tensor:
         """x as every op of this fit will see it. Where the fused CUDA kernels would zero-pad a
@@ -98,22 +117,22 @@ class Runner:
 
     # -- the ops -----------------------------------------------------------------------------
     def column_lse(self, x: Tensor, w: Tensor, bias: Optional[Tensor], inv_tau: float) -> Tensor:
-        out = _ops.op("softmax_column_lse", self.backend)(x, self._w(w, x), bias, inv_tau,
+        out = self.op("softmax_column_lse")(x, self._w(w, x), bias, inv_tau,
                                                             self.chunk)
         return self.lse_(out)
 
     def pseudo_labels(self, x, w, bias, inv_tau, alpha):
-        B, mass, counts, n_conf = _ops.op("pseudo_label_reduce", self.backend)(
+        B, mass, counts, n_conf = self.op("pseudo_label_reduce")(
             x, self._w(w, x), bias, inv_tau, alpha, self.chunk)
         return self.sum_(self._rows(B)), self.sum_(mass), self.sum_(counts), self.sum_(n_conf)
 
     def xt_softmax(self, x: Tensor, w: Tensor, inv_tau: float) -> Tuple[Tensor, Tensor]:
         """(X^T softmax(X W * inv_tau), sum of the rows' log-sum-exps): one pass."""
-        G, lse_sum = _ops.op("xt_softmax", self.backend)(x, self._w(w, x), inv_tau, self.chunk)
+        G, lse_sum = self.op("xt_softmax")(x, self._w(w, x), inv_tau, self.chunk)
         return self.sum_(self._rows(G)), self.sum_(lse_sum)
 
     def topk(self, x: Tensor, w: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-        return _ops.op("topk_scores", self.backend)(x, self._w(w, x), k, self.chunk)
+        return self.op("topk_scores")(x, self._w(w, x), k, self.chunk)
 
     # -- the method's steps ------------------------------------------------------------------
     def sinkhorn_log_bias(self, x: Tensor, t: Tensor, tau_t: float, iters: int, log_q: Tensor,

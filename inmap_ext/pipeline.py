@@ -309,7 +309,8 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
         "images": image_set.source or image_set.root, "n_images": len(image_set),
         "n_used": int(feats.keep.sum()),
         "n_skipped": len(feats.skipped), "skipped": feats.skipped,
-        "num_classes": len(spec.names), "backend": res.backend, "hyper": res.hyper,
+        "num_classes": len(spec.names), "backend": res.backend,
+        "verification": res.verification, "hyper": res.hyper,
         "mode": res.hyper["mode"], "class_prior": _prior_report(res, spec.names),
         "pseudo_labels": {
             "confident_fraction": res.confident_fraction,

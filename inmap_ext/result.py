@@ -35,6 +35,11 @@ class VisionProxyResult:
     stop_reason      in words, how the descent ended.
     hyper            the hyper-parameters of the fit (with ``mode`` and the ``class_prior``
                      that ran).
+    backend          the backend that ran the ops: "ext", "torch", "triton", or e.g. "ext+torch"
+                     when a compiled op failed its first-use check and ran on pure torch.
+    verification     what ran per op and what its first-use check found (verify.py):
+                     {"enabled", "requested", "ops": {op: {"ran", "design", "verified",
+                     "rel_err", "tol", "check_ms", ...}}}.
     class_prior      what the pseudo labels were balanced to and why (class_prior.ClassPrior:
                      ``chosen``, ``reason``, ``target``, ``estimated_proportions``,
                      ``effective_classes``, ``few_classes``, ``summary()``).
@@ -58,6 +63,7 @@ class VisionProxyResult:
     class_prior: Optional[ClassPrior] = None
     objective: Optional[Tensor] = None
     stop_reason: str = ""
+    verification: Dict[str, object] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -137,6 +143,8 @@ class VisionProxyResult:
                                    "n_images": self.n_images, "backend": self.backend,
                                    "stop_reason": self.stop_reason}),
         })
+        if self.verification:
+            meta["verification"] = json.dumps(self.verification)
         if prior is not None:
             meta["class_prior"] = json.dumps({"requested": prior.requested, "chosen": prior.chosen,
                                               "reason": prior.reason, "stats": prior.stats})
@@ -165,6 +173,7 @@ class VisionProxyResult:
         hyper = json.loads(meta.pop("hyper"))
         timings = json.loads(meta.pop("timings"))
         meta.pop("format")
+        verification = json.loads(meta.pop("verification", "{}"))
         prior = None
         if "class_prior" in meta:
             p = json.loads(meta.pop("class_prior"))
@@ -175,7 +184,7 @@ class VisionProxyResult:
         return cls(class_prior=prior, proxy=t["proxy"], text_proxies=t["text_proxies"], log_bias=t.get("log_bias"),
                    class_counts=t["class_counts"], class_mass=t["class_mass"],
                    grad_norm=t["grad_norm"], lr=t["lr"], objective=t.get("objective"),
-                   hyper=hyper, timings=timings,
+                   hyper=hyper, timings=timings, verification=verification,
                    metadata=meta, **summary)
 
 

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import validation
-from .functional import Runner, _ops
+from .functional import Runner
 from .reference import acc_dtype
 
 Tensor = torch.Tensor
@@ -91,13 +91,13 @@ class StreamingRunner(Runner):
     def column_lse(self, x, w, bias, inv_tau):
         out = torch.full((w.shape[1],), float("-inf"), dtype=acc_dtype(self.dtype),
                          device=self.device)
-        f = _ops.op("softmax_column_lse", self.backend)
+        f = self.op("softmax_column_lse")
         for xc in self.chunks(x):
             out = torch.logaddexp(out, f(xc, w.to(xc.dtype), bias, inv_tau, self.chunk))
         return self.lse_(out)
 
     def pseudo_labels(self, x, w, bias, inv_tau, alpha):
-        f = _ops.op("pseudo_label_reduce", self.backend)
+        f = self.op("pseudo_label_reduce")
         D, C = w.shape
         acc = acc_dtype(self.dtype)
         tot = [torch.zeros(D, C, dtype=acc, device=self.device),
@@ -110,7 +110,7 @@ class StreamingRunner(Runner):
         return tuple(self.sum_(t) for t in tot)
 
     def xt_softmax(self, x, w, inv_tau):
-        f = _ops.op("xt_softmax", self.backend)
+        f = self.op("xt_softmax")
         G = torch.zeros(w.shape, dtype=acc_dtype(self.dtype), device=self.device)
         lse_sum = torch.zeros((), dtype=acc_dtype(self.dtype), device=self.device)
         for xc in self.chunks(x):
@@ -120,7 +120,7 @@ class StreamingRunner(Runner):
         return self.sum_(G), self.sum_(lse_sum)
 
     def topk(self, x, w, k):
-        f = _ops.op("topk_scores", self.backend)
+        f = self.op("topk_scores")
         parts = [f(xc, w.to(xc.dtype), k, self.chunk) for xc in self.chunks(x)]
         if not parts:      # an empty shard
             return (torch.empty(0, k, dtype=acc_dtype(self.dtype), device=self.device),

@@ -109,3 +109,31 @@ def stream_worker(rank, world, init_file, out_dir, sizes):
                                          process_group=dist.group.WORLD)
         torch.save({"proxy": res.proxy, "streamed": res.hyper["streamed"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def verify_worker(rank, world, init_file, out_dir, bad_rank):
+    """A sharded float64 fit where the compiled CPU ops are wrong on ``bad_rank`` only: every
+    rank must fall back to pure torch together (the ranks all-reduce the verdict)."""
+    import warnings
+
+    import inmap_ext
+    from inmap_ext import _ops
+    from testing import clip_like, perturbed
+
+    torch.set_num_threads(1)
+    real = _ops.op
+    if rank == bad_rank:
+        _ops.op = lambda name, backend: perturbed(real(name, backend)) if backend == "ext" \
+            else real(name, backend)
+    with _rank_guard(rank, out_dir):
+        _init(rank, world, init_file)
+        X, T, _ = clip_like(301, 24, 7, seed=13)
+        shard = X[:150] if rank == 0 else X[150:]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = inmap_ext.fit_vision_proxy(shard, T if rank == 0 else None, backend="ext",
+                                             iters=100, process_group=dist.group.WORLD)
+        torch.save({"proxy": res.proxy, "backend": res.backend,
+                    "verification": res.verification,
+                    "warnings": [str(w.message) for w in caught]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))

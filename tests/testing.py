@@ -36,5 +36,15 @@ def clip_like(n=600, d=48, c=12, *, seed=0, dtype=torch.float64, device="cpu", *
     return p.image_features, p.text_proxies, p.labels
 
 
+def perturbed(f, scale=1.01):
+    """A deliberately wrong op: ``f`` with its floating outputs scaled by ``scale``."""
+    def wrong(*args):
+        out = f(*args)
+        if isinstance(out, tuple):
+            return tuple(t * scale if t.is_floating_point() else t for t in out)
+        return out * scale
+    return wrong
+
+
 __all__ = ["inmap_ext", "DEVICES", "BACKENDS", "FLOAT_DTYPES", "requires_cuda", "skip_if_no_ext",
-           "unit_rows", "unit_cols", "clip_like"]
+           "unit_rows", "unit_cols", "clip_like", "perturbed"]
