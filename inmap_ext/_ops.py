@@ -120,6 +120,24 @@ def cuda_design(design: str) -> Iterator[None]:
             os.environ[DESIGN_ENV] = before
 
 
+@contextlib.contextmanager
+def allow_tf32(enabled: "bool | None") -> Iterator[None]:
+    """Set torch.backends.cuda.matmul.allow_tf32 for the enclosed block (None: leave it)."""
+    if enabled is None:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def fused_design_requested(x: torch.Tensor) -> bool:
     """True when the compiled CUDA ops would run ``x`` through the fused design
     (csrc/cuda/design.cuh ``use_fused``: INMAP_CUDA_DESIGN=fused, fp16 / bf16 / TF32-allowed

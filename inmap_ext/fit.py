@@ -4,14 +4,12 @@ on the vision proxy. Heavy work goes through ``functional.Runner`` (compiled ops
 this module holds only the method's arithmetic on D x C and C-sized tensors."""
 from __future__ import annotations
 
-import contextlib
 import time
-import warnings
 from typing import Optional
 
 import torch
 
-from . import validation
+from . import _ops, validation
 from .class_prior import check_class_prior
 from .class_prior import choose as choose_class_prior
 from .functional import Runner
@@ -144,7 +142,7 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         runner = Runner(x.device, backend, chunk_size, x.shape[0], t.shape[1], x.dtype,
                         process_group)
     class_prior = check_class_prior(class_prior, t.shape[1])
-    with _tf32(tf32):
+    with _ops.allow_tf32(tf32):
         return _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
                     progress, precision, class_prior, mode, stop)
 
@@ -220,23 +218,6 @@ def _compute_dtype(precision: str, dtype: torch.dtype, device: torch.device):
     if device.type != "cuda" and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32          # "auto" on the CPU: its kernels compute in float32
     return dtype, {"fp32": False, "tf32": True}.get(precision)
-
-
-@contextlib.contextmanager
-def _tf32(enabled):
-    if enabled is None:
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, progress,

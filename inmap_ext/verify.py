@@ -225,7 +225,7 @@ def check_op(name: str, backend: str, device, dtype) -> Verdict:
         with _one_thread(device):
             args = probe_calls(*probe_inputs(device, dtype))[name]
             got = _ops.op(name, backend)(*args)
-            with _exact_fp32():
+            with _ops.allow_tf32(False):   # exact fp32 reference
                 want = getattr(reference, name)(*args)
             ok, err, what = compare(name, got, want, args, tol)
         _sync(device)
@@ -236,21 +236,6 @@ def check_op(name: str, backend: str, device, dtype) -> Verdict:
     return Verdict(name, backend, design, str(device), device_name(device),
                    str(dtype).replace("torch.", "") + (" (TF32)" if tf32 else ""),
                    ok, err, tol, ms, what, raised)
-
-
-@contextlib.contextmanager
-def _exact_fp32():
-    """The reference in exact fp32 (TF32 off): the probe's inputs are TF32-exact already."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # -- the memo and the fallback ------------------------------------------------------------------

@@ -111,7 +111,7 @@ def test_cli_fit_predict_export_eval(ws, tmp_path, capsys):
     assert report["n_images"] == 13 and report["n_used"] == 12 and report["n_skipped"] == 1
     assert report["skipped"][0].endswith("broken.jpg")
     assert set(report["zero_shot"]) == {"acc1", "mean_per_class_recall"}   # 3 classes: no acc5
-    assert report["num_classes"] == 3 and report["descent"]["n_iters"] == 50
+    assert report["num_classes"] == 3 and 0 < report["descent"]["n_iters"] <= 50
     assert report["hyper"]["iters"] == 50
     events = [json.loads(l)["event"] for l in capsys.readouterr().err.splitlines()
               if l.startswith("{")]
