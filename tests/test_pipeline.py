@@ -324,7 +324,7 @@ def test_torchrun_sharded_extract_and_fit(ws, tmp_path):
     b = load_vision_proxy(tmp_path / "one" / "proxy.safetensors")
     torch.testing.assert_close(a.proxy, b.proxy, rtol=1e-4, atol=1e-4)
     rep = json.loads((dist_out / "report.json").read_text())
-    assert rep["n_used"] == 12 and rep["descent"]["n_iters"] == 40
+    assert rep["n_used"] == 12 and 0 < rep["descent"]["n_iters"] <= 40
 
 
 # ---- the CLI as a new user meets it --------------------------------------------------------
