@@ -78,8 +78,9 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         stream: stream even when the features are on the compute device (e.g. memory-mapped
             CPU features, which then are never normalised into a full copy).
         class_prior: the class proportions the pseudo labels are balanced to (class_prior.py):
-            "auto" (default): decided from the unlabeled set (uniform when it appears to hold
-            every class, the estimate when it holds few, no balancing in between);
+            "auto" (default): decided from the unlabeled set: of no balancing, the uniform target
+            and the estimate, the one whose pseudo labels have the highest expected accuracy
+            under the three candidates' own posterior models (class_prior.py);
             "uniform": the published target (and ``gamma``); "estimate": proportions estimated
             from the set by EM; "none": no balancing; or a tensor of C non-negative
             proportions (0 = the class is known to be absent). None: "auto", or "uniform" in
@@ -113,7 +114,7 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         >>> p = make_problem(2000, 64, 20, gap=2.0, text_noise=0.4)
         >>> res = inmap_ext.fit_vision_proxy(p.image_features, p.text_proxies)
         >>> res.class_prior.chosen, res.n_iters < 2000
-        ('uniform', True)
+        ('none', True)
         >>> acc = (res.predict(p.image_features) == p.labels).float().mean()
         >>> zero_shot = (res.zero_shot_predict(p.image_features) == p.labels).float().mean()
         >>> bool(acc > zero_shot)
