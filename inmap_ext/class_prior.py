@@ -186,7 +186,7 @@ def _auto(runner, x, t, tau_t, n, stats, balance, log_u, record):
     score = {CANDIDATES[c]: float(A[c, allowed].mean()) for c in allowed}
     stats["expected_accuracy"] = {k: round(v, 4) for k, v in score.items()}
     chosen = max(score, key=score.get)     # ties: the first of none, uniform, estimate
-    estimate = _proportions(log_pi)
+    estimate = _proportions(log_pi) if 2 in allowed else None   # a collapsed one is not shown
     pct = ", ".join(f"{k} {100 * v:.1f}%" for k, v in score.items())
     why = (f"expected accuracy of the pseudo labels under the candidates' own posteriors: {pct}"
            + ("" if 2 in allowed else
@@ -222,7 +222,7 @@ def expected_accuracies(runner, x: Tensor, t: Tensor, betas, inv_tau: float
         z = _logits(xc, w, inv_tau, None)
         top = [torch.argmax(z + B[c], dim=1) for c in range(K)]
         for c in range(K):
-            counts[c] += torch.bincount(top[c], minlength=C)
+            counts[c].index_add_(0, top[c], torch.ones_like(top[c]))   # no host sync
         for h in range(K):
             lse = torch.logsumexp(z + B[h], dim=1)
             for c in range(K):
