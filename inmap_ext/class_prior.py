@@ -215,11 +215,8 @@ def expected_accuracies(runner, x: Tensor, t: Tensor, betas, inv_tau: float
     B = torch.stack([b.to(device=runner.device, dtype=dt) for b in betas])
     A = torch.zeros(K, K, dtype=dt, device=runner.device)
     counts = torch.zeros(K, C, dtype=torch.int64, device=runner.device)
-    w = t.to(device=runner.device)
-    if runner.pad_cols:
-        w = torch.nn.functional.pad(w, (0, 0, 0, runner.pad_cols))
     for xc in runner.row_chunks(x):
-        z = _logits(xc, w, inv_tau, None)
+        z = _logits(xc, runner._w(t, xc), inv_tau, None)   # t as the ops see it (dtype, padding)
         top = [torch.argmax(z + B[c], dim=1) for c in range(K)]
         for c in range(K):
             counts[c].index_add_(0, top[c], torch.ones_like(top[c]))   # no host sync

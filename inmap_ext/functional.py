@@ -117,8 +117,7 @@ class Runner:
 
     # -- the ops -----------------------------------------------------------------------------
     def column_lse(self, x: Tensor, w: Tensor, bias: Optional[Tensor], inv_tau: float) -> Tensor:
-        out = self.op("softmax_column_lse")(x, self._w(w, x), bias, inv_tau,
-                                                            self.chunk)
+        out = self.op("softmax_column_lse")(x, self._w(w, x), bias, inv_tau, self.chunk)
         return self.lse_(out)
 
     def pseudo_labels(self, x, w, bias, inv_tau, alpha):
