@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .cache import FeatureCache, default_cache_dir, file_fingerprint
-from .data import ImageDataset, ImageSet, load_json, read_lines, read_text  # noqa: F401
+from .data import ImageDataset, ImageSet, load_json, read_lines
 
 Template = Union[str, Callable[[str], str]]
 TEMPLATE_SETS = ("simple", "openai")
@@ -191,10 +191,8 @@ def _weights_cached(cfg: dict) -> Tuple[bool, str]:
                     return True, ""
             except Exception:  # noqa: BLE001 - an odd cache layout: treat as not cached
                 pass
-        from urllib.parse import urlparse as _u
-
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        return False, _u(endpoint).hostname or endpoint
+        return False, urlparse(endpoint).hostname or endpoint
     if url:
         target = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
         return os.path.isfile(target), urlparse(url).netloc

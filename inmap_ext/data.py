@@ -33,7 +33,12 @@ def read_lines(path: str, option: str) -> List[str]:
 
 def load_json(path: str, option: str):
     """A JSON file; malformed JSON is an error naming the file, line and column."""
-    text = read_text(path, option)
+    return parse_json(read_text(path, option), path, option)
+
+
+def parse_json(text: str, path: str, option: str):
+    """``text`` (read from ``path``) as JSON; malformed JSON is an error naming the file, line
+    and column."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -179,7 +184,8 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
         keep = [t is not None for t in top]
         paths = [p for p, k in zip(paths, keep) if k]
         top = [t for t, k in zip(top, keep) if k]
-        missing = [p for p in missing if p not in set(loose)]
+        loose_set = set(loose)
+        missing = [p for p in missing if p not in loose_set]
     mapping = match_folders(sorted(set(top)), classnames, folder_map)
     return ImageSet(root, paths, [mapping[t] for t in top], mapping, missing, source=source,
                     is_list=is_list, ignored=loose)

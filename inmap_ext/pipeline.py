@@ -354,7 +354,8 @@ def _label_coverage(image_set: ImageSet, names: Sequence[str]) -> Optional[dict]
     present = sorted(set(image_set.labels))
     if len(present) == len(names):
         return None
-    absent = [n for i, n in enumerate(names) if i not in set(present)]
+    held = set(present)
+    absent = [n for i, n in enumerate(names) if i not in held]
     return {"classes_with_images": len(present), "num_classes": len(names),
             "classes_without_images": absent,
             "note": f"the image folders cover {len(present)} of the {len(names)} classes "
@@ -365,16 +366,12 @@ def read_class_weights(path: str, names: Sequence[str]) -> torch.Tensor:
     """Class proportions from a file: JSON {class: weight}, or lines 'class weight' (the last
     whitespace- or comma-separated field is the weight; '#' starts a comment). Classes not
     listed get weight 0 (known absent); an unknown class name is an error."""
-    from .data import read_text
+    from .data import parse_json, read_text
 
     text = read_text(path, "--class-prior")
     pairs = []
     if text.lstrip().startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--class-prior {path}:{e.lineno}:{e.colno}: not valid JSON "
-                             f"({e.msg})") from None
+        data = parse_json(text, path, "--class-prior")
         if not isinstance(data, dict):
             raise ValueError(f"--class-prior {path}: expected a JSON object class -> weight")
         pairs = list(data.items())
