@@ -14,6 +14,8 @@ import os
 import shlex
 import sys
 
+from .hyper import check_hyper, count
+
 ALL = "\0all"   # `inmap cache --clear` without a key
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -226,32 +228,17 @@ def _hyper_kwargs(args) -> dict:
     return {dest: getattr(args, dest) for _, dest, *_ in HYPER}
 
 
-def _count(value, flag: str, minimum: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{flag} must be an integer >= {minimum}, got {value!r}")
-
-
-def _number(value, flag: str, lo: float, strict: bool) -> None:
-    import math
-
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and \
-        (value > lo if strict else value >= lo)
-    if not ok:
-        raise ValueError(f"{flag} must be a finite number {'>' if strict else '>='} {lo:g}, "
-                         f"got {value!r}")
-
-
 def _check_options(args) -> None:
     """Every option error before any model is loaded or image read (hours on a big set); the
     checks here need no torch, so that they answer at once."""
     if getattr(args, "batch_size", None) is not None:
-        _count(args.batch_size, "--batch-size", 1)
+        count(args.batch_size, "--batch-size", 1)
     if getattr(args, "workers", None) is not None:
-        _count(args.workers, "--workers", 0)
+        count(args.workers, "--workers", 0)
     if getattr(args, "topk", None) is not None:
-        _count(args.topk, "--topk", 1)
+        count(args.topk, "--topk", 1)
     if getattr(args, "shard_size", None) is not None:
-        _count(args.shard_size, "--shard-size", 1)
+        count(args.shard_size, "--shard-size", 1)
     if hasattr(args, "tau_t"):
         _check_hyper(args)
     _check_outputs(args)
@@ -268,19 +255,10 @@ def _check_options(args) -> None:
 
 
 def _check_hyper(args) -> None:
-    """The numeric hyper-parameters (fit.check_hyper's rules, by flag) and the class prior /
+    """The numeric hyper-parameters (hyper.check_hyper, by flag) and the class prior /
     mode / stop / backend / precision options."""
-    for flag, dest, lo, strict in (("--tau-t", "tau_t", 0, True), ("--tau-i", "tau_i", 0, True),
-                                   ("--gamma", "gamma", 0, False), ("--lr", "lr", 0, True)):
-        _number(getattr(args, dest), flag, lo, strict)
-    if not 0 <= args.alpha <= 1:
-        raise ValueError(f"--alpha must be a number in [0, 1], got {args.alpha!r}")
-    _count(args.sinkhorn_iters, "--sinkhorn-iters")
-    _count(args.iters, "--iters")
-    if args.tol is not None:
-        _number(args.tol, "--tol", 0, True)
-    if args.chunk_size is not None:
-        _count(args.chunk_size, "--chunk-size", 1)
+    check_hyper(args.tau_t, args.tau_i, args.alpha, args.sinkhorn_iters, args.gamma, args.iters,
+                args.lr, args.tol, args.chunk_size, name=lambda arg: "--" + arg.replace("_", "-"))
     if args.backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
     if args.precision not in PRECISIONS:

@@ -8,7 +8,6 @@ and robust image loading.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 import zipfile

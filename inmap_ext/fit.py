@@ -13,6 +13,7 @@ from . import _ops, validation
 from .class_prior import check_class_prior
 from .class_prior import choose as choose_class_prior
 from .functional import Runner
+from .hyper import check_hyper
 from .reference import acc_dtype
 from .result import VisionProxyResult
 from .solver import STOP_RULES, descend
@@ -149,21 +150,6 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
 
 
 MODES = ("default", "paper")
-
-
-def check_hyper(tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, chunk_size,
-                name=lambda arg: arg):
-    """The numeric hyper-parameters of ``fit_vision_proxy``, checked and converted; errors name
-    each by ``name(argument)`` (the CLI passes its flags, so it can check before any work)."""
-    return (validation.positive(tau_t, name("tau_t")),
-            validation.positive(tau_i, name("tau_i")),
-            validation.in_unit_interval(alpha, name("alpha")),
-            validation.count(sinkhorn_iters, name("sinkhorn_iters")),
-            validation.non_negative(gamma, name("gamma")),
-            validation.count(iters, name("iters")),
-            validation.positive(lr, name("lr")),
-            None if tol is None else validation.positive(tol, name("tol")),
-            None if chunk_size is None else validation.count(chunk_size, name("chunk_size"), 1))
 
 
 def _check_mode(mode, class_prior, tol, stop):

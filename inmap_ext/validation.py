@@ -5,9 +5,9 @@ kernel, and nothing is silently wrong.
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .hyper import count, in_unit_interval, non_negative, positive  # noqa: F401
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -112,29 +112,3 @@ def cpu_upcast(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
         return t.float()
     return t
-
-
-def positive(value, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def in_unit_interval(value, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def non_negative(value, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def count(value, name: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
