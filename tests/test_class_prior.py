@@ -129,6 +129,34 @@ def test_estimate_finds_the_present_classes():
     assert r.class_prior.few_classes
 
 
+@pytest.mark.parametrize("model, holds", [("vit, C=100", "every class"),
+                                          ("vit, C=100", "a fifth of the classes"),
+                                          ("rn50, C=10", "long tail"),
+                                          ("weak, C=100", "half the classes")])
+def test_estimate_is_the_em_iterate_and_balanced_to_itself(model, holds):
+    """The estimate is the dense EM iterate stopped at the same tolerance (on a chunked runner),
+    and softmax(L + log pi) has column means pi to within that tolerance (a fixed point)."""
+    from inmap_ext.class_prior import EM_TOL, estimate_log_proportions
+    from inmap_ext.functional import Runner
+
+    X, T, _ = _problem(model, holds)
+    X, T = X.double(), T.double()
+    n, C = X.shape[0], T.shape[1]
+    got = torch.exp(estimate_log_proportions(Runner("cpu", "torch", 97, n, C, torch.float64),
+                                             X, T, 0.01, n))
+    L = X @ T / 0.01
+    pi = torch.full((C,), 1.0 / C, dtype=torch.float64)
+    while True:                                    # plain dense EM, same stopping rule
+        new = torch.softmax(L + pi.log(), 1).mean(0)
+        settled = float((new - pi).abs().max()) * C < EM_TOL
+        pi = new
+        if settled:
+            break
+    torch.testing.assert_close(got, pi, rtol=1e-9, atol=1e-12)
+    balanced = torch.softmax(L + got.log(), 1).mean(0)
+    assert float((balanced - got).abs().max()) * C < EM_TOL
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tiny", [0.0, 1e-30, 1e-300])
