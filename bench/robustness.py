@@ -138,6 +138,14 @@ def summary(files) -> dict:
     out["oracle_per_set_mean_gain"] = float(oracle.mean())
     full = [r["auto"] - r["uniform"] for r in rows if r["set"] == "full"]
     out["auto_minus_uniform_on_full_sets"] = [round(v, 2) for v in full]
+    # item 5 of the class-prior issue: the decision's share of the fit on the largest set
+    sets = [(f, r) for f in files for r in f["rows"] if "auto_timings" in r]
+    f, r = max(sets, key=lambda fr: fr[1]["n"] * fr[0]["classes"])
+    out["decision_cost_on_largest_set"] = {
+        "data": f["data"], "set": r["set"], "n": r["n"], "classes": f["classes"],
+        "decision_s": round(r["auto_timings"]["sinkhorn_s"], 3),
+        "fit_s": round(r["auto_s"], 3), "steps": r["auto_steps"],
+        "share": round(r["auto_timings"]["sinkhorn_s"] / r["auto_s"], 4)}
     return out
 
 
@@ -182,6 +190,11 @@ def _summary_lines(s) -> str:
               f"(oracle choice, mean gain {s['oracle_per_set_mean_gain']:+.2f}): "
               f"{s['auto_regret_vs_oracle_per_set']:+.2f}. Default minus uniform on the full "
               f"sets: {s['auto_minus_uniform_on_full_sets']}."]
+    c = s["decision_cost_on_largest_set"]
+    lines += ["", f"Cost of the default's class-prior decision on the largest set ({c['data']}, "
+              f"{c['set']}, N = {c['n']}, C = {c['classes']}): {c['decision_s']:.2f} s of a "
+              f"{c['fit_s']:.2f} s fit ({100 * c['share']:.0f}%; the fit stopped after "
+              f"{c['steps']} steps)."]
     return "\n".join(lines)
 
 

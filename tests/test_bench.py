@@ -28,3 +28,46 @@ def test_bench_run_writes_json_and_markdown(tmp_path):
             assert (r["fit_measured_s"] > 0) if r["fit_s"] < 5 else r["fit_measured_s"] is None
     md = (tmp_path / "smoke.md").read_text()
     assert "| 600 | 24 | 30 | fp32 |" in md and "Fastest gradient step" in md
+
+
+def test_robustness_bench_runs_every_file_and_summarises(tmp_path):
+    """bench/robustness.py on two synthetic .npz files (X, y, T as the real ones): one table per
+    file, every subset kind, the summary (mean / worst gain, regret, full sets) and the decision
+    cost on the largest set; the accuracies of auto are those of the prior it chose."""
+    import numpy as np
+    import torch
+
+    from testing import clip_like
+
+    paths = []
+    for i, (n, c) in enumerate([(120, 10), (200, 20)]):
+        X, T, y = clip_like(n, 16, c, seed=i, dtype=torch.float32, gap=2.0, text_noise=0.4)
+        path = tmp_path / f"synthetic{i}.npz"
+        np.savez(path, X=X.numpy().astype(np.float16), y=y.numpy(),
+                 T=T.numpy().astype(np.float16))
+        paths.append(str(path))
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "robustness.py"), *paths, "--seeds", "0",
+         "--batches", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (js,) = tmp_path.glob("robustness_*.json")
+    data = json.loads(js.read_text())
+    assert [f["data"] for f in data["files"]] == ["synthetic0.npz", "synthetic1.npz"]
+    kinds = {r["set"].split(" (")[0] for f in data["files"] for r in f["rows"]}
+    assert {"full", "half of the classes", "a fifth of the classes", "a tenth of the classes",
+            "long tail, imbalance 10", "long tail, imbalance 100",
+            "batches of 4 classes x 4 images"} <= kinds
+    s = data["summary"]
+    assert s["sets"] == sum(len(f["rows"]) for f in data["files"])
+    for f in data["files"]:
+        for r in f["rows"]:
+            if "batches" not in r["set"]:
+                assert r["auto"] == r[r["auto_chose"]], r  # auto ran the prior it chose
+    cost = s["decision_cost_on_largest_set"]
+    assert cost["data"] == "synthetic1.npz" and cost["set"] == "full"
+    assert 0 < cost["decision_s"] < cost["fit_s"] and 0 < cost["share"] < 1
+    assert len(s["auto_minus_uniform_on_full_sets"]) == 2
+    md = js.with_suffix(".md").read_text()
+    assert "## synthetic0.npz" in md and "## synthetic1.npz" in md
+    assert "Cost of the default's class-prior decision on the largest set" in md
