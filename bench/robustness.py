@@ -138,6 +138,15 @@ def summary(files) -> dict:
     out["oracle_per_set_mean_gain"] = float(oracle.mean())
     full = [r["auto"] - r["uniform"] for r in rows if r["set"] == "full"]
     out["auto_minus_uniform_on_full_sets"] = [round(v, 2) for v in full]
+    # close calls (a runner-up within CLOSE_CALL standard errors): what the runner-up would
+    # have given against auto's choice
+    from inmap_ext.class_prior import close_calls_of
+
+    out["close_calls"] = [
+        {"data": f["data"], "set": r["set"], "seed": r["seed"], "chosen": r["auto_chose"],
+         "runner_up": c, "runner_up_minus_auto": round(r[c] - r["auto"], 2)}
+        for f in files for r in f["rows"] if "auto_stats" in r
+        for c in close_calls_of(r["auto_stats"])]
     # item 5 of the class-prior issue: the decision's share of the fit on the largest set
     sets = [(f, r) for f in files for r in f["rows"] if "auto_timings" in r]
     f, r = max(sets, key=lambda fr: fr[1]["n"] * fr[0]["classes"])
@@ -190,6 +199,12 @@ def _summary_lines(s) -> str:
               f"(oracle choice, mean gain {s['oracle_per_set_mean_gain']:+.2f}): "
               f"{s['auto_regret_vs_oracle_per_set']:+.2f}. Default minus uniform on the full "
               f"sets: {s['auto_minus_uniform_on_full_sets']}."]
+    cc = s["close_calls"]
+    lines += ["", f"Close calls (a runner-up within two standard errors; reported to the user, "
+              f"never deciding), sets without batches: {len(cc)}"
+              + (": " + "; ".join(f"{c['data'].split('.')[0]} {c['set']} s{c['seed']}: "
+                                   f"{c['runner_up']} {c['runner_up_minus_auto']:+.1f}"
+                                   for c in cc) if cc else "") + "."]
     c = s["decision_cost_on_largest_set"]
     lines += ["", f"Cost of the default's class-prior decision on the largest set ({c['data']}, "
               f"{c['set']}, N = {c['n']}, C = {c['classes']}): {c['decision_s']:.2f} s of a "

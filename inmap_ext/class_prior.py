@@ -57,6 +57,9 @@ Tensor = torch.Tensor
 CLASS_PRIORS = ("auto", "uniform", "estimate", "none")
 KEPT_CLASSES = 0.5         # auto: least share of the zero-shot predictions' effective classes the
                            # estimate-balanced predictions must keep to be a candidate (see above)
+CLOSE_CALL = 2.0           # auto: a runner-up within this many standard errors of the chosen
+                           # candidate is reported as a close call (the conventional two-sided
+                           # 95% bound); it never changes the decision, only what the user is told
 EM_ITERS = 100             # EM iterations of the prior estimate (stops earlier when settled)
 EM_TOL = 0.01              # ... once no class proportion moves by more than this share of a
                            # uniform class share (1/C) in an iteration: scale-free in C
@@ -88,6 +91,13 @@ class ClassPrior:
         p = self.estimated_proportions
         return (self.chosen == "estimate" and p is not None
                 and _effective(p) <= 0.5 * p.numel())
+
+    @property
+    def close_calls(self) -> list:
+        """The other candidates of ``auto`` whose expected accuracy was within ``CLOSE_CALL``
+        standard errors of the chosen one's: the data did not tell them apart, so what the user
+        knows about the set (balanced? part of the class list?) should decide."""
+        return close_calls_of(self.stats)
 
     def to(self, device) -> "ClassPrior":
         mv = lambda v: None if v is None else v.to(device)  # noqa: E731
@@ -178,16 +188,21 @@ def _auto(runner, x, t, tau_t, n, stats, balance, log_u, record):
     log_pi = estimate_log_proportions(runner, x, t, tau_t, n)
     betas = {"none": torch.zeros_like(log_u), "uniform": balance(log_u),
              "estimate": balance(log_pi)}
-    A, counts = expected_accuracies(runner, x, t, list(betas.values()), 1.0 / tau_t)
-    A = A / n
+    A, counts, M = expected_accuracies(runner, x, t, list(betas.values()), 1.0 / tau_t)
+    A, M = A / n, M / n
     kept = _effective(counts[2].cpu()) / max(_effective(counts[0].cpu()), 1e-12)
     stats["estimate_kept_classes"] = round(kept, 4)
     allowed = [0, 1] + ([2] if kept >= KEPT_CLASSES else [])
     score = {CANDIDATES[c]: float(A[c, allowed].mean()) for c in allowed}
     stats["expected_accuracy"] = {k: round(v, 4) for k, v in score.items()}
     chosen = max(score, key=score.get)     # ties: the first of none, uniform, estimate
+    stats["margin"] = _margins(A, M, allowed, CANDIDATES.index(chosen), n)
     estimate = _proportions(log_pi) if 2 in allowed else None   # a collapsed one is not shown
     pct = ", ".join(f"{k} {100 * v:.1f}%" for k, v in score.items())
+    close = close_calls_of(stats)
+    if close:
+        pct += (f"; a close call: {' and '.join(close)} within {CLOSE_CALL:g} standard errors, "
+                "so what you know about the set should decide")
     why = (f"expected accuracy of the pseudo labels under the candidates' own posteriors: {pct}"
            + ("" if 2 in allowed else
               f"; the estimate was left out: its predictions keep {kept:.0%} (< "
@@ -203,29 +218,61 @@ def _auto(runner, x, t, tau_t, n, stats, balance, log_u, record):
 
 
 def expected_accuracies(runner, x: Tensor, t: Tensor, betas, inv_tau: float
-                        ) -> Tuple[Tensor, Tensor]:
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
     """One chunked pass over the rows for K candidate log-biases beta_k of softmax(X T * inv_tau
     + beta_k): A[c, h] = sum_i P_h(argmax_j P_c(j | x_i) | x_i) (K x K, summed over the rows of
-    every rank) and the argmax counts of every candidate (K x C). Pure torch on the runner's
-    row chunks: a chunk x C logit block at a time, never N x C."""
+    every rank), the argmax counts of every candidate (K x C) and the second moments
+    M = sum_i v_i v_i^T (K^2 x K^2) of the per-image vectors v_i[c * K + h] = P_h(argmax P_c | x_i),
+    from which the standard error of any comparison of candidates follows
+    (``_margins``). Pure torch on the runner's row chunks: a chunk x C logit block at a time,
+    never N x C."""
     from .reference import _logits
 
     K, C = len(betas), t.shape[1]
     dt = acc_dtype(runner.dtype)
     B = torch.stack([b.to(device=runner.device, dtype=dt) for b in betas])
-    A = torch.zeros(K, K, dtype=dt, device=runner.device)
+    A = torch.zeros(K * K, dtype=dt, device=runner.device)
+    M = torch.zeros(K * K, K * K, dtype=dt, device=runner.device)
     counts = torch.zeros(K, C, dtype=torch.int64, device=runner.device)
     for xc in runner.row_chunks(x):
         z = _logits(xc, runner._w(t, xc), inv_tau, None)   # t as the ops see it (dtype, padding)
         top = [torch.argmax(z + B[c], dim=1) for c in range(K)]
         for c in range(K):
             counts[c].index_add_(0, top[c], torch.ones_like(top[c]))   # no host sync
+        v = torch.empty(z.shape[0], K * K, dtype=dt, device=runner.device)
         for h in range(K):
             lse = torch.logsumexp(z + B[h], dim=1)
             for c in range(K):
                 zc = z.gather(1, top[c][:, None])[:, 0] + B[h][top[c]]
-                A[c, h] += torch.exp(zc - lse).sum()
-    return runner.sum_(A), runner.sum_(counts)
+                v[:, c * K + h] = torch.exp(zc - lse)
+        A += v.sum(0)
+        M += v.T @ v
+    return runner.sum_(A.reshape(K, K)), runner.sum_(counts), runner.sum_(M)
+
+
+def close_calls_of(stats: dict) -> list:
+    """The runners-up of ``auto`` (stats["margin"]) within CLOSE_CALL standard errors."""
+    return [c for c, m in stats.get("margin", {}).items() if m["margin"] < CLOSE_CALL * m["se"]]
+
+
+def _margins(A: Tensor, M: Tensor, allowed, best: int, n: int) -> dict:
+    """For every other allowed candidate: how much higher the chosen candidate's expected
+    accuracy is (a mean over the images of the mixture-judged difference d_i) and the standard
+    error of that mean, sqrt(var(d_i) / n), from the first (A) and second (M) moments of the
+    per-image judged accuracies (both already divided by n)."""
+    K = A.shape[0]
+    out = {}
+    for c in allowed:
+        if c == best:
+            continue
+        w = torch.zeros(K * K, dtype=A.dtype, device=A.device)
+        for h in allowed:
+            w[best * K + h] += 1.0 / len(allowed)
+            w[c * K + h] -= 1.0 / len(allowed)
+        d = float(w @ A.reshape(-1))
+        var = max(float(w @ M @ w) - d * d, 0.0)
+        out[CANDIDATES[c]] = {"margin": round(d, 6), "se": round(math.sqrt(var / n), 6)}
+    return out
 
 
 def uniform_log_target(log_zs: Tensor, gamma: float) -> Tensor:

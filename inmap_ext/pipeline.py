@@ -421,13 +421,28 @@ def _prior_report(res: VisionProxyResult, names: Sequence[str]) -> dict:
     if est is not None:
         out["estimated_proportions"] = dict(zip(names, est))
     out["few_classes"] = p.few_classes
+    out["close_calls"] = p.close_calls
     return out
+
+
+CLOSE_CALL_ADVICE = {   # what the user may know that the unlabeled images cannot show
+    "uniform": "If the images hold every listed class about evenly, --class-prior uniform (or "
+               "--mode paper, the published method) usually gains.",
+    "estimate": "If the images hold only part of the class list, --class-prior estimate (or the "
+                "known proportions: --class-prior FILE) usually gains.",
+    "none": "If the images hold every listed class, unevenly, --class-prior none keeps CLIP's "
+            "own labels (no balancing).",
+}
 
 
 def _log_class_prior(res: VisionProxyResult, log: Log) -> None:
     p = res.class_prior
     log("class_prior", f"class prior: {p.chosen} ({p.reason})", chosen=p.chosen,
         effective_classes=p.effective_classes)
+    for other in p.close_calls:
+        log("note", f"note: the class prior was a close call: '{other}' was about as likely "
+            f"right on these images as '{p.chosen}'. {CLOSE_CALL_ADVICE[other]}",
+            chosen=p.chosen, close_call=other)
     if p.few_classes:
         C = res.num_classes
         log("warning", f"warning: the images appear to hold only about {p.effective_classes:.0f} "

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
@@ -68,6 +70,12 @@ def test_robustness_bench_runs_every_file_and_summarises(tmp_path):
     assert cost["data"] == "synthetic1.npz" and cost["set"] == "full"
     assert 0 < cost["decision_s"] < cost["fit_s"] and 0 < cost["share"] < 1
     assert len(s["auto_minus_uniform_on_full_sets"]) == 2
+    for c in s["close_calls"]:
+        (r,) = [r for f in data["files"] if f["data"] == c["data"] for r in f["rows"]
+                if r["set"] == c["set"] and r["seed"] == c["seed"]]
+        assert c["runner_up"] in r["auto_stats"]["margin"] and c["chosen"] == r["auto_chose"]
+        assert c["runner_up_minus_auto"] == pytest.approx(r[c["runner_up"]] - r["auto"], abs=0.01)
     md = js.with_suffix(".md").read_text()
     assert "## synthetic0.npz" in md and "## synthetic1.npz" in md
     assert "Cost of the default's class-prior decision on the largest set" in md
+    assert "Close calls (a runner-up within two standard errors" in md

@@ -315,11 +315,14 @@ def test_expected_accuracies_is_one_pass_equal_on_every_runner():
     top = [p.argmax(1) for p in P]
     want = torch.tensor([[float(P[h].gather(1, top[c][:, None]).sum()) for h in range(3)]
                          for c in range(3)], dtype=torch.float64)
+    v = torch.stack([P[h].gather(1, top[c][:, None])[:, 0] for c in range(3) for h in range(3)],
+                    1)                                   # v[i, c * 3 + h] = P_h(argmax P_c | x_i)
     runners = [Runner("cpu", "torch", 50, 333, 17, torch.float64),
                StreamingRunner("cpu", "torch", 64, 333, 17, torch.float64)]
     for runner in runners:
-        A, counts = expected_accuracies(runner, X, T, betas, 100.0)
+        A, counts, M = expected_accuracies(runner, X, T, betas, 100.0)
         torch.testing.assert_close(A, want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(M, v.T @ v, rtol=1e-10, atol=1e-10)
         for c in range(3):
             assert torch.equal(counts[c], torch.bincount(top[c], minlength=17))
 
@@ -339,3 +342,58 @@ def test_cli_warns_when_few_classes_appear_present(capsys, chosen):
     err = capsys.readouterr().err
     warned = "appear to hold only about 10 of the 100 listed classes" in err
     assert warned == (chosen == "estimate")
+
+
+def test_margins_are_the_mean_and_standard_error_of_the_judged_differences():
+    """_margins: for each other allowed candidate, the mean over the images of the
+    mixture-judged accuracy difference to the chosen one and its standard error, from the first
+    and second moments of the pass, equal to the direct computation."""
+    from inmap_ext.class_prior import _margins
+
+    g = torch.Generator().manual_seed(3)
+    n = 500
+    v = torch.rand(n, 9, generator=g, dtype=torch.float64)
+    A, M = v.sum(0).reshape(3, 3) / n, (v.T @ v) / n
+    for allowed, best in (([0, 1, 2], 1), ([0, 1], 0)):
+        got = _margins(A, M, allowed, best, n)
+        assert set(got) == {("none", "uniform", "estimate")[c] for c in allowed if c != best}
+        for c in allowed:
+            if c == best:
+                continue
+            d = sum(v[:, best * 3 + h] - v[:, c * 3 + h] for h in allowed) / len(allowed)
+            m = got[("none", "uniform", "estimate")[c]]
+            assert m["margin"] == pytest.approx(float(d.mean()), abs=1e-6)
+            assert m["se"] == pytest.approx(float(d.std(unbiased=False)) / n ** 0.5, abs=1e-6)
+
+
+def test_auto_reports_close_calls_and_the_cli_says_what_would_decide(capsys):
+    """A fit records each runner-up's margin and standard error; a runner-up within CLOSE_CALL
+    standard errors is a close call: in the reason, in report.json's class_prior and as a note
+    naming the option that the user's knowledge of the set would pick."""
+    from types import SimpleNamespace
+
+    from inmap_ext.class_prior import CLOSE_CALL, ClassPrior
+    from inmap_ext.pipeline import Log, _log_class_prior, _prior_report
+
+    X, T, _ = _problem("vit, C=100", "half the classes")
+    p = inmap_ext.fit_vision_proxy(X, T, iters=20).class_prior
+    margins = p.stats["margin"]
+    assert p.chosen not in margins and len(margins) == len(p.stats["expected_accuracy"]) - 1
+    for c, m in margins.items():
+        ea = p.stats["expected_accuracy"]
+        assert m["margin"] == pytest.approx(ea[p.chosen] - ea[c], abs=2e-4)
+        assert m["se"] > 0
+    assert p.close_calls == [c for c, m in margins.items() if m["margin"] < CLOSE_CALL * m["se"]]
+    assert ("close call" in p.reason) == bool(p.close_calls)
+
+    stats = {"margin": {"uniform": {"margin": 0.001, "se": 0.002},
+                        "estimate": {"margin": 0.05, "se": 0.002}}}
+    q = ClassPrior("auto", "none", "why", None, torch.full((10,), 0.1), None, stats)
+    assert q.close_calls == ["uniform"]
+    res = SimpleNamespace(class_prior=q, num_classes=10)
+    _log_class_prior(res, Log("text"))
+    err = capsys.readouterr().err
+    assert "close call: 'uniform' was about as likely right" in err
+    assert "--class-prior uniform" in err and "estimate" not in err
+    assert _prior_report(res, [str(i) for i in range(10)])["close_calls"] == ["uniform"]
+
