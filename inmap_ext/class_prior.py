@@ -29,6 +29,11 @@ probabilities of the set itself, so the rule is the same in every model's cosine
 count and set size; equal weights are the prior odds of a decision with no reason to favour any
 candidate, and the only constant.
 
+The same pass gives the standard error of each runner-up's margin over the images. A runner-up
+within ``CLOSE_CALL`` (two) standard errors is a close call: the images could not tell the two
+apart. It never changes the decision (that would be a threshold on noise); it is reported
+(``ClassPrior.close_calls``), so that what the user knows about the set can decide.
+
 One guard, for a failure the mixture cannot see: EM on flat or biased posteriors collapses the
 proportions onto a few "hub" classes (the known failure of maximum-likelihood label-shift
 estimation with uncalibrated posteriors, Alexandari et al., ICML 2020), and the collapsed model is
