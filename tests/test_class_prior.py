@@ -251,6 +251,7 @@ def test_result_records_what_ran_and_saves_it(tmp_path, prior):
     r.save(tmp_path / "p.safetensors")
     back = inmap_ext.load_vision_proxy(tmp_path / "p.safetensors")
     assert back.class_prior.chosen == p.chosen and back.class_prior.reason == p.reason
+    assert back.class_prior.stats == p.stats and back.class_prior.close_calls == p.close_calls
     assert back.hyper["class_prior"] == p.chosen
     if p.estimated_proportions is not None:
         torch.testing.assert_close(back.class_prior.estimated_proportions,
