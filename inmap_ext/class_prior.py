@@ -201,7 +201,7 @@ def _auto(runner, x, t, tau_t, n, stats, balance, log_u, record):
     score = {CANDIDATES[c]: float(A[c, allowed].mean()) for c in allowed}
     stats["expected_accuracy"] = {k: round(v, 4) for k, v in score.items()}
     chosen = max(score, key=score.get)     # ties: the first of none, uniform, estimate
-    stats["margin"] = _margins(A, M, allowed, CANDIDATES.index(chosen), n)
+    stats["margin"] = _margins(A.double(), M, allowed, CANDIDATES.index(chosen), n)
     estimate = _proportions(log_pi) if 2 in allowed else None   # a collapsed one is not shown
     pct = ", ".join(f"{k} {100 * v:.1f}%" for k, v in score.items())
     close = close_calls_of(stats)
@@ -237,7 +237,8 @@ def expected_accuracies(runner, x: Tensor, t: Tensor, betas, inv_tau: float
     dt = acc_dtype(runner.dtype)
     B = torch.stack([b.to(device=runner.device, dtype=dt) for b in betas])
     A = torch.zeros(K * K, dtype=dt, device=runner.device)
-    M = torch.zeros(K * K, K * K, dtype=dt, device=runner.device)
+    M = torch.zeros(K * K, K * K, dtype=torch.float64, device=runner.device)  # a variance comes
+                                                  # from it by a difference: summed in float64
     counts = torch.zeros(K, C, dtype=torch.int64, device=runner.device)
     for xc in runner.row_chunks(x):
         z = _logits(xc, runner._w(t, xc), inv_tau, None)   # t as the ops see it (dtype, padding)
@@ -251,7 +252,7 @@ def expected_accuracies(runner, x: Tensor, t: Tensor, betas, inv_tau: float
                 zc = z.gather(1, top[c][:, None])[:, 0] + B[h][top[c]]
                 v[:, c * K + h] = torch.exp(zc - lse)
         A += v.sum(0)
-        M += v.T @ v
+        M += (v.T @ v).double()
     return runner.sum_(A.reshape(K, K)), runner.sum_(counts), runner.sum_(M)
 
 
