@@ -242,9 +242,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     image_set = list_images(images, spec.names, labels, spec.folder_map)
     _log_images(image_set, log, len(spec.names))
     _log_missing(image_set, log)
-    coverage = _label_coverage(image_set, spec.names)
-    if coverage is not None:
-        log("warning", f"warning: {coverage['note']}", **coverage)
+    coverage = _label_coverage(image_set, spec.names, log)
     clip = clip_mod.load_model(model, pretrained, device, model_precision)
     timings["load_model_s"] = time.perf_counter() - t0
 
@@ -347,8 +345,9 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     return report
 
 
-def _label_coverage(image_set: ImageSet, names: Sequence[str]) -> Optional[dict]:
-    """When folder labels cover only part of the class list: how much, and which are absent."""
+def _label_coverage(image_set: ImageSet, names: Sequence[str], log: Log) -> Optional[dict]:
+    """When folder labels cover only part of the class list: how much, and which are absent
+    (logged as a warning, and returned for the report)."""
     if image_set.labels is None:
         return None
     present = sorted(set(image_set.labels))
@@ -356,10 +355,12 @@ def _label_coverage(image_set: ImageSet, names: Sequence[str]) -> Optional[dict]
         return None
     held = set(present)
     absent = [n for i, n in enumerate(names) if i not in held]
-    return {"classes_with_images": len(present), "num_classes": len(names),
-            "classes_without_images": absent,
-            "note": f"the image folders cover {len(present)} of the {len(names)} classes "
-                    f"(no folder for {_some(absent)}); accuracy is over those classes only"}
+    coverage = {"classes_with_images": len(present), "num_classes": len(names),
+                "classes_without_images": absent,
+                "note": f"the image folders cover {len(present)} of the {len(names)} classes "
+                        f"(no folder for {_some(absent)}); accuracy is over those classes only"}
+    log("warning", f"warning: {coverage['note']}", **coverage)
+    return coverage
 
 
 def read_class_weights(path: str, names: Sequence[str]) -> torch.Tensor:
@@ -559,9 +560,7 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
     hyper = _class_prior_option(hyper, spec.names, log)
     image_set = list_images(images, spec.names, "folder", spec.folder_map)
     _log_images(image_set, log, len(spec.names))
-    coverage = _label_coverage(image_set, spec.names)
-    if coverage is not None:
-        log("warning", f"warning: {coverage['note']}", **coverage)
+    _label_coverage(image_set, spec.names, log)
     clip = clip_mod.load_model(model, pretrained, device, model_precision)
     text = clip_mod.text_proxies(clip, spec.names, clip_mod.load_templates(templates),
                                  progress=log.progress)
