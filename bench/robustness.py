@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import inmap_ext  # noqa: E402
+from inmap_ext.class_prior import close_calls_of  # noqa: E402
 
 PRIORS = ("auto", "uniform", "estimate", "none")
 FIXED = PRIORS[1:]
@@ -100,9 +101,10 @@ def run_file(path, seeds, n_batches, device):
                    "classes_present": int(len(np.unique(y[idx]))), **score(X, T, y, idx, device)}
             rows.append(row)
             _print(path, row)
-        parts = [score(X, T, y, idx, device) for idx in batches(y, C, seed, n_batches)]
+        drawn = batches(y, C, seed, n_batches)
+        parts = [score(X, T, y, idx, device) for idx in drawn]
         row = {"set": f"batches of 4 classes x 4 images (mean of {n_batches})", "seed": seed,
-               "n": int(np.mean([len(b) for b in batches(y, C, seed, n_batches)])),
+               "n": int(np.mean([len(b) for b in drawn])),
                "classes_present": 4}
         for k in ("zero_shot",) + PRIORS:
             row[k] = float(np.mean([p[k] for p in parts]))
@@ -140,8 +142,6 @@ def summary(files) -> dict:
     out["auto_minus_uniform_on_full_sets"] = [round(v, 2) for v in full]
     # close calls (a runner-up within CLOSE_CALL standard errors): what the runner-up would
     # have given against auto's choice
-    from inmap_ext.class_prior import close_calls_of
-
     out["close_calls"] = [
         {"data": f["data"], "set": r["set"], "seed": r["seed"], "chosen": r["auto_chose"],
          "runner_up": c, "runner_up_minus_auto": round(r[c] - r["auto"], 2)}
