@@ -376,7 +376,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     cmd = args.command
-    if cmd in ("fit", "predict", "eval", "extract"):
+    if cmd in MODEL_COMMANDS:
         from . import pipeline
     if cmd in ("fit", "predict", "eval"):
         # options shared by the image commands (_model, _images, _common)
