@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -228,6 +229,9 @@ def _hyper_kwargs(args) -> dict:
     return {dest: getattr(args, dest) for _, dest, *_ in HYPER}
 
 
+DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")     # the devices the commands run on
+
+
 def _check_options(args) -> None:
     """Every option error before any model is loaded or image read (hours on a big set); the
     checks here need no torch, so that they answer at once."""
@@ -239,17 +243,28 @@ def _check_options(args) -> None:
         count(args.topk, "--topk", 1)
     if getattr(args, "shard_size", None) is not None:
         count(args.shard_size, "--shard-size", 1)
+    if args.command == "demo":
+        for flag, dest, least in (("--n", "n", 1), ("--dim", "dim", 1), ("--classes", "classes", 1),
+                                  ("--iters", "iters", 0)):
+            if getattr(args, dest, None) is not None:
+                count(getattr(args, dest), flag, least)
     if hasattr(args, "tau_t"):
         _check_hyper(args)
+    prompts = getattr(args, "prompts", None)
+    if prompts is not None and not os.path.isfile(prompts):
+        raise ValueError(f"--prompts {prompts}: no such file")
     _check_outputs(args)
-    device = getattr(args, "device", None)
-    if isinstance(device, str) and device.startswith("cuda"):
-        import torch
+    devices = getattr(args, "device", None)
+    for device in ([devices] if isinstance(devices, str) else devices or []):
+        if not DEVICE.fullmatch(device):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+        if device.startswith("cuda"):
+            import torch
 
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is available here "
-                             f"(torch {torch.__version__}, CUDA build: "
-                             f"{torch.version.cuda or 'no'}); use --device cpu")
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {device}: no CUDA device is available here "
+                                 f"(torch {torch.__version__}, CUDA build: "
+                                 f"{torch.version.cuda or 'no'}); use --device cpu")
     if args.command in MODEL_COMMANDS and getattr(args, "model", None):
         _check_model(args)
 
@@ -275,6 +290,9 @@ def _check_hyper(args) -> None:
         raise ValueError(f"--stop must be {' or '.join(STOP_RULES)}, got {args.stop!r}")
     if args.mode == "paper" and (args.stop == "auto" or args.tol is not None):
         raise ValueError("--mode paper runs every --iters step; drop --stop auto / --tol")
+    if args.sinkhorn_iters == 0 and cp not in (None, "auto", "uniform", "none"):
+        raise ValueError(f"--class-prior {cp} balances the pseudo labels, but --sinkhorn-iters 0 "
+                         "turns balancing off; drop one of them")
     if args.mode == "paper" and cp not in (None, "uniform"):
         raise ValueError(f"--mode paper runs the published uniform prior; drop --class-prior "
                          f"{cp} (or use --mode default)")
@@ -399,9 +417,9 @@ def _run(args) -> int:
 
         group = pipeline._group(args.device)
         log = pipeline.Log(args.log if group is None or torch_rank(group) == 0 else "quiet")
-        clip = clip_mod.load_model(args.model, args.pretrained, args.device,
+        image_set = list_images(args.images, labels="none")    # a bad path fails before
+        clip = clip_mod.load_model(args.model, args.pretrained, args.device,   # the model loads
                                    args.model_precision)
-        image_set = list_images(args.images, labels="none")
         pipeline._log_images(image_set, log)
         pipeline._log_missing(image_set, log)
         pipeline.extract(clip, image_set, log, group=group,

@@ -17,8 +17,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 def read_text(path: str, option: str) -> str:
     """The text of a UTF-8 file; a file that is not UTF-8 is an error naming the file, the line
     and the option it was given to."""
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{option} {path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot read it ({e.strerror or e})") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

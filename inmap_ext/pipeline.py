@@ -387,7 +387,11 @@ def read_class_weights(path: str, names: Sequence[str]) -> torch.Tensor:
             pairs.append((name.strip(), weight))
     index = {c: i for i, c in enumerate(names)}
     w = torch.zeros(len(names), dtype=torch.float64)
+    seen = set()
     for name, weight in pairs:
+        if name in seen:
+            raise ValueError(f"{path}: class {name!r} is listed twice; give each class one weight")
+        seen.add(name)
         if name not in index:
             raise ValueError(f"{path}: class {name!r} is not in the class list "
                              f"(first classes: {list(names)[:5]})")
@@ -568,11 +572,16 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
                     batch_size=batch_size, workers=workers)
     x, t, y = feats.features.to(clip.device), text.to(clip.device), feats.labels
     k = min(5, len(spec.names))
-    sinkhorn = hyper.pop("sinkhorn_iters", 20) or 20
+    sinkhorn = hyper.pop("sinkhorn_iters", None)
+    sinkhorn = 20 if sinkhorn is None else sinkhorn      # fit_vision_proxy's default
     paper = {k: v for k, v in hyper.items() if k not in ("class_prior", "mode", "tol", "stop")}
     runs = {"text proxy (zero-shot)": None,
-            "vision proxy (InMaP)": dict(paper, sinkhorn_iters=0, mode="paper"),
-            "vision proxy + Sinkhorn (InMaP)": dict(paper, sinkhorn_iters=sinkhorn, mode="paper")}
+            "vision proxy (InMaP)": dict(paper, sinkhorn_iters=0, mode="paper")}
+    if sinkhorn:
+        runs["vision proxy + Sinkhorn (InMaP)"] = dict(paper, sinkhorn_iters=sinkhorn, mode="paper")
+    else:
+        log("note", "note: --sinkhorn-iters 0: the published Sinkhorn run is left out and the "
+                    "default fit is not balanced", sinkhorn_iters=0)
     if hyper.get("mode", "default") != "paper":
         runs["vision proxy, class prior (inmap_ext default)"] = dict(hyper, sinkhorn_iters=sinkhorn)
     from .functional import zero_shot_topk

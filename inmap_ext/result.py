@@ -14,6 +14,8 @@ from .version import __version__
 Tensor = torch.Tensor
 
 FORMAT = "inmap_ext.vision_proxy/1"
+RESERVED_METADATA = frozenset({"format", "inmap_ext_version", "hyper", "timings", "summary",
+                               "verification", "class_prior"})   # written by save itself
 
 
 @dataclass
@@ -81,11 +83,13 @@ class VisionProxyResult:
                 + (f", model={model!r}" if model else "") + ")")
 
     # -- prediction ---------------------------------------------------------------------------
-    def topk(self, features: Tensor, k: int = 5, *, backend: str = "auto",
+    def topk(self, features: Tensor, k: Optional[int] = None, *, backend: str = "auto",
              chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-        """(cosines N x k, class indices N x k) of L2-normalised features against the proxy."""
+        """(cosines N x k, class indices N x k) of L2-normalised features against the proxy;
+        k: None = min(5, C)."""
         from .functional import zero_shot_topk
 
+        k = min(5, self.proxy.shape[1]) if k is None else k
         return zero_shot_topk(features, self.proxy.to(features.device), k, backend=backend,
                               chunk_size=chunk_size)
 
@@ -94,11 +98,12 @@ class VisionProxyResult:
         idx = self.topk(features, k, **kw)[1]
         return idx[:, 0] if k == 1 else idx
 
-    def zero_shot_topk(self, features: Tensor, k: int = 5, *, backend: str = "auto",
+    def zero_shot_topk(self, features: Tensor, k: Optional[int] = None, *, backend: str = "auto",
                        chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """``topk`` with the text proxies: the zero-shot classifier InMaP started from."""
         from .functional import zero_shot_topk
 
+        k = min(5, self.text_proxies.shape[1]) if k is None else k
         return zero_shot_topk(features, self.text_proxies.to(features.device), k,
                               backend=backend, chunk_size=chunk_size)
 
@@ -133,6 +138,9 @@ class VisionProxyResult:
             if prior.estimated_proportions is not None:
                 tensors["prior_estimated_proportions"] = prior.estimated_proportions
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        taken = sorted(set(metadata or {}) & RESERVED_METADATA)
+        if taken:
+            raise ValueError(f"metadata keys {taken} are written by save itself; use other names")
         meta = dict(self.metadata)
         meta.update(metadata or {})
         meta.update({

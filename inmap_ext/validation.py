@@ -31,18 +31,20 @@ def check_finite(t: torch.Tensor, name: str, dim: int) -> torch.Tensor:
     """Norms along ``dim`` in float32/64 (O(rows) memory); raises on NaN/Inf or zero vectors."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     norms = torch.linalg.vector_norm(t, dim=dim, dtype=acc)
-    bad = ~torch.isfinite(norms)
+    bad = ~torch.isfinite(norms) | (norms == 0)
     if bool(bad.any()):
-        # finite vectors whose squared norm overflows (entries ~1e20 and up in float32): the
-        # norm of the vector scaled by its largest entry, times that entry
+        # finite vectors whose squared norm overflows (entries ~1e20 and up in float32) or
+        # underflows (~1e-20 and below): the norm of the vector scaled by its largest entry,
+        # times that entry (a vector of zeros stays at norm 0)
         idx = bad.nonzero().flatten()
         sub_t = t.index_select(1 - dim, idx)
         scale = sub_t.abs().amax(dim=dim).to(acc)
         if bool(torch.isfinite(scale).all()):
             shape = (-1, 1) if dim == 1 else (1, -1)
-            norms[idx] = scale * torch.linalg.vector_norm(sub_t.to(acc) / scale.reshape(shape),
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            norms[idx] = scale * torch.linalg.vector_norm(sub_t.to(acc) / safe.reshape(shape),
                                                           dim=dim)
-            bad = ~torch.isfinite(norms)
+        bad = ~torch.isfinite(norms)
     if bool(bad.any()):
         idx = int(bad.nonzero()[0])
         what = "row" if dim == 1 else "column"

@@ -11,6 +11,7 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 
 from inmap_ext import clip as clip_mod  # noqa: E402
+from inmap_ext import pipeline  # noqa: E402
 from inmap_ext.cache import FeatureCache  # noqa: E402
 from inmap_ext.classifier import VisionProxyClassifier  # noqa: E402
 from inmap_ext.cli import main  # noqa: E402
@@ -155,6 +156,14 @@ def test_cli_fit_predict_export_eval(ws, tmp_path, capsys):
                                            "vision proxy + Sinkhorn (InMaP)"]
     assert all(set(r["metrics"]) == {"acc1", "mean_per_class_recall"} for r in recs)
     assert recs[0]["metrics"]["acc1"] == pytest.approx(report["zero_shot"]["acc1"])
+    # --sinkhorn-iters 0 is honoured: no published Sinkhorn record, an unbalanced default fit
+    assert main(["eval", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["labeled"],
+                 "--classes", ws["classes"], "--out", str(ev), "--workers", "0",
+                 "--cache-dir", ws["cache"], "--iters", "30", "--sinkhorn-iters", "0", "-q"]) == 0
+    recs = json.loads(ev.read_text())
+    assert [r["method"] for r in recs] == ["text proxy (zero-shot)", "vision proxy (InMaP)",
+                                           "vision proxy, class prior (inmap_ext default)"]
+    assert recs[2]["class_prior"]["chosen"] == "none"
 
 
 def test_cli_exit_codes(ws, tmp_path, capsys):
@@ -342,6 +351,8 @@ def _fit_args(ws, tmp_path, *extra):
     ("--batch-size", "0", "--batch-size must be an integer >= 1"),
     ("--class-prior", "balanced", "--class-prior must be one of"),
     ("--stop", "early", "--stop must be auto or none"),
+    ("--device", "tpu", "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    ("--prompts", "no_such_prompts.json", "--prompts no_such_prompts.json: no such file"),
 ])
 def test_option_errors_come_before_any_work(tmp_path, capsys, option, value, message):
     # the model does not even exist: an option error must be reported before it is looked up
@@ -349,6 +360,33 @@ def test_option_errors_come_before_any_work(tmp_path, capsys, option, value, mes
                  "--classes", "imagenet", "--out", str(tmp_path / "o"), "-q",
                  option, value]) == 3
     assert message in capsys.readouterr().err
+
+
+def test_option_conflicts_and_demo_sizes_come_before_any_work(tmp_path, capsys):
+    prior = tmp_path / "prior.txt"
+    prior.write_text("a 1\nb 1\n")
+    for cp in ("estimate", str(prior)):
+        assert main(["fit", "--model", "NoSuchNet", "--images", str(tmp_path / "missing"),
+                     "--classes", "imagenet", "--out", str(tmp_path / "o"), "-q",
+                     "--sinkhorn-iters", "0", "--class-prior", cp]) == 3
+        assert "--sinkhorn-iters 0 turns balancing off" in capsys.readouterr().err
+    assert main(["demo", "--n", "0", "--no-pipeline"]) == 3
+    err = capsys.readouterr()
+    assert "--n must be an integer >= 1" in err.err and err.out == ""   # nothing printed first
+
+
+def test_extract_checks_images_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(clip_mod, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["extract", "--model", MODEL, "--pretrained", "none", "--images",
+                 str(tmp_path / "missing"), "--cache-dir", str(tmp_path / "c"), "-q"]) == 3
+    assert "--images" in capsys.readouterr().err
+
+
+def test_class_prior_file_listing_a_class_twice_is_refused(tmp_path):
+    f = tmp_path / "prior.txt"
+    f.write_text("cat 1\ndog 1\ncat 3\n")
+    with pytest.raises(ValueError, match="class 'cat' is listed twice"):
+        pipeline.read_class_weights(str(f), ["cat", "dog"])
 
 
 def test_predict_topk_checked_before_work(tmp_path, capsys):

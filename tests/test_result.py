@@ -80,3 +80,15 @@ def test_half_precision_on_cpu_is_computed_in_float32(problem):
     ref = inmap_ext.fit_vision_proxy(X.half().float(), T.half().float(), iters=50)
     assert r.proxy.dtype == torch.float32
     torch.testing.assert_close(r.proxy, ref.proxy)
+
+
+def test_topk_default_fits_few_classes_and_save_refuses_reserved_metadata(tmp_path):
+    X, T, _ = clip_like(60, 8, 3, dtype=torch.float32)
+    r = inmap_ext.fit_vision_proxy(X, T, iters=5)
+    assert r.topk(X)[1].shape == (60, 3) and r.zero_shot_topk(X)[1].shape == (60, 3)  # min(5, C)
+    with pytest.raises(ValueError, match=r"k must be <= the number of classes C=3"):
+        r.topk(X, 5)
+    with pytest.raises(ValueError, match=r"metadata keys \['verification'\] are written by save"):
+        r.save(tmp_path / "p.safetensors", metadata={"verification": "by hand"})
+    r.save(tmp_path / "p.safetensors", metadata={"model": "ViT-B-32"})
+    assert inmap_ext.load_vision_proxy(tmp_path / "p.safetensors").metadata["model"] == "ViT-B-32"

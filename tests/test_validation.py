@@ -50,6 +50,13 @@ def test_bad_tensors(args, err, match):
     (dict(chunk_size=0), r"chunk_size must be an integer >= 1"),
     (dict(tol=-1.0), r"tol must be a finite number > 0"),
     (dict(backend="gpu"), r"backend must be one of"),
+    (dict(tau_t=1e-40), r"tau_t must be in \[1e-12, 1e\+12\]"),     # 1/tau_t overflows float32
+    (dict(tau_i=1e13), r"tau_i must be in \[1e-12, 1e\+12\]"),
+    (dict(lr=1e300), r"lr must be at most 1e\+12"),
+    (dict(gamma=1e300), r"gamma must be at most 1e\+12"),
+    (dict(sinkhorn_iters=0, class_prior="estimate"), r"sinkhorn_iters=0 turns balancing off"),
+    (dict(sinkhorn_iters=0, class_prior=torch.tensor([1.0, 0, 1, 1])),
+     r"class_prior=given proportions balances .* sinkhorn_iters=0"),
 ])
 def test_bad_hyper_parameters(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -126,3 +133,34 @@ def test_dtype_follows_the_features(xd, td, want):
     assert inmap_ext.fit_vision_proxy(X, T, iters=2).proxy.dtype == want
     doc = inmap_ext.fit_vision_proxy.__doc__
     assert "follow the *features*" in doc and "Raises:" in doc and "Example:" in doc
+
+
+@pytest.mark.parametrize("b", ["torch", "ext"])
+def test_extreme_but_allowed_hyper_parameters_give_finite_fits(b):
+    """The ends of the allowed ranges (hyper.LARGEST_SCALE) keep logits, log-biases and the step
+    finite in float32, for either temperature, the learning rate and gamma together."""
+    if b == "ext" and not inmap_ext._ops.ext_available("cpu"):
+        pytest.skip("no compiled CPU kernels")
+    for tt, ti, lr, g in [(1e-12, 1e-12, 1e12, 1e12), (1e12, 1e12, 1e-12, 0.0),
+                          (1e-12, 1e12, 1e12, 0.0), (1e12, 1e-12, 1e-12, 1e12)]:
+        for cp in ("uniform", "auto"):
+            r = fit(X, T, tau_t=tt, tau_i=ti, lr=lr, gamma=g, class_prior=cp, iters=10,
+                    backend=b)
+            assert torch.isfinite(r.proxy).all() and torch.isfinite(r.objective).all()
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    r = fit(X, T, iters=np.int64(3), tau_t=np.float32(0.01), sinkhorn_iters=np.int32(5))
+    assert r.n_iters <= 3 and r.predict(X, k=np.int64(2)).shape == (X.shape[0], 2)
+
+
+def test_tiny_but_non_zero_vectors_are_normalised():
+    """A row whose squared norm underflows (entries ~1e-27) is not 'all-zero': it is
+    normalised like any other; a row of zeros is still refused."""
+    x = X.clone()
+    x[0] = x[0] * 1e-25
+    torch.testing.assert_close(fit(x, T, iters=3).proxy, fit(X, T, iters=3).proxy)
+    x[0] = 0
+    with pytest.raises(ValueError, match=r"image_features has an all-zero row \(row 0\)"):
+        fit(x, T, iters=1)
