@@ -39,9 +39,9 @@ def _cases(device: torch.device):
         dtypes = [torch.float32, torch.float16, torch.bfloat16]
         shapes.append((50_000, 768, 1000))
     for dt in dtypes:
-        p = verify.PROBE
-        yield f"probe {p['n']}x{p['d']}x{p['c']}", dt, \
-            verify.probe_calls(*verify.probe_inputs(device, dt)), True
+        for p in verify.PROBES:
+            yield f"probe {p['n']}x{p['d']}x{p['c']}", dt, \
+                verify.probe_calls(*verify.probe_inputs(device, dt, p), p), True
     g = torch.Generator().manual_seed(int(time.time()))          # fresh inputs every run
     for n, d, c in shapes:
         for dt in dtypes:

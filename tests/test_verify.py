@@ -62,17 +62,21 @@ def _raising(f):
 
 
 # -- the probe ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", verify.PROBES, ids=["ragged", "aligned"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16,
                                    "tf32"])
-def test_probe_hits_the_awkward_cases_and_has_no_near_ties(dtype):
-    """Ragged chunks and tiles, odd D, a -inf column, rows above and below alpha; no row near a
-    tie or near alpha (pseudo-label counts are compared exactly), in every input dtype."""
-    p = verify.PROBE
-    x, w, bias = verify.probe_inputs("cpu", torch.float32 if dtype == "tf32" else dtype)
+def test_probe_hits_the_awkward_cases_and_has_no_near_ties(dtype, p):
+    """Ragged chunks and tiles, odd D (the first probe) or the aligned layout of real features
+    (the second), a -inf column, rows above and below alpha; no row near a tie or near alpha
+    (pseudo-label counts are compared exactly), in every input dtype."""
+    x, w, bias = verify.probe_inputs("cpu", torch.float32 if dtype == "tf32" else dtype, p)
     if dtype == "tf32":                       # as the probe rounds fp32 on CUDA
         x, w = verify._tf32_round(x), verify._tf32_round(w)
-    assert p["n"] % p["chunk"] and p["c"] > 128 and p["c"] % 128 and p["c"] % 8
-    assert p["d"] % 8 and p["d"] > 32
+    assert p["n"] % p["chunk"] and p["c"] > 128 and p["c"] % 128
+    if p is verify.PROBE:
+        assert p["c"] % 8 and p["d"] % 8 and p["d"] > 32
+    else:
+        assert p["c"] % 8 == 0 and p["d"] % 32 == 0
     assert torch.isneginf(bias).sum() == 1
     v = (x.double() @ w.double()) * p["inv_tau_t"] + bias.double()
     top2 = v.topk(2, dim=1).values
@@ -83,6 +87,25 @@ def test_probe_hits_the_awkward_cases_and_has_no_near_ties(dtype):
     B, mass, counts, n_conf = reference.pseudo_label_reduce(x, w, bias, p["inv_tau_t"],
                                                             p["alpha"], p["chunk"])
     assert counts[p["dead_class"]] == 0 and mass[p["dead_class"]] == 0
+
+
+def test_a_kernel_wrong_only_on_the_aligned_layout_fails_its_check(monkeypatch):
+    """The first-use check runs both probes: a kernel right on the ragged probe and wrong where
+    D and C are aligned (the fused design's in-place path) is caught."""
+    skip_if_no_ext("cpu")
+
+    def aligned_only(f):
+        def g(*args):
+            out = f(*args)
+            if args[0].shape[1] % 32 == 0:
+                return tuple(o * 1.001 if o.is_floating_point() else o for o in out) \
+                    if isinstance(out, tuple) else out * 1.001
+            return out
+        return g
+    _inject(monkeypatch, aligned_only, torch.float64)
+    v = verify.check_op("xt_softmax", "ext", "cpu", torch.float64)
+    assert not v.ok and "probe D=64 C=136" in v.error
+    assert verify.check_op("xt_softmax", "ext", "cpu", torch.float32).ok
 
 
 def test_compare_catches_what_matters():
