@@ -75,7 +75,25 @@ def test_robustness_bench_runs_every_file_and_summarises(tmp_path):
                 if r["set"] == c["set"] and r["seed"] == c["seed"]]
         assert c["runner_up"] in r["auto_stats"]["margin"] and c["chosen"] == r["auto_chose"]
         assert c["runner_up_minus_auto"] == pytest.approx(r[c["runner_up"]] - r["auto"], abs=0.01)
+    by = s["below_zero_shot_by_size"]
+    rows = [r for f in data["files"] for r in f["rows"]]
+    assert s["sets_by_size"] == {"large": sum(r["n"] >= 200 for r in rows),
+                                 "small": sum(r["n"] < 200 for r in rows)}
+    assert len(by["large"]) + len(by["small"]) == \
+        s["auto"]["sets_below_zero_shot_by_more_than_0.5"]
+    for b in by["large"] + by["small"]:
+        assert b["gain"] < -0.5 and b["images_lost"] == pytest.approx(-b["gain"] * b["n"] / 100,
+                                                                      abs=0.06)
     md = js.with_suffix(".md").read_text()
     assert "## synthetic0.npz" in md and "## synthetic1.npz" in md
     assert "Cost of the default's class-prior decision on the largest set" in md
     assert "Close calls (a runner-up within two standard errors" in md
+    assert "more than 0.5 point below zero-shot, by set size" in md
+    # --from-json rewrites the same summary and tables from the stored rows, without fitting
+    js.with_suffix(".md").unlink()
+    again = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "robustness.py"), str(js), "--from-json",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert js.with_suffix(".md").read_text() == md
+    assert json.loads(js.read_text())["summary"] == s
