@@ -50,25 +50,37 @@ def default_cache_dir() -> str:
     return os.path.join(base, "inmap_ext", "features")
 
 
+_FILE_IDS: Dict[tuple, str] = {}     # (path, size, mtime, ctime, inode) -> fingerprint
+
+
 def file_fingerprint(path: str) -> str:
-    """Identity of a weights file: size, and SHA-256 of its first and last 4 MiB."""
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(4 << 20))
-        if size > 8 << 20:
-            f.seek(-(4 << 20), os.SEEK_END)
-            h.update(f.read())
-    return f"{size}:{h.hexdigest()[:32]}"
+    """Identity of a weights file: its size and a hash of every byte (two checkpoints can differ
+    in a few tensors anywhere in the file); computed once per process and file version."""
+    st = os.stat(path)
+    version = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if version not in _FILE_IDS:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                h.update(block)
+        _FILE_IDS[version] = f"{st.st_size}:{h.hexdigest()}"
+    return _FILE_IDS[version]
+
+
+def _bytes(text: str) -> bytes:
+    """A path as the file system's bytes (a name that is not UTF-8 has surrogate escapes)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _stat_lines(paths: Sequence[str]) -> List[Optional[str]]:
-    """Per image "path\0size\0mtime_ns" (None for a file that does not exist)."""
+    """Per image "path\0size\0mtime_ns\0ctime_ns" (None for a file that does not exist). The
+    change time cannot be set back, so a file rewritten with its old size and modification time
+    restored (cp -p, rsync -a, tar) is still seen as changed."""
     out = []
     for p in paths:
         try:
             st = os.stat(p)
-            out.append(f"{p}\0{st.st_size}\0{st.st_mtime_ns}")
+            out.append(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}")
         except OSError:
             out.append(None)
     return out
@@ -77,7 +89,7 @@ def _stat_lines(paths: Sequence[str]) -> List[Optional[str]]:
 def _list_key(paths: Sequence[str], stats: Sequence[Optional[str]]) -> str:
     h = hashlib.sha256()
     for p, line in zip(paths, stats):
-        h.update(f"{line}\n".encode() if line is not None else f"{p}\0missing\n".encode())
+        h.update(_bytes(f"{line}\n" if line is not None else f"{p}\0missing\n"))
     return h.hexdigest()
 
 
@@ -87,11 +99,11 @@ def images_fingerprint(paths: Sequence[str]) -> str:
 
 
 def image_fingerprints(paths: Sequence[str]) -> List[Optional[str]]:
-    """Identity of each image: its absolute path, size and modification time, hashed (None for
-    a missing file). A row of one cached feature set is reused for another set of the same
+    """Identity of each image: its absolute path, size, modification and change times, hashed
+    (None for a missing file). A row of one cached feature set is reused for another set of the same
     model, weights and preprocessing only when these match."""
     return [None if line is None else
-            hashlib.blake2b(line.encode(), digest_size=12).hexdigest()
+            hashlib.blake2b(_bytes(line), digest_size=12).hexdigest()
             for line in _stat_lines([os.path.abspath(p) for p in paths])]
 
 
@@ -128,10 +140,14 @@ class FeatureCache:
         self.shard_size = shard_size
         os.makedirs(self.dir, exist_ok=True)
         manifest = os.path.join(self.dir, "manifest.json")
-        if os.path.exists(manifest):
-            with open(manifest) as f:
-                self.shard_size = int(json.load(f).get("shard_size", shard_size))
+        stored = _read_manifest(manifest, shard_size)
+        if stored is not None:
+            self.shard_size = stored
         else:
+            if os.path.exists(manifest):   # damaged (a crash mid-write): its shards' size is
+                for name in os.listdir(self.dir):    # unknown, so they are encoded again
+                    if name.startswith("shard_"):
+                        os.remove(os.path.join(self.dir, name))
             tmp = manifest + f".tmp{os.getpid()}"
             root = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else ""
             with open(tmp, "w") as f:
@@ -231,7 +247,20 @@ class FeatureCache:
         return _shard_path(self.dir, i)
 
     def missing_shards(self) -> List[int]:
-        return [i for i in range(self.n_shards) if not os.path.exists(self.shard_path(i))]
+        """Shards not yet written. A damaged shard file (shorter than its header says: a crash
+        or a full disk mid-write) is removed and counts as missing, so it is encoded again."""
+        missing = []
+        for i in range(self.n_shards):
+            path = self.shard_path(i)
+            if os.path.exists(path) and not _complete_safetensors(path):
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+                missing.append(i)
+            elif not os.path.exists(path):
+                missing.append(i)
+        return missing
 
     def cached_rows(self) -> int:
         """How many images already have their features here."""
@@ -287,6 +316,34 @@ class FeatureCache:
             oks.append(t["ok"].bool())
         lo = rows.start - first * self.shard_size
         return torch.cat(feats)[lo:lo + len(rows)], torch.cat(oks)[lo:lo + len(rows)]
+
+
+def _read_manifest(path: str, default: int) -> Optional[int]:
+    """The shard size a manifest records (``default`` if it records none); None when there is
+    no manifest or it cannot be read."""
+    try:
+        with open(path) as f:
+            return int(json.load(f).get("shard_size", default))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _complete_safetensors(path: str) -> bool:
+    """The file holds its whole safetensors header and every byte the header points to."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return 8 + n + max(ends, default=0) <= size
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
 
 
 @dataclass

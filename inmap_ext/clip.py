@@ -53,7 +53,18 @@ def load_classnames(spec: str) -> ClassSpec:
         if isinstance(data, list) and all(isinstance(c, str) for c in data):
             spec_ = ClassSpec(list(data))
         elif isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
-            spec_ = ClassSpec(list(dict.fromkeys(data.values())), dict(data))
+            by_name: Dict[str, List[str]] = {}
+            for folder, name in data.items():
+                by_name.setdefault(name, []).append(folder)
+            shared = {n: f for n, f in by_name.items() if len(f) > 1}
+            if shared:
+                shown = "; ".join(f"{', '.join(f)} -> {n!r}" for n, f in list(shared.items())[:5])
+                raise ValueError(
+                    f"--classes {spec}: folders map to the same class name ({shown}); each "
+                    "would be one class with both folders' images. Give each class its own "
+                    "name (open_clip's ImageNet names hold 'missile' and 'sunglasses' twice: "
+                    "rename one of each)")
+            spec_ = ClassSpec(list(data.values()), dict(data))
         else:
             raise ValueError(f"--classes {spec}: expected a JSON list of names or an object "
                              "folder -> name")
@@ -389,7 +400,37 @@ def image_features(clip: ClipModel, images: ImageSet, *, cache_dir: Optional[str
     if cache.missing_shards():
         return None, None, cache
     feats, ok = cache.load()
+    if use_cache and shard_filter is None and not bool(ok.all()):
+        feats, ok = _read_again(clip, images, cache, feats, ok, batch_size, log)
     return feats, ok, cache
+
+
+def _read_again(clip: ClipModel, images: ImageSet, cache: FeatureCache, feats: torch.Tensor,
+                ok: torch.Tensor, batch_size: int, log: Optional[Callable[..., None]]
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Images the cache holds as unreadable are tried once more (a read can fail for a passing
+    reason: too many open files, a network disk, memory); those that read now are encoded and
+    their shards written again. A file that is still unreadable costs one failed open."""
+    bad = [r for r in torch.nonzero(~ok).flatten().tolist() if os.path.isfile(images.paths[r])]
+    if not bad:
+        return feats, ok
+    loader = torch.utils.data.DataLoader(ImageDataset(images.paths, clip.preprocess, bad),
+                                         batch_size=batch_size, num_workers=0, shuffle=False)
+    fixed = []
+    for x, idx, good in loader:
+        if bool(good.any()):
+            with clip.autocast():
+                f = clip.model.encode_image(x[good].to(clip.device), normalize=True)
+            for r, fr in zip(idx[good].tolist(), f.float().cpu()):
+                feats[r], ok[r] = fr, True
+                fixed.append(r)
+    for i in sorted({r // cache.shard_size for r in fixed}):
+        rows = cache.shard_rows(i)
+        cache.write_shard(i, feats[rows.start:rows.stop], ok[rows.start:rows.stop])
+    if fixed and log is not None:
+        log("reread", f"features: {len(fixed)} image(s) unreadable in an earlier run read now "
+            "and were encoded", reread=len(fixed))
+    return feats, ok
 
 
 def _encode_shards(clip: ClipModel, images: ImageSet, cache: FeatureCache, todo: List[int],

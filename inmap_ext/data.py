@@ -78,9 +78,25 @@ def is_image(path: str) -> bool:
 
 
 def _walk(root: str) -> List[str]:
-    found = []
+    """Images under ``root``, recursively, following links to folders but entering each real
+    folder once (a link back up the tree would list the same images again, under other class
+    folders); a folder that is also under ``root`` without a link is listed there."""
+    direct = {os.path.realpath(d) for d, _, _ in os.walk(root)}
+    found, seen = [], set()
     for d, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
+        real = os.path.realpath(d)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        keep = []
+        for x in sorted(dirs):
+            sub = os.path.join(d, x)
+            target = os.path.realpath(sub)
+            if target in seen or (os.path.islink(sub) and target in direct):
+                continue
+            keep.append(x)
+        dirs[:] = keep
         found.extend(os.path.join(d, f) for f in sorted(files) if is_image(f))
     return found
 
@@ -136,9 +152,16 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
     elif os.path.isfile(images):
         is_list = True
         base = os.path.dirname(os.path.abspath(images))
-        lines = [ln.strip() for ln in read_lines(images, "--images")
-                 if ln.strip() and not ln.startswith("#")]
-        paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in lines]
+        lines = [ln.strip() for ln in read_lines(images, "--images")]
+        lines = [ln for ln in lines if ln and not ln.startswith("#")]
+        paths = [os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
+                 for p in lines]
+        first: Dict[str, int] = {}
+        for i, p in enumerate(paths):
+            if first.setdefault(p, i) != i:
+                raise ValueError(f"--images {images}: {lines[i]!r} is listed twice (entries "
+                                 f"{first[p] + 1} and {i + 1}); list each image once, or it "
+                                 "counts twice in the fit")
         root = os.path.commonpath(paths) if paths else base
         if labels == "auto":
             labels = "none"

@@ -108,7 +108,8 @@ def write_predictions(path: str, paths: Sequence[str], classnames: Sequence[str]
     top classes when given, for comparison."""
     columns = [("inmap", *inmap)] + ([("zero_shot", *zero_shot)] if zero_shot is not None else [])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    # a file name that is not UTF-8 is written as its own bytes (surrogate escapes)
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         head = ["path"] + (["label"] if labels is not None else [])
         for name, _, idx in columns:

@@ -226,7 +226,11 @@ def test_cache_resume_and_staleness(ws, tmp_path):
         assert FeatureCache(cache_dir, cache.identity_base, images.paths, 3).key != cache.key
     finally:
         os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert FeatureCache(cache_dir, cache.identity_base, images.paths, 3).key == cache.key
+    # the old size and modification time restored (cp -p, rsync -a): the change time tells
+    assert os.stat(touched).st_mtime_ns == st.st_mtime_ns
+    restored = FeatureCache(cache_dir, cache.identity_base, images.paths, 3)
+    assert restored.key != cache.key
+    assert FeatureCache(cache_dir, cache.identity_base, images.paths, 3).key == restored.key
     for field, value in [("model", "ViT-B-16"), ("weights", "tag:openai"),
                          ("preprocess", "Compose(Resize(336))")]:
         other = dict(cache.identity_base, **{field: value})
@@ -640,3 +644,105 @@ def test_demo_shows_a_bar_per_fit(capsys):
     err = capsys.readouterr().err
     assert "vision proxy" in err and "step" in err         # tqdm's live bar
     assert len(rows) >= 2 and all(r["steps"] <= 30 for r in rows)
+
+
+# ---- the review of 2026-11-30: files, names and damaged caches ----------------------------------
+
+def test_weights_fingerprint_hashes_the_whole_file(tmp_path):
+    from inmap_ext.cache import file_fingerprint
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    data = bytearray(20 << 20)                     # 20 MiB; they differ in the middle only
+    a.write_bytes(bytes(data))
+    data[10 << 20] = 1
+    b.write_bytes(bytes(data))
+    assert file_fingerprint(str(a)) != file_fingerprint(str(b))
+    assert file_fingerprint(str(a)) == file_fingerprint(str(a))
+
+
+def test_folder_links_are_entered_once(tmp_path):
+    make_image_folder(str(tmp_path / "set"), ["cat", "dog"], per_class=1, size=16)
+    os.symlink("..", tmp_path / "set" / "cat" / "loop")          # a link back up the tree
+    os.symlink(tmp_path / "set" / "dog", tmp_path / "set" / "cat" / "dog_again")
+    s = list_images(str(tmp_path / "set"), ["cat", "dog"], "folder")
+    assert len(s) == 2 and sorted(s.labels) == [0, 1]
+
+
+def test_a_file_name_that_is_not_utf8_is_kept(tmp_path):
+    from inmap_ext.cache import image_fingerprints, images_fingerprint
+
+    make_image_folder(str(tmp_path / "set"), ["cat"], per_class=1, size=16, labeled=False)
+    name = os.fsdecode(b"caf\xe9.png")                          # Latin-1 bytes
+    src = next(p for p in (tmp_path / "set").iterdir())
+    os.rename(src, os.path.join(str(tmp_path / "set"), name))
+    s = list_images(str(tmp_path / "set"))
+    assert len(s) == 1 and images_fingerprint(s.paths) and image_fingerprints(s.paths)[0]
+    out = tmp_path / "p.csv"
+    pipeline.write_predictions(str(out), s.paths, ["cat"],
+                               (torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long)))
+    assert b"caf\xe9.png" in out.read_bytes()
+
+
+def test_file_lists_comments_repeats_and_dot_dot(tmp_path):
+    make_image_folder(str(tmp_path / "data"), ["cat", "dog"], per_class=1, size=16)
+    a, b = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "data").rglob("*.png"))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "l.txt").write_text(f"  # an indented comment\n../{a}\n../lists/../{b}\n")
+    s = list_images(str(lists / "l.txt"), ["cat", "dog"], "folder")
+    assert s.paths == [str(tmp_path / a), str(tmp_path / b)] and sorted(s.labels) == [0, 1]
+    (lists / "l.txt").write_text(f"../{a}\n../{b}\n../data/../{a}\n")
+    with pytest.raises(ValueError, match=r"is listed twice \(entries 1 and 3\)"):
+        list_images(str(lists / "l.txt"))
+
+
+def test_a_class_map_with_two_folders_for_one_name_is_refused(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"n1": "missile", "n2": "cat", "n3": "missile"}))
+    with pytest.raises(ValueError, match=r"n1, n3 -> 'missile'"):
+        clip_mod.load_classnames(str(f))
+
+
+def test_damaged_cache_files_are_encoded_again(tmp_path):
+    images = [str(tmp_path / f"{i}.png") for i in range(5)]
+    for p in images:
+        open(p, "wb").close()
+    ident = {"model": "m", "weights": "w", "preprocess": "p", "precision": "fp32"}
+    c = FeatureCache(str(tmp_path / "cache"), ident, images, 2)
+    for i in range(c.n_shards):
+        rows = c.shard_rows(i)
+        c.write_shard(i, torch.ones(len(rows), 4), torch.ones(len(rows), dtype=torch.bool))
+    assert c.missing_shards() == []
+    with open(c.shard_path(1), "r+b") as f:                      # a crash mid-write
+        f.truncate(os.path.getsize(c.shard_path(1)) - 7)
+    assert c.missing_shards() == [1] and not os.path.exists(c.shard_path(1))
+    with open(os.path.join(c.dir, "manifest.json"), "w") as f:  # an empty manifest
+        f.write("")
+    again = FeatureCache(str(tmp_path / "cache"), ident, images, 2)
+    assert again.key == c.key and again.missing_shards() == [0, 1, 2]
+
+
+def test_an_image_unreadable_once_is_read_again(ws, tmp_path, monkeypatch):
+    """A read that failed for a passing reason (here: too many open files) is not remembered
+    as a broken image: the next run reads it, encodes it and rewrites its shard."""
+    from inmap_ext import data as data_mod
+
+    clip = clip_mod.load_model(MODEL, ws["ckpt"])
+    images = list_images(ws["flat"])
+    kw = dict(cache_dir=str(tmp_path / "cache"), batch_size=4, workers=0, shard_size=3,
+              progress=False)
+    real = data_mod.ImageDataset.__getitem__
+    flaky = images.paths[4]
+
+    def once(self, i):       # what ImageDataset returns when open() raises EMFILE
+        if self.paths[self.indices[i]] == flaky:
+            return torch.zeros(real(self, i)[0].shape), self.indices[i], False
+        return real(self, i)
+    monkeypatch.setattr(data_mod.ImageDataset, "__getitem__", once)
+    _, ok, _ = clip_mod.image_features(clip, images, **kw)
+    assert not ok[4] and ok.sum() == 7
+    monkeypatch.setattr(data_mod.ImageDataset, "__getitem__", real)
+    feats, ok, cache = clip_mod.image_features(clip, images, **kw)
+    assert ok.all() and torch.equal(cache.load_ok(), ok)
+    fresh, _, _ = clip_mod.image_features(clip, images, use_cache=False, **kw)
+    torch.testing.assert_close(feats, fresh)
