@@ -5,24 +5,30 @@ stale features are never reused.
 
 Layout: <cache_dir>/<key>/manifest.json and shard_<i>.safetensors, each shard holding
 ``features`` (rows x D float32), ``index`` (the rows' positions in the image list) and ``ok``
-(1 where the image could be read). Shards are written to a temporary name and renamed, so a
-shard file that exists is complete. A shard is the unit of resumption: by default about 1/32 of
+(1 where the image could be read). Shards are written to a temporary name and renamed; a
+shard file shorter than its header says (a crash or a full disk) is removed and encoded again,
+and a shard whose images partly failed to read for a passing reason (too many open files, an
+I/O error) carries a ``.again`` mark: the next run encodes it again. A damaged manifest is
+written again and its shards encoded again. A shard is the unit of resumption: by default about 1/32 of
 the images (32 to 4096 images), so an interrupted run keeps nearly all its work on small sets
 too. The manifest also records what the entry is (model, weights, image count and folder,
 creation date) for ``inmap cache``.
 
 Per-image reuse: each entry also keeps ``fingerprints.json``, one fingerprint per row (the
-image's absolute path, size and modification time, hashed). A new image list (a folder with a
+image's absolute path, size, modification and change times, hashed). A new image list (a folder with a
 few images added or removed) gets a new key, but before encoding, the rows whose image has the
 same fingerprint in a complete shard of another entry with the same model, weights,
 preprocessing and precision are copied from there; only new or changed images are encoded. A
-changed file has another size or modification time, so stale features are still never reused.
+changed file has another size, modification or change time (the change time cannot be set back:
+a rewrite with the old modification time restored is seen too), so stale features are never
+reused.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -94,7 +100,8 @@ def _list_key(paths: Sequence[str], stats: Sequence[Optional[str]]) -> str:
 
 
 def images_fingerprint(paths: Sequence[str]) -> str:
-    """Identity of an image list: every path with its size and modification time, in order."""
+    """Identity of an image list: every path with its size, modification and change times, in
+    order."""
     return _list_key(paths, _stat_lines(paths))
 
 
@@ -113,6 +120,10 @@ def _n_shards(n: int, shard_size: int) -> int:
 
 def _shard_rows(i: int, n: int, shard_size: int) -> range:
     return range(i * shard_size, min(n, (i + 1) * shard_size))
+
+
+SHARD_FILE = re.compile(r"shard_[0-9]+\.safetensors(\.again)?")
+AGAIN = ".again"          # beside a shard: encode it again in the next run
 
 
 def _shard_path(entry_dir: str, i: int) -> str:
@@ -146,7 +157,7 @@ class FeatureCache:
         else:
             if os.path.exists(manifest):   # damaged (a crash mid-write): its shards' size is
                 for name in os.listdir(self.dir):    # unknown, so they are encoded again
-                    if name.startswith("shard_"):
+                    if SHARD_FILE.fullmatch(name):
                         os.remove(os.path.join(self.dir, name))
             tmp = manifest + f".tmp{os.getpid()}"
             root = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else ""
@@ -267,7 +278,11 @@ class FeatureCache:
         missing = self.missing_shards()
         return self.n - sum(len(self.shard_rows(i)) for i in missing)
 
-    def write_shard(self, i: int, features: torch.Tensor, ok: torch.Tensor) -> None:
+    def write_shard(self, i: int, features: torch.Tensor, ok: torch.Tensor,
+                    again: bool = False) -> None:
+        """Write shard ``i``. ``again``: some of its images failed to read for a passing reason
+        (too many open files, an I/O error): the shard serves this run and is marked to be
+        encoded again by the next (``encode_again``)."""
         rows = self.shard_rows(i)
         if features.shape[0] != len(rows) or ok.shape[0] != len(rows):
             raise ValueError(f"shard {i} needs {len(rows)} rows, got {features.shape[0]}")
@@ -275,7 +290,16 @@ class FeatureCache:
         save_safetensors({"features": features.float().contiguous().cpu(),
                           "index": torch.arange(rows.start, rows.stop, dtype=torch.int64),
                           "ok": ok.to(torch.uint8).cpu()}, tmp)
+        mark = self.shard_path(i) + AGAIN
+        if again:
+            open(mark, "w").close()
         os.replace(tmp, self.shard_path(i))
+        if not again and os.path.exists(mark):
+            os.remove(mark)
+
+    def encode_again(self) -> List[int]:
+        """Shards written with images that failed to read for a passing reason."""
+        return [i for i in range(self.n_shards) if os.path.exists(self.shard_path(i) + AGAIN)]
 
     def _require_complete(self) -> None:
         missing = self.missing_shards()
@@ -334,15 +358,18 @@ def _complete_safetensors(path: str) -> bool:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                return False
-            n = int.from_bytes(head, "little")
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
             if n <= 0 or 8 + n > size:
                 return False
             header = json.loads(f.read(n))
+    except OSError:          # could not look (too many open files, a network disk): keep it
+        return True
+    except ValueError:
+        return False
+    try:
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
         return 8 + n + max(ends, default=0) <= size
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (TypeError, KeyError, IndexError, AttributeError):
         return False
 
 

@@ -15,7 +15,7 @@ import re
 import shlex
 import sys
 
-from .hyper import check_hyper, count
+from .hyper import check_balancing, check_hyper, count
 
 ALL = "\0all"   # `inmap cache --clear` without a key
 
@@ -290,9 +290,8 @@ def _check_hyper(args) -> None:
         raise ValueError(f"--stop must be {' or '.join(STOP_RULES)}, got {args.stop!r}")
     if args.mode == "paper" and (args.stop == "auto" or args.tol is not None):
         raise ValueError("--mode paper runs every --iters step; drop --stop auto / --tol")
-    if args.sinkhorn_iters == 0 and cp not in (None, "auto", "uniform", "none"):
-        raise ValueError(f"--class-prior {cp} balances the pseudo labels, but --sinkhorn-iters 0 "
-                         "turns balancing off; drop one of them")
+    check_balancing(args.sinkhorn_iters, cp not in (None, "auto", "uniform", "none"), cp,
+                    name=lambda arg: "--" + arg.replace("_", "-"), sep=" ")
     if args.mode == "paper" and cp not in (None, "uniform"):
         raise ValueError(f"--mode paper runs the published uniform prior; drop --class-prior "
                          f"{cp} (or use --mode default)")
@@ -457,7 +456,8 @@ def _cache_command(cache_dir, clear) -> None:
         gone = clear_cache(d, None if clear == ALL else clear)
         size = sum(e.size_bytes for e in gone)
         print(f"removed {len(gone)} cached feature set(s) ({_size(size)}) from {d}"
-              + "".join(f"\n  {e.key}  {e.model}  {e.n_images} images  {e.root}" for e in gone))
+              + "".join(f"\n  {e.key}  {e.model}  {e.n_images} images  {_shown(e.root)}"
+                        for e in gone))
         return
     entries = list_entries(d)
     print(f"feature cache {d}: {len(entries)} feature set(s), "
@@ -468,7 +468,12 @@ def _cache_command(cache_dir, clear) -> None:
     for e in entries:
         n = f"{e.n_images}" if e.complete else f"{e.n_cached}/{e.n_images} (partial)"
         print(f"{e.key:24}  {e.model:16} {_short(e.weights, 40):40} {n:>15} "
-              f"{_size(e.size_bytes):>9}  {e.created:19}  {e.root}")
+              f"{_size(e.size_bytes):>9}  {e.created:19}  {_shown(e.root)}")
+
+
+def _shown(text: str) -> str:
+    """A path for the terminal: bytes that are not UTF-8 (surrogate escapes) become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _size(n: int) -> str:

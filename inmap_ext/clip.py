@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .cache import FeatureCache, default_cache_dir, file_fingerprint
-from .data import ImageDataset, ImageSet, load_json, read_lines
+from .data import PASSING, READ, ImageDataset, ImageSet, load_json, norm_name, read_lines
 
 Template = Union[str, Callable[[str], str]]
 TEMPLATE_SETS = ("simple", "openai")
@@ -54,11 +54,12 @@ def load_classnames(spec: str) -> ClassSpec:
             spec_ = ClassSpec(list(data))
         elif isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
             by_name: Dict[str, List[str]] = {}
-            for folder, name in data.items():
-                by_name.setdefault(name, []).append(folder)
+            for folder, name in data.items():     # as folders are matched: case, '_', '-' aside
+                by_name.setdefault(norm_name(name), []).append(folder)
             shared = {n: f for n, f in by_name.items() if len(f) > 1}
             if shared:
-                shown = "; ".join(f"{', '.join(f)} -> {n!r}" for n, f in list(shared.items())[:5])
+                shown = "; ".join(f"{', '.join(f)} -> {data[f[0]]!r}"
+                                  for f in list(shared.values())[:5])
                 raise ValueError(
                     f"--classes {spec}: folders map to the same class name ({shown}); each "
                     "would be one class with both folders' images. Give each class its own "
@@ -383,7 +384,8 @@ def image_features(clip: ClipModel, images: ImageSet, *, cache_dir: Optional[str
     identity = {"model": clip.name, "weights": clip.weights_id,
                 "preprocess": repr(clip.preprocess), "precision": clip.precision}
     cache = FeatureCache(cache_dir or default_cache_dir(), identity, images.paths, shard_size)
-    todo = cache.missing_shards() if use_cache else list(range(cache.n_shards))
+    todo = sorted(set(cache.missing_shards()) | set(cache.encode_again())) if use_cache \
+        else list(range(cache.n_shards))
     if log is not None and use_cache and len(todo) < cache.n_shards:
         cached = cache.cached_rows()
         if todo:
@@ -400,37 +402,7 @@ def image_features(clip: ClipModel, images: ImageSet, *, cache_dir: Optional[str
     if cache.missing_shards():
         return None, None, cache
     feats, ok = cache.load()
-    if use_cache and shard_filter is None and not bool(ok.all()):
-        feats, ok = _read_again(clip, images, cache, feats, ok, batch_size, log)
     return feats, ok, cache
-
-
-def _read_again(clip: ClipModel, images: ImageSet, cache: FeatureCache, feats: torch.Tensor,
-                ok: torch.Tensor, batch_size: int, log: Optional[Callable[..., None]]
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Images the cache holds as unreadable are tried once more (a read can fail for a passing
-    reason: too many open files, a network disk, memory); those that read now are encoded and
-    their shards written again. A file that is still unreadable costs one failed open."""
-    bad = [r for r in torch.nonzero(~ok).flatten().tolist() if os.path.isfile(images.paths[r])]
-    if not bad:
-        return feats, ok
-    loader = torch.utils.data.DataLoader(ImageDataset(images.paths, clip.preprocess, bad),
-                                         batch_size=batch_size, num_workers=0, shuffle=False)
-    fixed = []
-    for x, idx, good in loader:
-        if bool(good.any()):
-            with clip.autocast():
-                f = clip.model.encode_image(x[good].to(clip.device), normalize=True)
-            for r, fr in zip(idx[good].tolist(), f.float().cpu()):
-                feats[r], ok[r] = fr, True
-                fixed.append(r)
-    for i in sorted({r // cache.shard_size for r in fixed}):
-        rows = cache.shard_rows(i)
-        cache.write_shard(i, feats[rows.start:rows.stop], ok[rows.start:rows.stop])
-    if fixed and log is not None:
-        log("reread", f"features: {len(fixed)} image(s) unreadable in an earlier run read now "
-            "and were encoded", reread=len(fixed))
-    return feats, ok
 
 
 def _encode_shards(clip: ClipModel, images: ImageSet, cache: FeatureCache, todo: List[int],
@@ -441,13 +413,13 @@ def _encode_shards(clip: ClipModel, images: ImageSet, cache: FeatureCache, todo:
     cached set holds (same model/weights/preprocessing, unchanged file: FeatureCache.reuse_plan)
     are copied from it instead of encoded."""
     rows = [r for i in todo for r in cache.shard_rows(i)]
-    ready: Dict[int, Tuple[torch.Tensor, bool]] = {}     # row -> (features, ok), not yet written
+    ready: Dict[int, Tuple[torch.Tensor, int]] = {}   # row -> (features, read status), not written
     plan = cache.reuse_plan(rows) if reuse else {}
     if plan:
         got, got_ok = FeatureCache.read_planned(list(plan.values()))
         for r, f, o in zip(plan, got, got_ok.tolist()):
             if o:
-                ready[r] = (f, True)
+                ready[r] = (f, READ)
     cache.reused = len(ready)
     encode = [r for r in rows if r not in ready]
     if log is not None and ready:
@@ -460,8 +432,11 @@ def _encode_shards(clip: ClipModel, images: ImageSet, cache: FeatureCache, todo:
         while pending and all(r in ready for r in cache.shard_rows(pending[0])):
             i = pending.pop(0)
             got = [ready.pop(r) for r in cache.shard_rows(i)]
+            # a shard with an image that failed for a passing reason is used now and encoded
+            # again by the next run (FeatureCache.write_shard(again=True))
             cache.write_shard(i, torch.stack([f for f, _ in got]),
-                              torch.tensor([o for _, o in got], dtype=torch.bool))
+                              torch.tensor([o == READ for _, o in got], dtype=torch.bool),
+                              again=any(o == PASSING for _, o in got))
 
     flush()
     if not encode:
@@ -474,16 +449,22 @@ def _encode_shards(clip: ClipModel, images: ImageSet, cache: FeatureCache, todo:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(encode), desc="image features", unit="img")
+    passing = 0
     try:
-        for x, idx, ok in loader:
+        for x, idx, status in loader:
             with clip.autocast():
                 f = clip.model.encode_image(x.to(clip.device, non_blocking=True), normalize=True)
-            f = (f.float() * ok.to(f.device)[:, None]).cpu()
-            for r, fr, o in zip(idx.tolist(), f, ok.tolist()):
-                ready[r] = (fr, bool(o))
+            f = (f.float() * (status == READ).to(f.device)[:, None]).cpu()
+            passing += int((status == PASSING).sum())
+            for r, fr, o in zip(idx.tolist(), f, status.tolist()):
+                ready[r] = (fr, o)
             flush()
             if bar is not None:
                 bar.update(len(x))
     finally:
         if bar is not None:
             bar.close()
+    if passing and log is not None:
+        log("warning", f"warning: {passing} image(s) could not be read for a passing reason "
+            "(too many open files, an I/O or network error, memory); they are left out of this "
+            "run and read again by the next", passing=passing)

@@ -2,6 +2,7 @@
 layout, and a Dataset that never stops a run on a corrupt image (it flags it instead)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -101,7 +102,8 @@ def _walk(root: str) -> List[str]:
     return found
 
 
-def _norm(name: str) -> str:
+def norm_name(name: str) -> str:
+    """A class or folder name as matching sees it: case, '_' and '-' ignored."""
     return name.strip().lower().replace("_", " ").replace("-", " ")
 
 
@@ -112,11 +114,11 @@ def match_folders(folders: Sequence[str], classnames: Sequence[str],
     folder that matches no class."""
     by_name = {}
     for i, c in enumerate(classnames):
-        by_name.setdefault(_norm(c), i)
+        by_name.setdefault(norm_name(c), i)
     out, unmatched = {}, []
     for f in folders:
         name = folder_map.get(f, f) if folder_map else f
-        idx = by_name.get(_norm(name))
+        idx = by_name.get(norm_name(name))
         if idx is None:
             unmatched.append(f)
         else:
@@ -154,15 +156,17 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
         base = os.path.dirname(os.path.abspath(images))
         lines = [ln.strip() for ln in read_lines(images, "--images")]
         lines = [ln for ln in lines if ln and not ln.startswith("#")]
-        paths = [os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
-                 for p in lines]
+        paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in lines]
         first: Dict[str, int] = {}
-        for i, p in enumerate(paths):
-            if first.setdefault(p, i) != i:
+        for i, p in enumerate(paths):     # one file under two spellings is a repeat too
+            key = os.path.realpath(p)
+            if first.setdefault(key, i) != i:
                 raise ValueError(f"--images {images}: {lines[i]!r} is listed twice (entries "
-                                 f"{first[p] + 1} and {i + 1}); list each image once, or it "
+                                 f"{first[key] + 1} and {i + 1}); list each image once, or it "
                                  "counts twice in the fit")
-        root = os.path.commonpath(paths) if paths else base
+        # the files are opened as listed (the OS resolves '..' through links); the folder
+        # layout that labels them is read from the paths as written, '..' folded
+        root = os.path.commonpath([os.path.normpath(p) for p in paths]) if paths else base
         if labels == "auto":
             labels = "none"
     else:
@@ -175,15 +179,15 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
         raise FileNotFoundError(f"--images {images!r}: none of the {len(paths)} listed paths "
                                 f"exists (first: {paths[0]!r})")
     source = os.path.abspath(images)
-    rel = [os.path.relpath(p, root) for p in paths]
+    rel = [os.path.relpath(os.path.normpath(p), root) for p in paths]
     top = [r.split(os.sep)[0] if os.sep in r else None for r in rel]
     loose = [p for p, t in zip(paths, top) if t is None]
     nested = len(paths) - len(loose)
     note = ""
     if labels == "auto":
         folders = sorted({t for t in top if t is not None})
-        names = {_norm(c) for c in (classnames or [])}
-        hits = [f for f in folders if _norm((folder_map or {}).get(f, f)) in names]
+        names = {norm_name(c) for c in (classnames or [])}
+        hits = [f for f in folders if norm_name((folder_map or {}).get(f, f)) in names]
         if classnames and not loose and len(folders) >= 2 and not hits:
             raise ValueError(
                 f"--images {images!r} has an ImageFolder layout ({len(folders)} folders: "
@@ -219,9 +223,25 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
                     is_list=is_list, ignored=loose)
 
 
+# Read errors that say nothing about the file (too many open files, an I/O or network-disk
+# error, no memory, a timeout): the image is tried again in a later run, not recorded as broken.
+PASSING_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EIO, errno.EAGAIN, errno.ENOMEM,
+                            errno.ETIMEDOUT, errno.ESTALE, errno.EINTR, errno.EBUSY})
+READ, BROKEN, PASSING = 1, 0, -1       # ImageDataset's read status of an image
+
+
+def read_status(error: BaseException) -> int:
+    """BROKEN for a file that cannot be decoded, PASSING for a failure of the moment."""
+    if isinstance(error, MemoryError) or (isinstance(error, OSError)
+                                          and error.errno in PASSING_ERRNOS):
+        return PASSING
+    return BROKEN
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Loads and preprocesses images; a file that cannot be read yields a zero image and
-    ok=False instead of an exception, so one bad file never stops an extraction."""
+    """Loads and preprocesses images; a file that cannot be read yields a zero image and its
+    read status (BROKEN, or PASSING for a failure of the moment) instead of an exception, so one
+    bad file never stops an extraction. Items: (image, index, status), status READ when read."""
 
     def __init__(self, paths: Sequence[str], preprocess, indices: Optional[Sequence[int]] = None):
         self.paths = list(paths)
@@ -239,10 +259,10 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             with Image.open(self.paths[idx]) as im:
                 x = self.preprocess(im.convert("RGB"))
-            return x, idx, True
-        except Exception:  # corrupt, truncated, unreadable: counted and reported by the caller
+            return x, idx, READ
+        except Exception as e:  # corrupt, truncated, unreadable: counted and reported by the caller
             if self._shape is None:
                 from PIL import Image as _I
 
                 self._shape = self.preprocess(_I.new("RGB", (8, 8))).shape
-            return torch.zeros(self._shape), idx, False
+            return torch.zeros(self._shape), idx, read_status(e)

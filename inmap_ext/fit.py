@@ -13,7 +13,7 @@ from . import _ops, validation
 from .class_prior import check_class_prior
 from .class_prior import choose as choose_class_prior
 from .functional import Runner
-from .hyper import check_hyper
+from .hyper import check_balancing, check_hyper
 from .reference import acc_dtype
 from .result import VisionProxyResult
 from .solver import STOP_RULES, descend
@@ -124,12 +124,9 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, chunk_size = check_hyper(
         tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, chunk_size)
     class_prior, stop = _check_mode(mode, class_prior, tol, stop)
-    if sinkhorn_iters == 0 and (isinstance(class_prior, torch.Tensor)
-                                or (isinstance(class_prior, str) and class_prior == "estimate")):
-        what = "given proportions" if isinstance(class_prior, torch.Tensor) else "'estimate'"
-        raise ValueError(f"class_prior={what} balances the pseudo labels, but sinkhorn_iters=0 "
-                         "turns balancing off; pass sinkhorn_iters > 0 (default 20) or "
-                         "class_prior='none'")
+    given = isinstance(class_prior, torch.Tensor)
+    check_balancing(sinkhorn_iters, given or class_prior == "estimate",
+                    "given proportions" if given else repr(class_prior))
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: no CUDA device is available here (torch "
                          f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")

@@ -28,6 +28,16 @@ def check_hyper(tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, chun
             None if chunk_size is None else count(chunk_size, name("chunk_size"), 1))
 
 
+def check_balancing(sinkhorn_iters: int, balances: bool, prior: str, name=lambda arg: arg,
+                    sep: str = "=") -> None:
+    """A class prior that is a Sinkhorn target (the estimate, given proportions) contradicts
+    sinkhorn_iters=0 (no balancing): refused rather than silently dropped."""
+    if sinkhorn_iters == 0 and balances:
+        cp, si = name("class_prior"), name("sinkhorn_iters")
+        raise ValueError(f"{cp}{sep}{prior} balances the pseudo labels, but {si}{sep}0 turns "
+                         f"balancing off; set {si} above 0 (default 20) or {cp}{sep}none")
+
+
 def _real(value) -> bool:
     """A real number (Python or numpy scalar), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

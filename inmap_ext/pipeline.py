@@ -581,8 +581,9 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
     if sinkhorn:
         runs["vision proxy + Sinkhorn (InMaP)"] = dict(paper, sinkhorn_iters=sinkhorn, mode="paper")
     else:
-        log("note", "note: --sinkhorn-iters 0: the published Sinkhorn run is left out and the "
-                    "default fit is not balanced", sinkhorn_iters=0)
+        log("note", "note: --sinkhorn-iters 0: the published Sinkhorn run is left out"
+            + ("" if hyper.get("mode") == "paper" else " and the default fit is not balanced"),
+            sinkhorn_iters=0)
     if hyper.get("mode", "default") != "paper":
         runs["vision proxy, class prior (inmap_ext default)"] = dict(hyper, sinkhorn_iters=sinkhorn)
     from .functional import zero_shot_topk

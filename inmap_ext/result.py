@@ -181,6 +181,9 @@ class VisionProxyResult:
         hyper = json.loads(meta.pop("hyper"))
         timings = json.loads(meta.pop("timings"))
         meta.pop("format")
+        # the writer's version, under a name save does not reserve (so that a loaded proxy's
+        # metadata can be passed to save again)
+        meta["written_by_inmap_ext"] = meta.pop("inmap_ext_version", "unknown")
         verification = json.loads(meta.pop("verification", "{}"))
         prior = None
         if "class_prior" in meta:

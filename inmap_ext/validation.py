@@ -49,6 +49,13 @@ def check_finite(t: torch.Tensor, name: str, dim: int) -> torch.Tensor:
         idx = int(bad.nonzero()[0])
         what = "row" if dim == 1 else "column"
         raise ValueError(f"{name} contains NaN or Inf (first in {what} {idx})")
+    tiny = (norms > 0) & (norms < torch.finfo(acc).tiny)
+    if bool(tiny.any()):     # 1 / norm would overflow where the rows are scaled (streaming)
+        idx = int(tiny.nonzero()[0])
+        what = "row" if dim == 1 else "column"
+        raise ValueError(f"{name} {what} {idx} has norm {float(norms[idx]):.3g}, below the "
+                         f"smallest normal {str(acc).replace('torch.', '')} "
+                         f"({torch.finfo(acc).tiny:.3g}); scale the vectors up")
     zero = norms == 0
     if bool(zero.any()):
         idx = int(zero.nonzero()[0])

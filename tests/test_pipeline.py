@@ -683,14 +683,24 @@ def test_a_file_name_that_is_not_utf8_is_kept(tmp_path):
     assert b"caf\xe9.png" in out.read_bytes()
 
 
+def test_cache_listing_prints_a_folder_name_that_is_not_utf8():
+    from inmap_ext.cli import _shown
+
+    assert _shown(os.fsdecode(b"/data/caf\xe9")) == "/data/caf\ufffd"
+    assert _shown("/data/café") == "/data/café"
+
+
 def test_file_lists_comments_repeats_and_dot_dot(tmp_path):
+    """Indented comments are comments; a file listed twice (under any spelling) is an error;
+    '..' is resolved by the file system, as the OS does (through links)."""
     make_image_folder(str(tmp_path / "data"), ["cat", "dog"], per_class=1, size=16)
     a, b = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "data").rglob("*.png"))
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "l.txt").write_text(f"  # an indented comment\n../{a}\n../lists/../{b}\n")
     s = list_images(str(lists / "l.txt"), ["cat", "dog"], "folder")
-    assert s.paths == [str(tmp_path / a), str(tmp_path / b)] and sorted(s.labels) == [0, 1]
+    assert [os.path.realpath(p) for p in s.paths] == [str(tmp_path / a), str(tmp_path / b)]
+    assert sorted(s.labels) == [0, 1] and not s.missing
     (lists / "l.txt").write_text(f"../{a}\n../{b}\n../data/../{a}\n")
     with pytest.raises(ValueError, match=r"is listed twice \(entries 1 and 3\)"):
         list_images(str(lists / "l.txt"))
@@ -698,9 +708,11 @@ def test_file_lists_comments_repeats_and_dot_dot(tmp_path):
 
 def test_a_class_map_with_two_folders_for_one_name_is_refused(tmp_path):
     f = tmp_path / "c.json"
-    f.write_text(json.dumps({"n1": "missile", "n2": "cat", "n3": "missile"}))
-    with pytest.raises(ValueError, match=r"n1, n3 -> 'missile'"):
-        clip_mod.load_classnames(str(f))
+    for names, shown in [(["missile", "cat", "missile"], "n1, n3 -> 'missile'"),
+                         (["Sea lion", "cat", "sea_lion"], "n1, n3 -> 'Sea lion'")]:
+        f.write_text(json.dumps({f"n{i + 1}": c for i, c in enumerate(names)}))
+        with pytest.raises(ValueError, match=shown):
+            clip_mod.load_classnames(str(f))
 
 
 def test_damaged_cache_files_are_encoded_again(tmp_path):
@@ -722,9 +734,11 @@ def test_damaged_cache_files_are_encoded_again(tmp_path):
     assert again.key == c.key and again.missing_shards() == [0, 1, 2]
 
 
-def test_an_image_unreadable_once_is_read_again(ws, tmp_path, monkeypatch):
-    """A read that failed for a passing reason (here: too many open files) is not remembered
-    as a broken image: the next run reads it, encodes it and rewrites its shard."""
+def test_an_image_unreadable_for_a_passing_reason_is_read_by_the_next_run(ws, tmp_path,
+                                                                        monkeypatch):
+    """A read that failed for a passing reason (too many open files) is not remembered as a
+    broken image: its shard serves the run, is marked, and the next run encodes it again; a
+    broken file (not an image) is remembered and costs later runs nothing."""
     from inmap_ext import data as data_mod
 
     clip = clip_mod.load_model(MODEL, ws["ckpt"])
@@ -734,15 +748,31 @@ def test_an_image_unreadable_once_is_read_again(ws, tmp_path, monkeypatch):
     real = data_mod.ImageDataset.__getitem__
     flaky = images.paths[4]
 
-    def once(self, i):       # what ImageDataset returns when open() raises EMFILE
-        if self.paths[self.indices[i]] == flaky:
-            return torch.zeros(real(self, i)[0].shape), self.indices[i], False
-        return real(self, i)
-    monkeypatch.setattr(data_mod.ImageDataset, "__getitem__", once)
-    _, ok, _ = clip_mod.image_features(clip, images, **kw)
-    assert not ok[4] and ok.sum() == 7
+    def emfile(self, i):
+        if self.paths[self.indices[i]] != flaky:
+            return real(self, i)
+        real_open = data_mod.os.open        # what Image.open meets: EMFILE
+        err = OSError(24, "Too many open files")
+        assert data_mod.read_status(err) == data_mod.PASSING and real_open
+        return torch.zeros(real(self, i)[0].shape), self.indices[i], data_mod.read_status(err)
+    monkeypatch.setattr(data_mod.ImageDataset, "__getitem__", emfile)
+    warned = []
+    _, ok, cache = clip_mod.image_features(clip, images, log=lambda *a, **k: warned.append(a),
+                                           **kw)
+    assert not ok[4] and ok.sum() == 7 and cache.encode_again() == [1]
+    assert any(a[0] == "warning" and "read again by the next" in a[1] for a in warned)
     monkeypatch.setattr(data_mod.ImageDataset, "__getitem__", real)
     feats, ok, cache = clip_mod.image_features(clip, images, **kw)
-    assert ok.all() and torch.equal(cache.load_ok(), ok)
+    assert ok.all() and cache.encode_again() == [] and torch.equal(cache.load_ok(), ok)
     fresh, _, _ = clip_mod.image_features(clip, images, use_cache=False, **kw)
     torch.testing.assert_close(feats, fresh)
+
+    broken = list_images(ws["labeled"], CLASSES)
+    _, ok, cache = clip_mod.image_features(clip, broken, **kw)
+    assert int((~ok).sum()) == 1 and cache.encode_again() == []
+    assert data_mod.read_status(ValueError("cannot identify image file")) == data_mod.BROKEN
+    calls = []
+    real_encode = clip.model.encode_image
+    clip.model.encode_image = lambda x, **k: calls.append(len(x)) or real_encode(x, **k)
+    clip_mod.image_features(clip, broken, **kw)
+    assert calls == []

@@ -91,4 +91,8 @@ def test_topk_default_fits_few_classes_and_save_refuses_reserved_metadata(tmp_pa
     with pytest.raises(ValueError, match=r"metadata keys \['verification'\] are written by save"):
         r.save(tmp_path / "p.safetensors", metadata={"verification": "by hand"})
     r.save(tmp_path / "p.safetensors", metadata={"model": "ViT-B-32"})
-    assert inmap_ext.load_vision_proxy(tmp_path / "p.safetensors").metadata["model"] == "ViT-B-32"
+    back = inmap_ext.load_vision_proxy(tmp_path / "p.safetensors")
+    assert back.metadata["model"] == "ViT-B-32"
+    assert back.metadata["written_by_inmap_ext"] == inmap_ext.__version__
+    r.save(tmp_path / "q.safetensors", metadata=back.metadata)   # a loaded proxy's metadata
+    assert inmap_ext.load_vision_proxy(tmp_path / "q.safetensors").metadata["model"] == "ViT-B-32"

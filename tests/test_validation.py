@@ -164,3 +164,8 @@ def test_tiny_but_non_zero_vectors_are_normalised():
     x[0] = 0
     with pytest.raises(ValueError, match=r"image_features has an all-zero row \(row 0\)"):
         fit(x, T, iters=1)
+    x[0] = X[0] * 1e-40          # a norm below float32's smallest normal: refused, on every path
+    for stream in (False, True):
+        with pytest.raises(ValueError, match=r"image_features row 0 has norm .* below the "
+                                             r"smallest normal float32"):
+            fit(x, T, iters=1, stream=stream)
