@@ -56,21 +56,43 @@ def default_cache_dir() -> str:
     return os.path.join(base, "inmap_ext", "features")
 
 
-_FILE_IDS: Dict[tuple, str] = {}     # (path, size, mtime, ctime, inode) -> fingerprint
+_FILE_IDS: Dict[str, str] = {}       # file version -> fingerprint, in this process
+WEIGHTS_IDS = "weights_fingerprints.json"   # the same across runs, in the cache folder
 
 
-def file_fingerprint(path: str) -> str:
+def file_fingerprint(path: str, memo_dir: Optional[str] = None) -> str:
     """Identity of a weights file: its size and a hash of every byte (two checkpoints can differ
-    in a few tensors anywhere in the file); computed once per process and file version."""
+    in a few tensors anywhere in the file). The hash (about 1 s per 600 MB) is kept per file
+    version (path, size, modification and change times, inode: a rewrite changes the change
+    time, which cannot be set back) in this process and in ``memo_dir``/WEIGHTS_IDS (default:
+    the feature cache folder), so later runs do not read the file again."""
     st = os.stat(path)
-    version = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    if version not in _FILE_IDS:
+    version = "\0".join(map(str, (os.path.abspath(path), st.st_size, st.st_mtime_ns,
+                                  st.st_ctime_ns, st.st_ino)))
+    if version in _FILE_IDS:
+        return _FILE_IDS[version]
+    memo_path = os.path.join(memo_dir or default_cache_dir(), WEIGHTS_IDS)
+    try:
+        with open(memo_path) as f:
+            memo = dict(json.load(f))
+    except (OSError, ValueError, TypeError):
+        memo = {}
+    if version not in memo:
         h = hashlib.blake2b(digest_size=16)
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(8 << 20), b""):
                 h.update(block)
-        _FILE_IDS[version] = f"{st.st_size}:{h.hexdigest()}"
-    return _FILE_IDS[version]
+        memo[version] = f"{st.st_size}:{h.hexdigest()}"
+        try:                 # a folder we cannot write only costs the hash again next run
+            os.makedirs(os.path.dirname(memo_path), exist_ok=True)
+            tmp = memo_path + f".tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(memo, f)
+            os.replace(tmp, memo_path)
+        except OSError:
+            pass
+    _FILE_IDS[version] = memo[version]
+    return memo[version]
 
 
 def _bytes(text: str) -> bytes:

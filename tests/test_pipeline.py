@@ -648,16 +648,24 @@ def test_demo_shows_a_bar_per_fit(capsys):
 
 # ---- the review of 2026-11-30: files, names and damaged caches ----------------------------------
 
-def test_weights_fingerprint_hashes_the_whole_file(tmp_path):
-    from inmap_ext.cache import file_fingerprint
+def test_weights_fingerprint_hashes_the_whole_file_once(tmp_path, monkeypatch):
+    from inmap_ext import cache as cache_mod
 
+    memo = str(tmp_path / "memo")
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     data = bytearray(20 << 20)                     # 20 MiB; they differ in the middle only
     a.write_bytes(bytes(data))
     data[10 << 20] = 1
     b.write_bytes(bytes(data))
-    assert file_fingerprint(str(a)) != file_fingerprint(str(b))
-    assert file_fingerprint(str(a)) == file_fingerprint(str(a))
+    fa = cache_mod.file_fingerprint(str(a), memo)
+    assert fa != cache_mod.file_fingerprint(str(b), memo)
+    # a later run (a new process: the in-process memo is empty) reads the hash from the memo
+    monkeypatch.setattr(cache_mod, "_FILE_IDS", {})
+    monkeypatch.setattr(cache_mod.hashlib, "blake2b", lambda **k: pytest.fail("hashed again"))
+    assert cache_mod.file_fingerprint(str(a), memo) == fa
+    monkeypatch.undo()
+    a.write_bytes(bytes(data))                     # rewritten: a new version, hashed again
+    assert cache_mod.file_fingerprint(str(a), memo) == cache_mod.file_fingerprint(str(b), memo)
 
 
 def test_folder_links_are_entered_once(tmp_path):
