@@ -232,13 +232,8 @@ def _summary_lines(s) -> str:
     by, n = s["below_zero_shot_by_size"], s["sets_by_size"]
     lines += ["", f"The default more than 0.5 point below zero-shot, by set size: "
               f"{len(by['large'])} of {n['large']} sets of at least {SMALL_SET} images"
-              + "".join(f"; {b['data'].split('.')[0]} {b['set']} s{b['seed']} (N {b['n']}): "
-                        f"{b['gain']:+.2f} ({_images(b['images_lost'])})" for b in by["large"])
-              + f". Below {SMALL_SET} images (one image is more than 0.5 point): "
-              f"{len(by['small'])} of {n['small']}"
-              + "".join(f"; {b['data'].split('.')[0]} {b['set']} s{b['seed']} (N {b['n']}): "
-                        f"{b['gain']:+.2f} ({_images(b['images_lost'])})" for b in by["small"])
-              + "."]
+              + _below(by["large"]) + f". Below {SMALL_SET} images (one image is more than 0.5 "
+              f"point): {len(by['small'])} of {n['small']}" + _below(by["small"]) + "."]
     c = s["decision_cost_on_largest_set"]
     lines += ["", f"Cost of the default's class-prior decision on the largest set ({c['data']}, "
               f"{c['set']}, N = {c['n']}, C = {c['classes']}): {c['decision_s']:.2f} s of a "
@@ -247,8 +242,11 @@ def _summary_lines(s) -> str:
     return "\n".join(lines)
 
 
-def _images(k: float) -> str:
-    return f"{k:g} image" + ("" if k == 1 else "s")
+def _below(sets) -> str:
+    """"; data set sSEED (N n): gain (k images)" for each set of the by-size summary."""
+    return "".join(f"; {b['data'].split('.')[0]} {b['set']} s{b['seed']} (N {b['n']}): "
+                   f"{b['gain']:+.2f} ({b['images_lost']:g} image"
+                   + ("" if b["images_lost"] == 1 else "s") + ")" for b in sets)
 
 
 def _markdown(meta, summ, files) -> str:

@@ -171,6 +171,7 @@ class FeatureCache:
         self.dir = os.path.join(os.path.abspath(cache_dir), self.key)
         self.n = len(paths)
         self.shard_size = shard_size
+        self._complete: Dict[int, tuple] = {}   # shard -> (size, mtime, inode) seen whole
         os.makedirs(self.dir, exist_ok=True)
         manifest = os.path.join(self.dir, "manifest.json")
         stored = _read_manifest(manifest, shard_size)
@@ -281,18 +282,28 @@ class FeatureCache:
 
     def missing_shards(self) -> List[int]:
         """Shards not yet written. A damaged shard file (shorter than its header says: a crash
-        or a full disk mid-write) is removed and counts as missing, so it is encoded again."""
+        or a full disk mid-write) is removed and counts as missing, so it is encoded again.
+        A shard's header is read again only when its file changed since it was last seen whole
+        (a run asks several times)."""
         missing = []
         for i in range(self.n_shards):
             path = self.shard_path(i)
-            if os.path.exists(path) and not _complete_safetensors(path):
-                try:
-                    os.remove(path)
-                except OSError:
-                    pass
+            try:
+                st = os.stat(path)
+            except OSError:
                 missing.append(i)
-            elif not os.path.exists(path):
-                missing.append(i)
+                continue
+            seen = (st.st_size, st.st_mtime_ns, st.st_ino)
+            if self._complete.get(i) == seen:
+                continue
+            if _complete_safetensors(path):
+                self._complete[i] = seen
+                continue
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+            missing.append(i)
         return missing
 
     def cached_rows(self) -> int:

@@ -82,7 +82,7 @@ def _walk(root: str) -> List[str]:
     """Images under ``root``, recursively, following links to folders but entering each real
     folder once (a link back up the tree would list the same images again, under other class
     folders); a folder that is also under ``root`` without a link is listed there."""
-    direct = {os.path.realpath(d) for d, _, _ in os.walk(root)}
+    direct = None           # the folders reachable without links: listed only once a link shows
     found, seen = [], set()
     for d, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(d)
@@ -94,8 +94,13 @@ def _walk(root: str) -> List[str]:
         for x in sorted(dirs):
             sub = os.path.join(d, x)
             target = os.path.realpath(sub)
-            if target in seen or (os.path.islink(sub) and target in direct):
+            if target in seen:
                 continue
+            if os.path.islink(sub):
+                if direct is None:
+                    direct = {os.path.realpath(r) for r, _, _ in os.walk(root)}
+                if target in direct:
+                    continue
             keep.append(x)
         dirs[:] = keep
         found.extend(os.path.join(d, f) for f in sorted(files) if is_image(f))
