@@ -4,7 +4,7 @@
 #                  what the machine can run: CUDA kernels only when a GPU is visible (or
 #                  FORCE_CUDA=1); a GPU-less machine builds the CPU kernels in about a minute.
 #   make test      the test suite; wherever nvcc is found it builds with FORCE_CUDA=1, so every
-#                  CUDA source is compiled (~15 min on 2 cores) even without a GPU
+#                  CUDA source is compiled (~4 min on 2 cores) even without a GPU
 #   make cpu-test  CPU-only torch, CPU-only extension, the core tests
 #   make cmake-test  the CMake build of the same sources (libtorch C++ users), against CPU torch
 #   make bench     the CPU benchmark cases (pytest-benchmark)
@@ -48,7 +48,7 @@ $(VENV)/.deps:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	@echo "== building the extension inmap_ext._C ($(if $(filter cuda,$(BUILD)),FORCE_CUDA=1: CPU + every CUDA kernel$(comma) ~15 min on 2 cores,CPU kernels: ~1 min on 2 cores$(comma) + CUDA kernels only if a GPU is visible: ~15 min)); full log: $(BUILD_LOG)"
+	@echo "== building the extension inmap_ext._C ($(if $(filter cuda,$(BUILD)),FORCE_CUDA=1: CPU + every CUDA kernel$(comma) ~4 min on 2 cores,CPU kernels: ~1 min on 2 cores$(comma) + CUDA kernels only if a GPU is visible: ~4 min)); full log: $(BUILD_LOG)"
 	@set -o pipefail; : > $(BUILD_LOG); $(call TICK,building) \
 	  $(if $(filter cuda,$(BUILD)),FORCE_CUDA=1) $(VENV)/bin/pip install -v --no-build-isolation --no-deps . >> $(BUILD_LOG) 2>&1 & pip=$$!; \
 	  tail -n +1 -f --pid=$$pip $(BUILD_LOG) | $(SHOW_BUILD); \
