@@ -73,7 +73,11 @@ class VisionProxyClassifier(torch.nn.Module):
                 f"logit_scale={self.logit_scale:g}{wraps})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.clip_model is not None and x.dim() == 4:
+        if x.dim() == 4:
+            if self.clip_model is None:
+                raise ValueError(f"got a batch of images {tuple(x.shape)} but no clip_model: "
+                                 "pass clip_model= to classify images, or pass image features "
+                                 f"(N x D={self.proxy.shape[0]})")
             x = self.clip_model.encode_image(x)
         if x.shape[-1] != self.proxy.shape[0]:
             raise ValueError(f"features have D={x.shape[-1]}, the proxy has D={self.proxy.shape[0]}")

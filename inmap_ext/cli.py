@@ -68,12 +68,16 @@ DEFAULT_WORKERS = min(4, _usable_cores())
 
 def _common(p, model_required=True):
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
-    p.add_argument("--debug", action="store_true",
-                   help="print the traceback behind an error (also INMAP_DEBUG=1)")
+    _debug(p)
     p.add_argument("--log", choices=["text", "json", "quiet"], default="text",
                    help="text with progress bars (default), json lines on stderr, or quiet")
     p.add_argument("--quiet", "-q", action="store_const", const="quiet", dest="log",
                    help="same as --log quiet")
+
+
+def _debug(p):
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback behind an error (also INMAP_DEBUG=1)")
 
 
 def _model(p, required=True):
@@ -184,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write (torch.save of a D x C tensor)")
     p.add_argument("--device", default="cpu", help="accepted by every subcommand; the export "
                    "itself runs on the CPU")
+    _debug(p)
 
     p = sub.add_parser("demo", help="the built-in offline demo (synthetic problem + pipeline)")
     p.add_argument("--n", type=int, default=None, help="synthetic images (default 1000)")
@@ -196,11 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "random)")
     p.add_argument("--device", default=None, help="default: cpu, and cuda when present")
     p.add_argument("--no-pipeline", action="store_true", help="only the synthetic comparison")
+    _debug(p)
 
     p = sub.add_parser("check", help="compiled kernels vs the pure-torch backend on this machine")
     p.add_argument("--device", action="append", default=None,
                    help="device(s) to check (default: cpu and cuda when present)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the table as JSON")
+    _debug(p)
 
     p = sub.add_parser("cache", help="list or clear the feature cache",
                        description="List the cached feature sets (key, model, weights, images, "
@@ -210,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clear", nargs="?", const=ALL, default=None, metavar="KEY",
                    help="delete every cached feature set, or the one whose key starts with KEY")
     p.add_argument("--device", default="cpu", help="accepted by every subcommand; unused here")
+    _debug(p)
     return ap
 
 
@@ -265,8 +273,25 @@ def _check_options(args) -> None:
                 raise ValueError(f"--device {device}: no CUDA device is available here "
                                  f"(torch {torch.__version__}, CUDA build: "
                                  f"{torch.version.cuda or 'no'}); use --device cpu")
+    if hasattr(args, "precision") and isinstance(devices, str):
+        _check_compute(args.backend, args.precision, devices)
     if args.command in MODEL_COMMANDS and getattr(args, "model", None):
         _check_model(args)
+
+
+def _check_compute(backend: str, precision: str, device: str) -> None:
+    """--backend and --compute-precision against --device: a kernel set or precision the device
+    cannot run fails here, not after every image has been encoded."""
+    if precision in ("fp16", "bf16") and not device.startswith("cuda"):
+        raise ValueError(f"--compute-precision {precision} needs --device cuda (16-bit "
+                         f"tensor-core GEMMs); on {device} use fp32 or fp64")
+    if backend in ("ext", "triton"):
+        from ._ops import resolve_backend
+
+        try:
+            resolve_backend(backend, device)
+        except RuntimeError as e:
+            raise ValueError(f"--backend {backend}: {e}; use --backend auto or torch") from None
 
 
 def _check_hyper(args) -> None:
@@ -418,7 +443,7 @@ def _run(args) -> int:
         log = pipeline.Log(args.log if group is None or torch_rank(group) == 0 else "quiet")
         image_set = list_images(args.images, labels="none")    # a bad path fails before
         clip = clip_mod.load_model(args.model, args.pretrained, args.device,   # the model loads
-                                   args.model_precision)
+                                   args.model_precision, cache_dir=args.cache_dir)
         pipeline._log_images(image_set, log)
         pipeline._log_missing(image_set, log)
         pipeline.extract(clip, image_set, log, group=group,

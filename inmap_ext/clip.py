@@ -22,6 +22,11 @@ from .data import PASSING, READ, ImageDataset, ImageSet, load_json, norm_name, r
 Template = Union[str, Callable[[str], str]]
 TEMPLATE_SETS = ("simple", "openai")
 CLASS_SETS = ("imagenet",)
+# open_clip's (and OpenAI's) ImageNet names say "missile" for two classes and "sunglasses" for
+# two. Their prompts stay as published (zero-shot accuracy comparable with every CLIP paper); the
+# names the outputs use are WordNet's own for the second of each pair, so that predictions,
+# reports and class-prior files can tell the four classes apart.
+IMAGENET_DISTINCT = {744: "projectile", 836: "sunglass"}   # n04008634, n04355933
 
 
 def _open_clip():
@@ -36,15 +41,23 @@ def _open_clip():
 # -- class names and prompts --------------------------------------------------------------------
 @dataclass
 class ClassSpec:
-    names: List[str]
+    names: List[str]                              # distinct: what outputs and files call them
     folder_map: Optional[Dict[str, str]] = None   # image folder name -> class name
+    text_names: Optional[List[str]] = None        # what the prompts say, when not the names
+
+    @property
+    def prompt_names(self) -> List[str]:
+        return self.text_names or self.names
 
 
 def load_classnames(spec: str) -> ClassSpec:
-    """``imagenet`` (open_clip's 1000 names), a text file (one name per line), or JSON: a list of
-    names, or an object mapping image-folder names (e.g. ImageNet wnids) to class names."""
+    """``imagenet`` (open_clip's 1000 names, two made distinct: IMAGENET_DISTINCT), a text file
+    (one name per line), or JSON: a list of names, or an object mapping image-folder names (e.g.
+    ImageNet wnids) to class names."""
     if spec.lower() in CLASS_SETS:
-        return ClassSpec(list(_open_clip().IMAGENET_CLASSNAMES))
+        text = list(_open_clip().IMAGENET_CLASSNAMES)
+        names = [IMAGENET_DISTINCT.get(i, c) for i, c in enumerate(text)]
+        return ClassSpec(names, text_names=text)
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--classes: {spec!r} is not a built-in set ({', '.join(CLASS_SETS)}) "
                                 "nor a file")
@@ -273,13 +286,23 @@ def _quiet_downloads():
         lg.setLevel(level)
 
 
+def weights_name(pretrained: Optional[str]) -> str:
+    """How the weights are written into a proxy's metadata and the reports: a checkpoint file
+    as its absolute path (so that ``inmap predict`` finds it from any folder), else as given."""
+    if pretrained is not None and not is_random(pretrained) and os.path.isfile(pretrained):
+        return os.path.abspath(pretrained)
+    return str(pretrained)
+
+
 def load_model(name: str, pretrained: Optional[str], device="cpu",
-               precision: str = "fp32", seed: int = RANDOM_SEED) -> ClipModel:
+               precision: str = "fp32", seed: int = RANDOM_SEED,
+               cache_dir: Optional[str] = None) -> ClipModel:
     """An open_clip model by architecture name with a pretrained tag (downloaded by open_clip
     when online; ``check_weights`` fails fast offline), a local checkpoint file, or None /
     "none": random weights drawn from
     ``seed`` (the caller's random state is left as it was), so that the same call gives the
-    same model and the feature cache, keyed by the seed, never mixes two random models."""
+    same model and the feature cache, keyed by the seed, never mixes two random models. A
+    checkpoint file's hash is remembered in ``cache_dir`` (default: the feature cache folder)."""
     oc = _open_clip()
     if precision not in ("fp32", "amp", "amp_bf16"):
         raise ValueError(f"--precision must be fp32, amp or amp_bf16, got {precision!r}")
@@ -289,7 +312,7 @@ def load_model(name: str, pretrained: Optional[str], device="cpu",
     check_weights(name, pretrained)
     device = torch.device(device)
     if pretrained is not None and os.path.isfile(pretrained):
-        weights_id = "file:" + file_fingerprint(pretrained)
+        weights_id = "file:" + file_fingerprint(pretrained, cache_dir)
         if "quickgelu" not in name.lower() and _looks_like_openai_checkpoint(pretrained):
             warnings.warn(
                 f"{pretrained} looks like an OpenAI checkpoint but {name} is not a QuickGELU "

@@ -159,16 +159,17 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
     elif os.path.isfile(images):
         is_list = True
         base = os.path.dirname(os.path.abspath(images))
-        lines = [ln.strip() for ln in read_lines(images, "--images")]
-        lines = [ln for ln in lines if ln and not ln.startswith("#")]
+        numbered = [(n, ln.strip()) for n, ln in enumerate(read_lines(images, "--images"), 1)]
+        numbered = [(n, ln) for n, ln in numbered if ln and not ln.startswith("#")]
+        lines = [ln for _, ln in numbered]
         paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in lines]
         first: Dict[str, int] = {}
         for i, p in enumerate(paths):     # one file under two spellings is a repeat too
             key = os.path.realpath(p)
             if first.setdefault(key, i) != i:
-                raise ValueError(f"--images {images}: {lines[i]!r} is listed twice (entries "
-                                 f"{first[key] + 1} and {i + 1}); list each image once, or it "
-                                 "counts twice in the fit")
+                raise ValueError(f"--images {images}: {lines[i]!r} is listed twice (lines "
+                                 f"{numbered[first[key]][0]} and {numbered[i][0]}); list each "
+                                 "image once, or it counts twice in the fit")
         # the files are opened as listed (the OS resolves '..' through links); the folder
         # layout that labels them is read from the paths as written, '..' folded
         root = os.path.commonpath([os.path.normpath(p) for p in paths]) if paths else base

@@ -244,11 +244,12 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     _log_images(image_set, log, len(spec.names))
     _log_missing(image_set, log)
     coverage = _label_coverage(image_set, spec.names, log)
-    clip = clip_mod.load_model(model, pretrained, device, model_precision)
+    clip = clip_mod.load_model(model, pretrained, device, model_precision, cache_dir=cache_dir)
     timings["load_model_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    text = clip_mod.text_proxies(clip, spec.names, tmpl, per_class, progress=log.progress)
+    text = clip_mod.text_proxies(clip, spec.names if per_class else spec.prompt_names, tmpl,
+                                 per_class, progress=log.progress)   # per_class: keyed by names
     timings["text_proxies_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     feats = extract(clip, image_set, log, group=group, rank_rows_only=rank != 0,
@@ -285,25 +286,28 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     _log_class_prior(res, log)
 
     t0 = time.perf_counter()
-    k = min(topk, len(spec.names))
-    vals, idx = res.topk(x, k)
-    zs_vals, zs_idx = res.zero_shot_topk(x, min(5, len(spec.names)))
+    k, k_metrics = min(topk, len(spec.names)), min(5, len(spec.names))
+    vals, idx = res.topk(x, max(k, k_metrics))   # the CSV's k; acc5 whatever --topk is
+    zs_vals, zs_idx = res.zero_shot_topk(x, k_metrics)
     timings["predict_s"] = time.perf_counter() - t0
 
     os.makedirs(out, exist_ok=True)
-    meta = {"model": model, "pretrained": str(pretrained), "weights_id": clip.weights_id,
+    meta = {"model": model, "pretrained": clip_mod.weights_name(pretrained),
+            "weights_id": clip.weights_id,
             "classnames": json.dumps(spec.names),
             "templates": json.dumps(clip_mod.template_strings(tmpl) if per_class is None
                                     else "per-class prompts: " + os.path.abspath(prompts)),
             "versions": json.dumps(versions())}
     res.save(os.path.join(out, "proxy.safetensors"), metadata=meta)
     lab = feats.labels
-    write_predictions(os.path.join(out, "predictions.csv"), feats.paths, spec.names, (vals, idx),
+    write_predictions(os.path.join(out, "predictions.csv"), feats.paths, spec.names,
+                      (vals[:, :k], idx[:, :k]),
                       (zs_vals[:, :1], zs_idx[:, :1]), lab.tolist() if lab is not None else None)
     counts = res.class_counts.tolist()
     report = {
         "command": command, "timestamp": started, "finished": _now_iso(),
-        "model": model, "pretrained": str(pretrained), "weights_id": clip.weights_id,
+        "model": model, "pretrained": clip_mod.weights_name(pretrained),
+        "weights_id": clip.weights_id,
         "device": str(clip.device),
         "images": image_set.source or image_set.root, "n_images": len(image_set),
         "n_used": int(feats.keep.sum()),
@@ -337,7 +341,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
         report["label_coverage"] = coverage
     if lab is not None:
         report["zero_shot"] = classification_metrics(zs_idx.cpu(), lab, len(spec.names))
-        report["inmap"] = classification_metrics(idx.cpu(), lab, len(spec.names))
+        report["inmap"] = classification_metrics(idx[:, :k_metrics].cpu(), lab, len(spec.names))
         log("accuracy", f"top-1: zero-shot {report['zero_shot']['acc1']:.4f} -> InMaP "
             f"{report['inmap']['acc1']:.4f}", zero_shot=report["zero_shot"], inmap=report["inmap"])
     with open(os.path.join(out, "report.json"), "w") as f:
@@ -491,10 +495,19 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
     res = load_vision_proxy(proxy)
     meta = res.metadata
     model = model or meta.get("model")
-    if pretrained is None:
-        pretrained = meta.get("pretrained")
     if not model:
         raise ValueError(f"{proxy} names no model in its metadata: pass --model and --pretrained")
+    if pretrained is None:
+        pretrained = meta.get("pretrained")
+        if pretrained is None:   # never random weights unless asked: predictions would be noise
+            raise ValueError(f"{proxy} names no weights in its metadata: pass --pretrained (the "
+                             "open_clip tag or checkpoint it was fitted with; 'none' for random "
+                             "weights)")
+        try:
+            clip_mod.check_weights(model, pretrained)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"{e} (the weights {proxy} was fitted with, from its metadata; "
+                             "pass --pretrained to use others)") from None
     if meta.get("model") and meta["model"] != model:
         _mismatch(force, log, f"the proxy {proxy} was fitted with --model {meta['model']}, not "
                   f"{model}", fitted=meta["model"], using=model)
@@ -505,7 +518,7 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
     _log_images(image_set, log)
     _log_missing(image_set, log)
     t0 = time.perf_counter()
-    clip = clip_mod.load_model(model, pretrained, device, model_precision)
+    clip = clip_mod.load_model(model, pretrained, device, model_precision, cache_dir=cache_dir)
     from .classifier import VisionProxyClassifier
 
     VisionProxyClassifier(res.proxy, names)._check_model(clip.model)
@@ -521,7 +534,8 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
     inmap, zero_shot = res.topk(x, min(topk, len(names))), res.zero_shot_topk(x, 1)
     write_predictions(out, feats.paths, names, inmap, zero_shot)
     report = {"command": command, "timestamp": started,
-              "proxy": os.path.abspath(proxy), "model": model, "pretrained": str(pretrained),
+              "proxy": os.path.abspath(proxy), "model": model,
+              "pretrained": clip_mod.weights_name(pretrained),
               "weights_id": clip.weights_id, "forced": bool(force),
               "device": str(clip.device), "images": image_set.source or image_set.root,
               "n_images": len(image_set),
@@ -529,6 +543,8 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
               "skipped": feats.skipped, "num_classes": len(names),
               "changed_from_zero_shot": float((inmap[1][:, 0] != zero_shot[1][:, 0])
                                               .double().mean()),
+              "predicted_class_counts": dict(zip(names, (int(c) for c in torch.bincount(
+                  inmap[1][:, 0].cpu(), minlength=len(names))))),
               "seconds": time.perf_counter() - t0, "predictions": os.path.abspath(out),
               "versions": versions()}
     report_path = predict_report_path(out)
@@ -566,8 +582,8 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
     image_set = list_images(images, spec.names, "folder", spec.folder_map)
     _log_images(image_set, log, len(spec.names))
     _label_coverage(image_set, spec.names, log)
-    clip = clip_mod.load_model(model, pretrained, device, model_precision)
-    text = clip_mod.text_proxies(clip, spec.names, clip_mod.load_templates(templates),
+    clip = clip_mod.load_model(model, pretrained, device, model_precision, cache_dir=cache_dir)
+    text = clip_mod.text_proxies(clip, spec.prompt_names, clip_mod.load_templates(templates),
                                  progress=log.progress)
     feats = extract(clip, image_set, log, cache_dir=cache_dir, use_cache=use_cache,
                     batch_size=batch_size, workers=workers)
@@ -598,7 +614,7 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
             idx = idx[:, None] if idx.dim() == 1 else idx
         m = classification_metrics(idx.cpu(), y, len(spec.names))
         records.append({"dataset": dataset or os.path.basename(os.path.abspath(images)),
-                        "model": model, "pretrained": str(pretrained),
+                        "model": model, "pretrained": clip_mod.weights_name(pretrained),
                         "task": "zeroshot_classification", "method": method, "metrics": m,
                         "n_images": int(feats.keep.sum()), "n_skipped": len(feats.skipped)})
         if kw is not None:

@@ -138,6 +138,12 @@ class VisionProxyResult:
             if prior.estimated_proportions is not None:
                 tensors["prior_estimated_proportions"] = prior.estimated_proportions
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        bad = [(k, v) for k, v in (metadata or {}).items()
+               if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            k, v = bad[0]
+            raise TypeError(f"metadata must map strings to strings (safetensors stores text), got "
+                            f"{k!r}: {type(v).__name__}; json.dumps other values")
         taken = sorted(set(metadata or {}) & RESERVED_METADATA)
         if taken:
             raise ValueError(f"metadata keys {taken} are written by save itself; use other names")

@@ -82,6 +82,7 @@ def descend(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, iters: int, 
             change = float(torch.linalg.vector_norm(W_new - W, dim=0).max())
             if change < tol:
                 W = W_new
+                _close(bar, n_run, "stopped: tol")
                 return _done(W, grad_norm, lr_used, objective, n_run, True,
                              f"the largest per-class proxy change {change:.2e} < tol={tol}")
         W = W_new
@@ -96,8 +97,7 @@ def descend(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, iters: int, 
                 changed = float(runner.sum_((pred != last_pred).sum())) / n
                 last_pred = pred
                 if rel <= OBJECTIVE_RTOL and changed <= PREDICTION_TOL:
-                    if bar is not None:
-                        bar.close()
+                    _close(bar, n_run, "stopped: settled")
                     return _done(W, grad_norm, lr_used, objective, n_run, True,
                                  f"settled after {n_run} steps: over the last {CHECK_EVERY} "
                                  f"steps the objective fell by {rel:.1e} (relative, <= "
@@ -106,6 +106,14 @@ def descend(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, iters: int, 
             elif stop == "auto":
                 last_pred = runner.topk(x, W, 1)[1][:, 0]
     return _done(W, grad_norm, lr_used, objective, n_run, False, reason)
+
+
+def _close(bar, n_run: int, note: str) -> None:
+    """An early stop: the bar shows the steps that ran (tqdm's count lags while iterating)."""
+    if bar is not None:
+        bar.n = n_run
+        bar.set_postfix_str(note, refresh=False)
+        bar.close()
 
 
 def _done(W, grad_norm, lr_used, objective, n_run, converged, reason) -> Descent:

@@ -378,3 +378,86 @@ def test_report_carries_command_time_counts_and_coverage(ws, tmp_path, capsys):
     assert cov["classes_with_images"] == 3 and cov["classes_without_images"] == ["cyan"]
     assert main(_fit(ws, tmp_path / "o2", "-q")) == 0
     assert "label_coverage" not in json.loads((tmp_path / "o2" / "report.json").read_text())
+
+
+# ---- review of 2026-11-30 (fourth session): documented behaviour, checked --------------------
+
+@pytest.mark.parametrize("flags,message", [
+    (["--compute-precision", "fp16"], "--compute-precision fp16 needs --device cuda"),
+    (["--backend", "triton"], "--backend triton: backend='triton' cannot run"),
+])
+def test_backend_and_precision_are_checked_against_the_device_before_any_work(
+        tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the tests' CPU interpreter: off
+    # images that do not exist: the option must be reported first, with the flag's name
+    assert main(["fit", "--model", MODEL, "--pretrained", "none", "--images",
+                 str(tmp_path / "missing"), "--classes", "imagenet", "--out",
+                 str(tmp_path / "o"), *flags]) == 3
+    err = capsys.readouterr().err
+    assert message in err and "--images" not in err, err
+
+
+def test_predict_finds_its_weights_or_asks_for_them(ws, tmp_path, capsys, monkeypatch):
+    from inmap_ext import fit_vision_proxy
+    from inmap_ext.synthetic import make_problem
+
+    # a relative checkpoint path is written as an absolute one: predict works from elsewhere
+    shutil.copy(ws["ckpt"], tmp_path / "rel.pt")
+    cache = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INMAP_CACHE", str(tmp_path / "elsewhere"))
+    assert main(["fit", "--model", MODEL, "--pretrained", "rel.pt", "--images", ws["labeled"],
+                 "--classes", ws["classes"], "--out", "o", "--workers", "0", "--cache-dir",
+                 str(cache), "--iters", "5", "-q"]) == 0
+    from inmap_ext import load_vision_proxy
+
+    saved = load_vision_proxy(tmp_path / "o" / "proxy.safetensors").metadata["pretrained"]
+    assert saved == str(tmp_path / "rel.pt")
+    # the checkpoint's fingerprint is remembered in the chosen cache folder, not the default
+    assert (cache / "weights_fingerprints.json").is_file()
+    assert not (tmp_path / "elsewhere").exists()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert main(["predict", "--proxy", "../o/proxy.safetensors", "--images", ws["flat"],
+                 "--out", "p.csv", "--workers", "0", "--cache-dir", str(cache), "-q"]) == 0
+    rep = json.loads((tmp_path / "sub" / "p.report.json").read_text())
+    assert rep["pretrained"] == str(tmp_path / "rel.pt")
+    counts = rep["predicted_class_counts"]
+    assert list(counts) == CLASSES and sum(counts.values()) == rep["n_used"] == 9
+    # a proxy saved without the weights in its metadata: never random weights silently
+    p = make_problem(20, 512, 3)
+    fit_vision_proxy(p.image_features, p.text_proxies, iters=2).save(
+        tmp_path / "plain.safetensors", metadata={"model": MODEL})
+    assert main(["predict", "--proxy", str(tmp_path / "plain.safetensors"), "--images",
+                 ws["flat"], "--out", "q.csv", "--workers", "0", "--cache-dir", str(cache)]) == 3
+    assert "names no weights in its metadata: pass --pretrained" in capsys.readouterr().err
+    assert not (tmp_path / "sub" / "q.csv").exists()
+    # the weights named in the metadata are gone: the error says where the name came from
+    os.remove(tmp_path / "rel.pt")
+    assert main(["predict", "--proxy", "../o/proxy.safetensors", "--images", ws["flat"],
+                 "--out", "p2.csv", "--workers", "0", "--cache-dir", str(cache)]) == 3
+    err = capsys.readouterr().err
+    assert "no such checkpoint file" in err and "from its metadata" in err, err
+
+
+@pytest.mark.parametrize("argv", [["export", "--proxy", "missing.safetensors", "--out", "x.pt"],
+                                  ["cache", "--clear", "nokey"],
+                                  ["demo", "--n", "0"], ["check", "--device", "tpu"]])
+def test_every_subcommand_takes_debug(tmp_path, capsys, argv):
+    if argv[0] == "cache":
+        argv = argv + ["--cache-dir", str(tmp_path)]
+    assert main(argv + ["--debug"]) == 3
+    assert "unrecognized arguments" not in capsys.readouterr().err
+
+
+def test_inmap_acc5_is_reported_whatever_topk(ws, tmp_path, capsys):
+    six = ["red", "green", "blue", "purple", "orange", "yellow"]
+    make_image_folder(str(tmp_path / "six"), six, per_class=1, size=32)
+    (tmp_path / "six.txt").write_text("\n".join(six) + "\n")
+    assert main(_fit(ws, tmp_path / "o", "--topk", "1", "-q", images=str(tmp_path / "six"),
+                     classes=str(tmp_path / "six.txt"))) == 0
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert "acc5" in rep["zero_shot"] and "acc5" in rep["inmap"]
+    header = (tmp_path / "o" / "predictions.csv").read_text().splitlines()[0].split(",")
+    assert header == ["path", "label", "inmap_class_1", "inmap_cosine_1", "zero_shot_class_1",
+                      "zero_shot_cosine_1"], header

@@ -1,5 +1,7 @@
 """Every compiled op against the pure-torch backend (the oracle), over dtype x shape x
 hyper-parameters, plus the op registration itself (schemas, fake kernels, opcheck)."""
+import math
+
 import pytest
 import torch
 
@@ -240,3 +242,50 @@ def test_runner_pads_x_once_per_fit_where_the_fused_kernels_would(monkeypatch, d
     assert padded_fit.proxy.shape == (d, 7)
     torch.testing.assert_close(padded_fit.proxy, plain.proxy, rtol=1e-5, atol=1e-6)
     assert torch.equal(padded_fit.predict(X), plain.predict(X))
+
+
+# ---- the public building blocks against dense formulas (not only against each other) ---
+
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+@pytest.mark.parametrize("gamma,tau_t", [(0.5, 0.01), (0.0, 0.03), (1.0, 0.02)])
+def test_public_sinkhorn_log_bias_matches_dense(backend, gamma, tau_t):
+    if backend == "ext":
+        skip_if_no_ext("cpu")
+    X, T, _ = clip_like(400, 24, 9, seed=7)
+    beta = inmap_ext.sinkhorn_log_bias(X, T, tau_t=tau_t, sinkhorn_iters=300, gamma=gamma,
+                                       backend=backend, chunk_size=61)
+    L = X @ T / tau_t
+    zs = torch.softmax(L, 1).mean(0)
+    q = zs ** gamma / (zs ** gamma).sum() if gamma > 0 else torch.full_like(zs, 1 / 9)
+    torch.testing.assert_close(torch.softmax(L + beta, 1).mean(0), q, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+def test_proxy_gradient_matches_dense(backend):
+    if backend == "ext":
+        skip_if_no_ext("cpu")
+    X, T, _ = clip_like(300, 16, 7, seed=2)
+    B = torch.randn(16, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    G = inmap_ext.proxy_gradient(X, T, B, tau_i=0.04, backend=backend, chunk_size=50)
+    torch.testing.assert_close(G, X.T @ torch.softmax(X @ T / 0.04, 1) - B, rtol=1e-10,
+                               atol=1e-10)
+
+
+def test_ext_ops_take_a_minus_inf_bias_directly():
+    """The kernel-level oracle test with a -inf log-bias column (not through the public API,
+    whose first-use check would silently swap in the pure-torch op)."""
+    skip_if_no_ext("cpu")
+    from inmap_ext import _ops, reference
+
+    X, T, _ = clip_like(257, 31, 17, seed=5)
+    bias = torch.randn(17, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    bias[[0, 9]] = -math.inf
+    for dt in (torch.float32, torch.float64):
+        x, w, b = X.to(dt), T.to(dt), bias.to(reference.acc_dtype(dt))
+        for name, args in (("softmax_column_lse", (b, 100.0, 64)),
+                           ("pseudo_label_reduce", (b, 100.0, 0.6, 64))):
+            got = _ops.op(name, "ext")(x, w, *args)
+            want = getattr(reference, name)(x, w, *args)
+            for g, r in zip(got if isinstance(got, tuple) else (got,),
+                            want if isinstance(want, tuple) else (want,)):
+                torch.testing.assert_close(g, r, rtol=2e-5, atol=2e-5)

@@ -709,9 +709,23 @@ def test_file_lists_comments_repeats_and_dot_dot(tmp_path):
     s = list_images(str(lists / "l.txt"), ["cat", "dog"], "folder")
     assert [os.path.realpath(p) for p in s.paths] == [str(tmp_path / a), str(tmp_path / b)]
     assert sorted(s.labels) == [0, 1] and not s.missing
-    (lists / "l.txt").write_text(f"../{a}\n../{b}\n../data/../{a}\n")
-    with pytest.raises(ValueError, match=r"is listed twice \(entries 1 and 3\)"):
+    (lists / "l.txt").write_text(f"../{a}\n# a comment\n../{b}\n../data/../{a}\n")
+    with pytest.raises(ValueError, match=r"is listed twice \(lines 1 and 4\)"):
         list_images(str(lists / "l.txt"))
+
+
+def test_builtin_imagenet_names_are_distinct_and_prompt_as_open_clip():
+    """open_clip's list says 'missile' and 'sunglasses' twice: the outputs get WordNet's names
+    for the second of each pair, the prompts keep open_clip's text."""
+    import open_clip
+
+    spec = clip_mod.load_classnames("imagenet")
+    assert len(set(spec.names)) == len(spec.names) == 1000
+    assert spec.prompt_names == list(open_clip.IMAGENET_CLASSNAMES)
+    assert [spec.names[i] for i in (657, 744, 836, 837)] == \
+        ["missile", "projectile", "sunglass", "sunglasses"]
+    assert [i for i, (a, b) in enumerate(zip(spec.names, spec.prompt_names)) if a != b] == \
+        [744, 836]
 
 
 def test_a_class_map_with_two_folders_for_one_name_is_refused(tmp_path):
@@ -784,3 +798,50 @@ def test_an_image_unreadable_for_a_passing_reason_is_read_by_the_next_run(ws, tm
     clip.model.encode_image = lambda x, **k: calls.append(len(x)) or real_encode(x, **k)
     clip_mod.image_features(clip, broken, **kw)
     assert calls == []
+
+
+def test_cli_hyper_defaults_are_the_library_defaults():
+    import inspect
+
+    from inmap_ext import cli
+    from inmap_ext.fit import fit_vision_proxy
+
+    sig = inspect.signature(fit_vision_proxy).parameters
+    for flag, dest, _, default, _ in cli.HYPER:
+        assert default == sig[dest].default, flag
+
+
+def test_class_weights_go_to_the_named_class(tmp_path):
+    from inmap_ext.pipeline import read_class_weights
+
+    names = ["red", "green", "sea lion", "blue"]
+    (tmp_path / "w.txt").write_text("blue 3\n# note\nsea lion, 1\ngreen 2\n")
+    (tmp_path / "w.json").write_text(json.dumps({"blue": 3, "sea lion": 1, "green": 2}))
+    for f in ("w.txt", "w.json"):
+        w = read_class_weights(str(tmp_path / f), names)
+        assert w.tolist() == [0.0, 2.0, 1.0, 3.0], f
+
+
+def test_cache_clear_refuses_an_ambiguous_key(tmp_path):
+    from inmap_ext.cache import FeatureCache, clear_cache, list_entries
+
+    imgs = []
+    for i in range(2):
+        p = tmp_path / f"{i}.png"
+        p.write_bytes(b"x")
+        imgs.append(str(p))
+    ident = {"model": "m", "weights": "w", "preprocess": "p", "precision": "fp32"}
+    FeatureCache(str(tmp_path / "c"), ident, imgs[:1], 1)
+    FeatureCache(str(tmp_path / "c"), ident, imgs, 1)
+    with pytest.raises(ValueError, match="matches 2 cache entries"):
+        clear_cache(str(tmp_path / "c"), "")
+    assert len(list_entries(str(tmp_path / "c"))) == 2
+
+
+def test_cli_check_exit_code_says_a_kernel_failed(monkeypatch):
+    from inmap_ext import check
+    from inmap_ext.cli import EXIT_CHECK_FAILED, main
+
+    monkeypatch.setattr(check, "run_check", lambda devices=None, **k: [
+        {"ok": False, "note": "", "device": "cpu"}])
+    assert main(["check", "--device", "cpu"]) == EXIT_CHECK_FAILED

@@ -25,7 +25,9 @@ def test_predict_and_accuracy_gain(problem):
     inmap = (pred == y).float().mean()
     assert inmap > zs + 0.05, (zs, inmap)            # the synthetic gap is large
     assert int(r.class_counts.sum()) == 800
-    assert 0 <= r.confident_fraction <= 1
+    P = torch.softmax(X @ T / 0.01 + r.log_bias.to(X), dim=1)     # the balanced pseudo labels
+    assert r.confident_fraction == pytest.approx(float((P.max(1).values > 0.6).double().mean()),
+                                                 abs=1.5 / 800)
     assert r.lr[0] == 10.0 and (r.lr[1:] <= r.lr[:-1]).all()
     assert set(r.timings) == {"sinkhorn_s", "pseudo_labels_s", "descent_s"}
 
@@ -96,3 +98,33 @@ def test_topk_default_fits_few_classes_and_save_refuses_reserved_metadata(tmp_pa
     assert back.metadata["written_by_inmap_ext"] == inmap_ext.__version__
     r.save(tmp_path / "q.safetensors", metadata=back.metadata)   # a loaded proxy's metadata
     assert inmap_ext.load_vision_proxy(tmp_path / "q.safetensors").metadata["model"] == "ViT-B-32"
+    for bad in ({"model": 3}, {3: "x"}, {"n": None}):      # safetensors stores text only
+        with pytest.raises(TypeError, match="metadata must map strings to strings"):
+            r.save(tmp_path / "r.safetensors", metadata=bad)
+    assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_progress_bar_ends_at_the_steps_that_ran(capsys, problem):
+    X, T, _ = problem
+    for kw, note in (({}, "stopped: settled"), ({"tol": 1e-2}, "stopped: tol")):
+        r = inmap_ext.fit_vision_proxy(X, T, iters=2000, progress=True, **kw)
+        err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+        last = [ln for ln in err if "vision proxy" in ln][-1]
+        assert r.n_iters < 2000 and f"{r.n_iters}/2000" in last and note in last, last
+
+
+def test_classifier_without_a_model_refuses_images_with_a_clear_message():
+    head = inmap_ext.VisionProxyClassifier(torch.nn.functional.normalize(torch.randn(16, 3), dim=0))
+    with pytest.raises(ValueError, match="got a batch of images .* but no clip_model"):
+        head(torch.randn(2, 3, 16, 16))
+    assert head(torch.randn(4, 16)).shape == (4, 3)
+
+
+def test_loaded_class_prior_keeps_its_target(tmp_path):
+    X, T, _ = clip_like(300, 16, 8, seed=6)
+    prior = torch.tensor([1.0, 0, 2, 1, 1, 0, 3, 1])
+    r = inmap_ext.fit_vision_proxy(X, T, iters=10, class_prior=prior)
+    r.save(tmp_path / "p.safetensors")
+    back = inmap_ext.load_vision_proxy(tmp_path / "p.safetensors").class_prior
+    torch.testing.assert_close(back.target, prior.double() / prior.sum())
+    torch.testing.assert_close(back.zero_shot_proportions, r.class_prior.zero_shot_proportions)

@@ -67,3 +67,29 @@ def test_stop_none_runs_every_step_and_bad_stop_is_refused():
         inmap_ext.fit_vision_proxy(X, T, stop="early")
     with pytest.raises(ValueError, match="mode='paper'"):
         inmap_ext.fit_vision_proxy(X, T, mode="paper", stop="auto")
+
+
+def test_tol_is_the_largest_per_class_change():
+    X, T, _ = clip_like(800, 32, 10, seed=21, dtype=torch.float64)
+    kw = dict(class_prior="uniform", stop="none")
+    r = inmap_ext.fit_vision_proxy(X, T, iters=2000, tol=1e-4, **kw)
+    n = r.n_iters
+    W = [inmap_ext.fit_vision_proxy(X, T, iters=k, **kw).proxy for k in (n - 2, n - 1, n)]
+    assert float((W[2] - W[1]).norm(dim=0).max()) < 1e-4          # the stopping step
+    assert float((W[1] - W[0]).norm(dim=0).max()) >= 1e-4         # the step before did not
+
+
+def test_auto_stop_obeys_both_documented_criteria():
+    from inmap_ext.solver import CHECK_EVERY, OBJECTIVE_RTOL, PREDICTION_TOL
+
+    X, T, _ = clip_like(3000, 64, 10, seed=10, dtype=torch.float32)
+    r = inmap_ext.fit_vision_proxy(X, T)
+    n = r.n_iters
+    assert r.converged and n % CHECK_EVERY == 0 and n >= 2 * CHECK_EVERY
+    f = r.objective.double()
+    assert (f[n - CHECK_EVERY] - f[n - 1]) / abs(f[n - 1]) <= OBJECTIVE_RTOL
+    kw = dict(stop="none")
+    before = inmap_ext.fit_vision_proxy(X, T, iters=n - CHECK_EVERY, **kw)
+    torch.testing.assert_close(inmap_ext.fit_vision_proxy(X, T, iters=n, **kw).proxy, r.proxy)
+    changed = float((before.predict(X) != r.predict(X)).double().mean())
+    assert changed <= PREDICTION_TOL
