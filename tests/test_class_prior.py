@@ -401,3 +401,18 @@ def test_auto_reports_close_calls_and_the_cli_says_what_would_decide(capsys):
     assert "--class-prior uniform" in err and "estimate" not in err
     assert _prior_report(res, [str(i) for i in range(10)])["close_calls"] == ["uniform"]
 
+
+
+@pytest.mark.parametrize("n,c", [(1, 3), (2, 5), (7, 40), (50, 1), (1, 1)])
+@pytest.mark.parametrize("prior", CLASS_PRIORS + ("given",))
+def test_every_prior_on_tiny_shapes(n, c, prior):
+    """One image, fewer images than classes, a single class: every class prior gives a finite
+    unit proxy, a recorded choice and predictions of the right shape."""
+    X, T, _ = clip_like(max(n, 2), 16, c, seed=3)
+    X = X[:n]
+    cp = torch.arange(1.0, c + 1) if prior == "given" else prior
+    r = inmap_ext.fit_vision_proxy(X, T, iters=20, class_prior=cp)
+    assert torch.isfinite(r.proxy).all() and r.proxy.shape == (16, c)
+    torch.testing.assert_close(r.proxy.norm(dim=0), torch.ones(c, dtype=r.proxy.dtype))
+    assert r.class_prior.chosen in ("uniform", "estimate", "none", "given")
+    assert r.predict(X).shape == (n,) and int(r.class_counts.sum()) == n
