@@ -101,3 +101,24 @@ def test_sharded_and_streamed(tmp_path):
         o = torch.load(tmp_path / f"rank{r}.pt")
         assert o["streamed"]
         torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("prior", ["estimate", "auto", "given"])
+def test_sharded_class_priors_equal_single_process(tmp_path, prior):
+    """The class-prior decision and the estimate are reductions over every rank's rows: a
+    sharded fit (one empty shard) balances exactly as the single-process fit; given proportions
+    with known-absent classes keep those classes at zero pseudo labels on every rank."""
+    sizes = [150, 0, 151]
+    cp = torch.tensor([2.0, 0, 1, 1, 0, 3, 1], dtype=torch.float64) if prior == "given" else prior
+    kw = dict(iters=60, class_prior=cp)
+    _spawn(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw, "torch")
+    errs = [p for p in os.listdir(tmp_path) if p.endswith(".err")]
+    assert not errs, (tmp_path / errs[0]).read_text()
+    X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
+    single = inmap_ext.fit_vision_proxy(X, T, backend="torch", **kw)
+    for r in range(len(sizes)):
+        o = torch.load(tmp_path / f"rank{r}.pt")
+        torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
+        assert torch.equal(o["counts"], single.class_counts)
+    if prior == "given":
+        assert single.class_counts[[1, 4]].tolist() == [0, 0]

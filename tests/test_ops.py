@@ -289,3 +289,16 @@ def test_ext_ops_take_a_minus_inf_bias_directly():
             for g, r in zip(got if isinstance(got, tuple) else (got,),
                             want if isinstance(want, tuple) else (want,)):
                 torch.testing.assert_close(g, r, rtol=2e-5, atol=2e-5)
+
+
+def test_auto_chunk_size_keeps_the_logit_block_within_its_budget():
+    from inmap_ext.functional import CHUNK_BUDGET_BYTES, auto_chunk_size
+
+    budget = CHUNK_BUDGET_BYTES["cpu"]
+    for n, c in [(10**7, 1000), (10**7, 21841), (10**7, 1), (5, 1000), (0, 10), (1, 10**9)]:
+        for dt, size in ((torch.float32, 4), (torch.float64, 8), (torch.float16, 4)):
+            k = auto_chunk_size(n, c, "cpu", dt)          # 16-bit features accumulate in fp32
+            assert 1 <= k <= max(n, 1), (n, c, dt, k)
+            assert k == 1 or k * c * size <= budget, (n, c, dt, k)
+            assert k == max(n, 1) or (k + 1) * c * size > budget, (n, c, dt, k)  # the largest
+

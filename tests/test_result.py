@@ -128,3 +128,16 @@ def test_loaded_class_prior_keeps_its_target(tmp_path):
     back = inmap_ext.load_vision_proxy(tmp_path / "p.safetensors").class_prior
     torch.testing.assert_close(back.target, prior.double() / prior.sum())
     torch.testing.assert_close(back.zero_shot_proportions, r.class_prior.zero_shot_proportions)
+
+
+def test_to_moves_every_tensor_and_keeps_the_rest():
+    X, T, _ = clip_like(60, 8, 3, dtype=torch.float32)
+    r = inmap_ext.fit_vision_proxy(X, T, iters=5, class_prior="uniform")
+    m = r.to("meta")
+    for k, v in r.__dict__.items():
+        if isinstance(v, torch.Tensor):
+            assert m.__dict__[k].device.type == "meta" and m.__dict__[k].shape == v.shape, k
+        else:
+            assert m.__dict__[k] is v, k
+    assert r.proxy.device.type == "cpu"                      # the original is left as it was
+
