@@ -24,9 +24,27 @@ TEMPLATE_SETS = ("simple", "openai")
 CLASS_SETS = ("imagenet",)
 # open_clip's (and OpenAI's) ImageNet names say "missile" for two classes and "sunglasses" for
 # two. Their prompts stay as published (zero-shot accuracy comparable with every CLIP paper); the
-# names the outputs use are WordNet's own for the second of each pair, so that predictions,
-# reports and class-prior files can tell the four classes apart.
+# names the outputs use are WordNet's own for one of each pair, so that predictions, reports and
+# class-prior files can tell the four classes apart.
 IMAGENET_DISTINCT = {744: "projectile", 836: "sunglass"}   # n04008634, n04355933
+IMAGENET_NOTE = ("with --classes imagenet, 'missile' is class 657 and 'sunglasses' class 837; "
+                 "744 is called 'projectile' and 836 'sunglass' (open_clip's list names each "
+                 "pair alike)")
+
+
+def distinct_imagenet(names: Sequence[str]) -> List[str]:
+    """Class names read from a proxy: open_clip's ImageNet list (proxies fitted before the
+    built-in set was made distinct) gets the distinct names; any other list is returned as is."""
+    names = list(names)
+    if len(names) != 1000:
+        return names
+    try:
+        import open_clip
+    except ImportError:
+        return names
+    if names == list(open_clip.IMAGENET_CLASSNAMES):
+        return [IMAGENET_DISTINCT.get(i, c) for i, c in enumerate(names)]
+    return names
 
 
 def _open_clip():
@@ -118,17 +136,21 @@ def load_templates(spec: str) -> List[Template]:
     return [_template_from_string(t) for t in items]
 
 
-def load_prompts(path: str, classnames: Sequence[str]) -> Dict[str, List[str]]:
+def load_prompts(path: str, classnames: Sequence[str],
+                 text_names: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
     """Per-class prompt lists (CuPL style): JSON object class name -> list of prompts; every
-    class needs at least one."""
+    class needs at least one. A class is looked up by its name, then by its prompt name
+    (``text_names``: a CuPL file for the built-in ImageNet set uses open_clip's names)."""
     data = load_json(path, "--prompts")
     if not isinstance(data, dict):
         raise ValueError(f"--prompts {path}: expected a JSON object class -> [prompts]")
-    missing = [c for c in classnames if not data.get(c)]
+    keys = list(text_names) if text_names is not None else list(classnames)
+    found = {c: data.get(c) or data.get(k) for c, k in zip(classnames, keys)}
+    missing = [c for c, v in found.items() if not v]
     if missing:
         raise ValueError(f"--prompts {path}: no prompts for {len(missing)} class(es), e.g. "
                          f"{missing[:5]}")
-    return {c: list(data[c]) for c in classnames}
+    return {c: list(v) for c, v in found.items()}
 
 
 def template_strings(templates: Sequence[Template]) -> List[str]:

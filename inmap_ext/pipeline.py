@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import clip as clip_mod
-from .data import ImageSet, list_images
+from .data import ImageSet, list_images, norm_name
 from .fit import fit_vision_proxy
 from .result import VisionProxyResult, load_vision_proxy
 from .version import __version__
@@ -238,9 +238,10 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     t0 = time.perf_counter()
     spec = clip_mod.load_classnames(classes)
     tmpl = clip_mod.load_templates(templates)
-    per_class = clip_mod.load_prompts(prompts, spec.names) if prompts else None
-    hyper = _class_prior_option(hyper, spec.names, log)
+    per_class = clip_mod.load_prompts(prompts, spec.names, spec.text_names) if prompts else None
+    hyper = _class_prior_option(hyper, spec, log)
     image_set = list_images(images, spec.names, labels, spec.folder_map)
+    _imagenet_folders_note(spec, image_set, log)
     _log_images(image_set, log, len(spec.names))
     _log_missing(image_set, log)
     coverage = _label_coverage(image_set, spec.names, log)
@@ -407,13 +408,34 @@ def read_class_weights(path: str, names: Sequence[str]) -> torch.Tensor:
     return w
 
 
-def _class_prior_option(hyper: dict, names: Sequence[str], log: Log) -> dict:
+def _counts_by_name(names: Sequence[str], idx: torch.Tensor) -> Dict[str, int]:
+    """How many images were predicted as each class, by name (a name listed twice sums)."""
+    out: Dict[str, int] = {}
+    for name, c in zip(names, torch.bincount(idx.cpu(), minlength=len(names)).tolist()):
+        out[name] = out.get(name, 0) + int(c)
+    return out
+
+
+def _imagenet_folders_note(spec: "clip_mod.ClassSpec", image_set: ImageSet, log: Log) -> None:
+    """Folders named like one of the built-in ImageNet set's renamed pairs: say which class each
+    name is (folders labelled 'missile' or 'sunglasses' by open_clip's list were ambiguous)."""
+    if spec.text_names is None:
+        return
+    pairs = {"missile", "projectile", "sunglasses", "sunglass"}
+    if any(norm_name(f) in pairs for f in image_set.folder_to_class):
+        log("labels", f"class folders: {clip_mod.IMAGENET_NOTE}")
+
+
+def _class_prior_option(hyper: dict, spec: "clip_mod.ClassSpec", log: Log) -> dict:
     """--class-prior FILE -> the proportions tensor (checked before any model is loaded)."""
     from .class_prior import CLASS_PRIORS, check_class_prior
 
     cp = hyper.get("class_prior")
     if not isinstance(cp, str) or cp in CLASS_PRIORS:     # None, a name or a tensor already
         return hyper
+    names = spec.names
+    if spec.text_names is not None:
+        log("class_prior", f"class prior {cp}: {clip_mod.IMAGENET_NOTE}")
     w = check_class_prior(read_class_weights(cp, names), len(names))
     missing = int((w == 0).sum())
     if missing:
@@ -497,6 +519,7 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
     model = model or meta.get("model")
     if not model:
         raise ValueError(f"{proxy} names no model in its metadata: pass --model and --pretrained")
+    clip_mod.check_model_name(model)
     if pretrained is None:
         pretrained = meta.get("pretrained")
         if pretrained is None:   # never random weights unless asked: predictions would be noise
@@ -506,14 +529,14 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
         try:
             clip_mod.check_weights(model, pretrained)
         except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"{e} (the weights {proxy} was fitted with, from its metadata; "
-                             "pass --pretrained to use others)") from None
+            raise ValueError(f"{e} (the weights {proxy} was fitted with, from its metadata; a "
+                             "relative path is relative to the folder the fit ran in; pass "
+                             "--pretrained to use others)") from None
     if meta.get("model") and meta["model"] != model:
         _mismatch(force, log, f"the proxy {proxy} was fitted with --model {meta['model']}, not "
                   f"{model}", fitted=meta["model"], using=model)
-    names = json.loads(meta["classnames"]) if "classnames" in meta else \
-        [str(i) for i in range(res.num_classes)]
-    clip_mod.check_model_name(model)
+    names = clip_mod.distinct_imagenet(json.loads(meta["classnames"])) if "classnames" in meta \
+        else [str(i) for i in range(res.num_classes)]
     image_set = list_images(images, names, "none")
     _log_images(image_set, log)
     _log_missing(image_set, log)
@@ -543,8 +566,7 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
               "skipped": feats.skipped, "num_classes": len(names),
               "changed_from_zero_shot": float((inmap[1][:, 0] != zero_shot[1][:, 0])
                                               .double().mean()),
-              "predicted_class_counts": dict(zip(names, (int(c) for c in torch.bincount(
-                  inmap[1][:, 0].cpu(), minlength=len(names))))),
+              "predicted_class_counts": _counts_by_name(names, inmap[1][:, 0]),
               "seconds": time.perf_counter() - t0, "predictions": os.path.abspath(out),
               "versions": versions()}
     report_path = predict_report_path(out)
@@ -578,8 +600,9 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
     CLIP_benchmark-shaped record per method."""
     log = log or Log()
     spec = clip_mod.load_classnames(classes)
-    hyper = _class_prior_option(hyper, spec.names, log)
+    hyper = _class_prior_option(hyper, spec, log)
     image_set = list_images(images, spec.names, "folder", spec.folder_map)
+    _imagenet_folders_note(spec, image_set, log)
     _log_images(image_set, log, len(spec.names))
     _label_coverage(image_set, spec.names, log)
     clip = clip_mod.load_model(model, pretrained, device, model_precision, cache_dir=cache_dir)

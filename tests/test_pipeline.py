@@ -716,7 +716,7 @@ def test_file_lists_comments_repeats_and_dot_dot(tmp_path):
 
 def test_builtin_imagenet_names_are_distinct_and_prompt_as_open_clip():
     """open_clip's list says 'missile' and 'sunglasses' twice: the outputs get WordNet's names
-    for the second of each pair, the prompts keep open_clip's text."""
+    for one of each pair, the prompts keep open_clip's text."""
     import open_clip
 
     spec = clip_mod.load_classnames("imagenet")
@@ -726,6 +726,39 @@ def test_builtin_imagenet_names_are_distinct_and_prompt_as_open_clip():
         ["missile", "projectile", "sunglass", "sunglasses"]
     assert [i for i, (a, b) in enumerate(zip(spec.names, spec.prompt_names)) if a != b] == \
         [744, 836]
+
+
+def test_imagenet_renames_reach_prompts_old_proxies_counts_and_prior_files(tmp_path):
+    """A CuPL file keyed by open_clip's names still serves the renamed classes; a proxy fitted
+    with open_clip's list is read with the distinct names; counts by a repeated name add up; a
+    class-prior file with the built-in set says which class each ambiguous name is."""
+    import open_clip
+
+    spec = clip_mod.load_classnames("imagenet")
+    text = list(open_clip.IMAGENET_CLASSNAMES)
+    cupl = {c: [f"a photo of a {c}, number {i}"] for i, c in enumerate(text)}  # last one wins
+    (tmp_path / "cupl.json").write_text(json.dumps(cupl))
+    per_class = clip_mod.load_prompts(str(tmp_path / "cupl.json"), spec.names, spec.text_names)
+    assert per_class["projectile"] == cupl["missile"] and per_class["sunglass"] == \
+        cupl["sunglasses"] and len(per_class) == 1000
+    assert clip_mod.distinct_imagenet(text) == spec.names
+    assert clip_mod.distinct_imagenet(["a", "b"]) == ["a", "b"]
+    idx = torch.tensor([0, 1, 1, 2])
+    assert pipeline._counts_by_name(["red", "red", "blue"], idx) == {"red": 3, "blue": 1}
+    said = []
+    (tmp_path / "prior.txt").write_text("missile 1\nsunglass 2\n")
+    hyper = pipeline._class_prior_option({"class_prior": str(tmp_path / "prior.txt")}, spec,
+                                         lambda kind, msg, **kw: said.append(msg))
+    w = hyper["class_prior"]
+    assert w[657] > 0 and w[744] == 0 and w[836] > 0 and w[837] == 0
+    assert any("'missile' is class 657" in m for m in said), said
+    from inmap_ext.data import ImageSet
+
+    for folders, noted in (({"sunglasses": 837, "tench": 0}, True), ({"tench": 0}, False)):
+        said.clear()
+        pipeline._imagenet_folders_note(spec, ImageSet("/x", [], folder_to_class=folders),
+                                        lambda kind, msg, **kw: said.append(msg))
+        assert bool(said) == noted, said
 
 
 def test_a_class_map_with_two_folders_for_one_name_is_refused(tmp_path):
