@@ -33,8 +33,8 @@ IMAGENET_NOTE = ("with --classes imagenet, 'missile' is class 657 and 'sunglasse
 
 
 def distinct_imagenet(names: Sequence[str]) -> List[str]:
-    """Class names read from a proxy: open_clip's ImageNet list (proxies fitted before the
-    built-in set was made distinct) gets the distinct names; any other list is returned as is."""
+    """open_clip's ImageNet list with the distinct names (the built-in set; proxies fitted
+    before it was made distinct); any other list is returned as is."""
     names = list(names)
     if len(names) != 1000:
         return names
@@ -74,8 +74,7 @@ def load_classnames(spec: str) -> ClassSpec:
     ImageNet wnids) to class names."""
     if spec.lower() in CLASS_SETS:
         text = list(_open_clip().IMAGENET_CLASSNAMES)
-        names = [IMAGENET_DISTINCT.get(i, c) for i, c in enumerate(text)]
-        return ClassSpec(names, text_names=text)
+        return ClassSpec(distinct_imagenet(text), text_names=text)
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--classes: {spec!r} is not a built-in set ({', '.join(CLASS_SETS)}) "
                                 "nor a file")

@@ -293,8 +293,8 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     timings["predict_s"] = time.perf_counter() - t0
 
     os.makedirs(out, exist_ok=True)
-    meta = {"model": model, "pretrained": clip_mod.weights_name(pretrained),
-            "weights_id": clip.weights_id,
+    weights = clip_mod.weights_name(pretrained)
+    meta = {"model": model, "pretrained": weights, "weights_id": clip.weights_id,
             "classnames": json.dumps(spec.names),
             "templates": json.dumps(clip_mod.template_strings(tmpl) if per_class is None
                                     else "per-class prompts: " + os.path.abspath(prompts)),
@@ -307,8 +307,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     counts = res.class_counts.tolist()
     report = {
         "command": command, "timestamp": started, "finished": _now_iso(),
-        "model": model, "pretrained": clip_mod.weights_name(pretrained),
-        "weights_id": clip.weights_id,
+        "model": model, "pretrained": weights, "weights_id": clip.weights_id,
         "device": str(clip.device),
         "images": image_set.source or image_set.root, "n_images": len(image_set),
         "n_used": int(feats.keep.sum()),
@@ -421,7 +420,8 @@ def _imagenet_folders_note(spec: "clip_mod.ClassSpec", image_set: ImageSet, log:
     name is (folders labelled 'missile' or 'sunglasses' by open_clip's list were ambiguous)."""
     if spec.text_names is None:
         return
-    pairs = {"missile", "projectile", "sunglasses", "sunglass"}
+    pairs = {norm_name(n[i]) for n in (spec.names, spec.text_names) for i in
+             clip_mod.IMAGENET_DISTINCT}
     if any(norm_name(f) in pairs for f in image_set.folder_to_class):
         log("labels", f"class folders: {clip_mod.IMAGENET_NOTE}")
 
@@ -627,7 +627,7 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
         runs["vision proxy, class prior (inmap_ext default)"] = dict(hyper, sinkhorn_iters=sinkhorn)
     from .functional import zero_shot_topk
 
-    records = []
+    records, weights = [], clip_mod.weights_name(pretrained)
     for method, kw in runs.items():
         if kw is None:
             idx = zero_shot_topk(x, t, k)[1]
@@ -637,7 +637,7 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
             idx = idx[:, None] if idx.dim() == 1 else idx
         m = classification_metrics(idx.cpu(), y, len(spec.names))
         records.append({"dataset": dataset or os.path.basename(os.path.abspath(images)),
-                        "model": model, "pretrained": clip_mod.weights_name(pretrained),
+                        "model": model, "pretrained": weights,
                         "task": "zeroshot_classification", "method": method, "metrics": m,
                         "n_images": int(feats.keep.sum()), "n_skipped": len(feats.skipped)})
         if kw is not None:
