@@ -83,7 +83,7 @@ def check_shard(image_features, text_proxies, group, stream_chunk=None, device=N
             meta["C"] = text_proxies.shape[1]
     except (ValueError, TypeError) as e:
         meta["error"] = f"rank {rank}: {e}"
-    from .functional import _collective
+    from .collective import collective as _collective
 
     metas = [None] * dist.get_world_size(group)
     _collective(dist.all_gather_object, metas, meta, group=group)

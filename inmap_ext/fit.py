@@ -16,7 +16,7 @@ from .functional import Runner
 from .hyper import check_balancing, check_hyper
 from .reference import acc_dtype
 from .result import VisionProxyResult
-from .solver import STOP_RULES, descend
+from .solver import SOLVERS, STOP_RULES, solve
 
 Tensor = torch.Tensor
 
@@ -29,7 +29,8 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
                      tol: Optional[float] = None, precision: str = "auto",
                      progress: bool = False, process_group=None, device=None,
                      stream: bool = False, class_prior: "str | Tensor | None" = None,
-                     mode: str = "default", stop: Optional[str] = None) -> VisionProxyResult:
+                     mode: str = "default", stop: Optional[str] = None,
+                     solver: Optional[str] = None) -> VisionProxyResult:
     """Learn an InMaP vision proxy from unlabeled image features.
 
     The default fit balances the pseudo labels to a class prior chosen from the unlabeled set
@@ -48,13 +49,18 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         sinkhorn_iters: Sinkhorn balancing iterations on the pseudo labels (0: no balancing).
         gamma: the published class-prior exponent of the "uniform" target: 0 balances to a
             uniform prior, > 0 to the zero-shot prediction's class masses raised to gamma.
-        iters: the most gradient steps on the vision proxy (all of them in mode="paper").
-        lr: initial learning rate eta; halved whenever ||G|| grows.
-        stop: when the descent stops (solver.py): "auto" (default): once, over 10 steps, the
-            objective fell by at most 2e-3 (relative) and at most 0.05% of the images changed
-            their predicted class (150-300 steps on real CLIP features, with the accuracy of
-            2000 steps); "none": every one of ``iters`` steps. None: "auto", or "none" in
-            ``mode="paper"``.
+        iters: the most passes of the solver over the features (gd: gradient steps; all of them
+            in mode="paper").
+        lr: initial learning rate eta (gd: halved whenever ||G|| grows; lbfgs: the length of
+            its first step, the published first step).
+        solver: how the objective of step 5 is minimised: "lbfgs" (default fit; lbfgs.py:
+            Riemannian L-BFGS on the unit-norm columns, one pass per evaluation, a few dozen
+            passes on real CLIP features) or "gd" (the published descent with its learning-rate
+            halving, solver.py). None: "lbfgs", or "gd" in ``mode="paper"``.
+        stop: when the solver stops: "auto" (default): lbfgs: once the objective fell by at most
+            1e-3 (relative) over 5 iterations; gd: once, over 10 steps, the objective fell by at
+            most 2e-3 and at most 0.05% of the images changed their predicted class. "none":
+            every one of ``iters`` passes. None: "auto", or "none" in ``mode="paper"``.
         backend: "auto" (compiled kernels for the tensors' device when present, else torch),
             "ext" (compiled kernels or an error), "torch" (pure torch), "triton" (the fused
             Triton kernels of triton_ops.py: CUDA, fp16/bf16/fp32 features; opt-in).
@@ -123,7 +129,7 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     """
     tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, chunk_size = check_hyper(
         tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, chunk_size)
-    class_prior, stop = _check_mode(mode, class_prior, tol, stop)
+    class_prior, stop, solver = _check_mode(mode, class_prior, tol, stop, solver)
     given = isinstance(class_prior, torch.Tensor)
     check_balancing(sinkhorn_iters, given or class_prior == "estimate",
                     "given proportions" if given else repr(class_prior))
@@ -149,19 +155,24 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     class_prior = check_class_prior(class_prior, t.shape[1])
     with _ops.allow_tf32(tf32):
         return _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
-                    progress, precision, class_prior, mode, stop)
+                    progress, precision, class_prior, mode, stop, solver)
 
 
 MODES = ("default", "paper")
 
 
-def _check_mode(mode, class_prior, tol, stop):
-    """The class prior and stopping rule the mode runs (None -> the mode's own)."""
+def _check_mode(mode, class_prior, tol, stop, solver):
+    """The class prior, stopping rule and solver the mode runs (None -> the mode's own)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if stop is not None and stop not in STOP_RULES:
         raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+    if solver is not None and solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if mode == "paper":
+        if solver not in (None, "gd"):
+            raise ValueError(f"mode='paper' runs the published descent; got solver={solver!r} "
+                             "(drop it, or use mode='default')")
         if class_prior is not None and not (isinstance(class_prior, str)
                                             and class_prior == "uniform"):
             raise ValueError("mode='paper' runs the published uniform class prior; got "
@@ -169,8 +180,8 @@ def _check_mode(mode, class_prior, tol, stop):
         if tol is not None or stop not in (None, "none"):
             raise ValueError("mode='paper' runs every one of `iters` steps; tol must be None "
                              f"and stop None or 'none' (got tol={tol!r}, stop={stop!r})")
-        return "uniform", "none"
-    return ("auto" if class_prior is None else class_prior), (stop or "auto")
+        return "uniform", "none", "gd"
+    return ("auto" if class_prior is None else class_prior), (stop or "auto"), (solver or "lbfgs")
 
 
 def _streaming_setup(features, text_proxies, device, backend, chunk_size, precision, group):
@@ -211,7 +222,7 @@ def _compute_dtype(precision: str, dtype: torch.dtype, device: torch.device):
 
 
 def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, progress,
-         precision, class_prior, mode, stop) -> VisionProxyResult:
+         precision, class_prior, mode, stop, solver) -> VisionProxyResult:
     device = runner.device
     dt = acc_dtype(runner.dtype)
     t = t.to(device=device, dtype=dt)
@@ -224,18 +235,22 @@ def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, to
     # (class_prior.py: the published uniform target, an estimate, given proportions or none),
     # confident rows one-hot.
     t0 = _now(device)
+    runner.phase = "decision"
     beta, prior = choose_class_prior(runner, x, t, class_prior, tau_t, sinkhorn_iters, gamma, n)
     timings["sinkhorn_s"] = _now(device) - t0
     # Step 4: B = X^T P.
     t0 = _now(device)
+    runner.phase = "pseudo_labels"
     B, mass, counts, n_confident = runner.pseudo_labels(x, t, beta, 1.0 / tau_t, alpha)
     timings["pseudo_labels_s"] = _now(device) - t0
 
-    # Step 5: gradient descent on W from W = T (solver.py: the published update; the default
-    # fit stops once the objective and the predictions have settled, mode="paper" runs every
-    # step).
+    # Step 5: minimise the cross-entropy to the pseudo labels over unit-norm W from W = T
+    # (solver.py: the published descent in mode="paper", every step; the default fit's
+    # Riemannian L-BFGS, lbfgs.py, until the objective has settled).
     t0 = _now(device)
-    d = descend(runner, x, t, B, tau_i, iters, lr, n, stop=stop, tol=tol, progress=progress)
+    runner.phase = "descent"
+    d = solve(runner, x, t, B, tau_i, iters, lr, n, solver=solver, stop=stop, tol=tol,
+              progress=progress)
     W = d.proxy
     timings["descent_s"] = _now(device) - t0
     if not bool(torch.isfinite(W).all()):  # never hand back garbage silently
@@ -245,7 +260,7 @@ def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, to
 
     hyper = dict(tau_t=tau_t, tau_i=tau_i, alpha=alpha, sinkhorn_iters=sinkhorn_iters,
                  gamma=gamma, iters=iters, lr=lr, tol=tol, chunk_size=runner.chunk, mode=mode,
-                 class_prior=prior.chosen, solver="gd", stop=stop,
+                 class_prior=prior.chosen, solver=solver, stop=stop,
                  precision=precision, compute_dtype=str(runner.dtype).replace("torch.", ""),
                  streamed=runner.streams)
     backend, verification = runner.summary()
@@ -255,7 +270,19 @@ def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, to
         objective=d.objective, n_iters=d.n_iters, converged=d.converged,
         stop_reason=d.stop_reason, n_images=n,
         backend=backend, hyper=hyper, timings=timings, class_prior=prior,
-        verification=verification)
+        verification=verification, passes=_passes(runner.passes))
+
+
+PHASES = ("decision", "pseudo_labels", "descent", "stopping_checks")
+
+
+def _passes(counted: dict) -> dict:
+    """Passes over the features by phase (every phase named, 0 when it made none) and their
+    total; the passes of this rank (every rank of a sharded fit makes the same)."""
+    out = {p: int(counted.get(p, 0)) for p in PHASES}
+    out.update({p: int(v) for p, v in counted.items() if p not in out})
+    out["total"] = sum(out.values())
+    return out
 
 
 def _now(device: torch.device) -> float:

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _ops, validation, verify
+from .collective import collective as _collective
 from .reference import acc_dtype
 
 Tensor = torch.Tensor
@@ -48,10 +49,20 @@ class Runner:
         self.pad_cols = 0                   # zero columns own_features appended to x
         self._resolved = {}                 # op name -> the callable that runs it
         self.ran = {}                       # op name -> verify.resolve's record
+        self.phase = "other"                # what the passes are for (fit.py sets it)
+        self.passes = {}                    # phase -> passes over the features (GEMMs N x D x C)
+
+    def count_pass(self, phase: Optional[str] = None) -> None:
+        """One pass over this rank's features (a GEMM of its rows against the class columns),
+        charged to ``phase`` (default: the current one): the hardware-free measure of cost."""
+        phase = phase or self.phase
+        self.passes[phase] = self.passes.get(phase, 0) + 1
 
     def op(self, name: str):
         """The callable running op ``name`` in this fit (resolved and verified on first use;
-        every rank of a sharded fit resolves the same ops in the same order)."""
+        every rank of a sharded fit resolves the same ops in the same order). Every call is one
+        pass over the features (the ops run over all rows) and is counted."""
+        self.count_pass()
         f = self._resolved.get(name)
         if f is None:
             f, self.ran[name] = verify.resolve(name, self.backend, self.device, self.dtype,
@@ -151,17 +162,6 @@ class Runner:
 
 def _free_bytes(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 62
-
-
-def _collective(fn, *args, **kwargs):
-    """Run a torch.distributed collective; a failure (a rank exited, or the process group's
-    timeout passed) becomes one clear error instead of a backend-specific message."""
-    try:
-        return fn(*args, **kwargs)
-    except RuntimeError as e:
-        raise RuntimeError(
-            "sharded fit: communication with the other ranks failed (a rank exited or the "
-            f"process group's timeout passed): {type(e).__name__}: {e}") from e
 
 
 def _prepare(features, proxies, backend, chunk_size, proxies_name="text_proxies"):

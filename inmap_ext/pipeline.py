@@ -281,8 +281,11 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
         if _fits_on_device(x, clip.device):
             x = x.to(clip.device)
     timings["fit_s"] = time.perf_counter() - t0
-    log("fit", f"fit: {res.n_iters} steps on the {res.backend} backend in {timings['fit_s']:.2f}s "
-        f"({res.stop_reason})", n_iters=res.n_iters, backend=res.backend,
+    by_phase = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in res.passes.items()
+                         if k != "total" and v)
+    log("fit", f"fit: {res.passes['total']} passes over the features ({by_phase}) on the "
+        f"{res.backend} backend in {timings['fit_s']:.2f}s; {res.hyper['solver']}: "
+        f"{res.stop_reason}", n_iters=res.n_iters, passes=res.passes, backend=res.backend,
         seconds=timings["fit_s"], how_it_ended=res.stop_reason)
     _log_class_prior(res, log)
 
@@ -322,6 +325,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
             "classes_without_pseudo_label": int((res.class_counts == 0).sum()),
             "class_counts": dict(zip(spec.names, (int(c) for c in counts))),
         },
+        "passes": res.passes,
         "descent": {"solver": res.hyper["solver"], "stop": res.hyper["stop"],
                     "n_iters": res.n_iters, "converged": res.converged,
                     "how_it_ended": res.stop_reason,

@@ -32,7 +32,11 @@ class VisionProxyResult:
     grad_norm, lr    per-iteration ||G||_F and learning rate actually used (length n_iters).
     objective        per-iteration objective: the cross-entropy between softmax(X W / tau_i)
                      and the pseudo labels (solver.py), at the W of that step's gradient.
-    n_iters          gradient steps run (all of ``iters`` in mode="paper").
+    n_iters          passes of the solver (gd: gradient steps; all of ``iters`` in
+                     mode="paper"; lbfgs: evaluations, line-search trials included).
+    passes           passes over the features by phase, each a GEMM of N x D x C: "decision"
+                     (the class prior), "pseudo_labels", "descent", "stopping_checks", and
+                     "total": the hardware-free measure of a fit's cost.
     converged        True when a stopping rule (``stop="auto"`` or ``tol``) ended the descent.
     stop_reason      in words, how the descent ended.
     hyper            the hyper-parameters of the fit (with ``mode`` and the ``class_prior``
@@ -66,6 +70,7 @@ class VisionProxyResult:
     objective: Optional[Tensor] = None
     stop_reason: str = ""
     verification: Dict[str, object] = field(default_factory=dict)
+    passes: Dict[str, int] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -155,7 +160,7 @@ class VisionProxyResult:
             "summary": json.dumps({"confident_fraction": self.confident_fraction,
                                    "n_iters": self.n_iters, "converged": self.converged,
                                    "n_images": self.n_images, "backend": self.backend,
-                                   "stop_reason": self.stop_reason}),
+                                   "stop_reason": self.stop_reason, "passes": self.passes}),
         })
         if self.verification:
             meta["verification"] = json.dumps(self.verification)

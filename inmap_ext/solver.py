@@ -29,6 +29,7 @@ import torch
 Tensor = torch.Tensor
 
 STOP_RULES = ("auto", "none")
+SOLVERS = ("lbfgs", "gd")   # the default fit's solver (lbfgs.py) and the published descent
 CHECK_EVERY = 10          # steps between two checks of the stopping rule
 OBJECTIVE_RTOL = 2e-3     # relative decrease of the objective over CHECK_EVERY steps
 PREDICTION_TOL = 5e-4     # share of images whose prediction changed over CHECK_EVERY steps
@@ -37,12 +38,36 @@ PREDICTION_TOL = 5e-4     # share of images whose prediction changed over CHECK_
 @dataclass
 class Descent:
     proxy: Tensor
-    grad_norm: Tensor       # ||G||_F per step
-    lr: Tensor              # eta per step
-    objective: Tensor       # f(W) per step, at the W the step's gradient was taken
-    n_iters: int
+    grad_norm: Tensor       # ||G||_F per pass
+    lr: Tensor              # eta per step (gd), the trial step length per pass (lbfgs)
+    objective: Tensor       # f(W) per pass, at the W the pass's gradient was taken
+    n_iters: int            # passes over the features (gd: one per step)
     converged: bool         # stopped by a rule (auto or tol), not by the iters cap
     stop_reason: str
+
+
+def solve(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, iters: int, lr: float,
+          n: int, *, solver: str = "lbfgs", stop: str = "auto", tol: Optional[float] = None,
+          progress: bool = False) -> Descent:
+    """Minimise the objective with ``solver``: "lbfgs" (lbfgs.py, the default fit's: at most
+    ``iters`` passes, from the pseudo labels' class means) or "gd" (the published descent below
+    from ``w0``, the text proxies: at most ``iters`` steps)."""
+    if solver == "gd":
+        return descend(runner, x, w0, B, tau_i, iters, lr, n, stop=stop, tol=tol,
+                       progress=progress)
+    from .lbfgs import minimize, start
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="vision proxy (L-BFGS)", unit="pass")
+    W, obj, gn, step, k, converged, reason = minimize(
+        runner, x, start(B, w0), B, tau_i, n, max_passes=iters, lr=lr, stop=stop, tol=tol, bar=bar)
+    if bar is not None:
+        bar.set_postfix_str(f"objective {float(obj[-1]):.5f}" if k else "", refresh=False)
+        bar.close()
+    return Descent(W, gn, step, obj, k, converged, reason)
 
 
 def descend(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, iters: int, lr: float,
@@ -93,7 +118,7 @@ def descend(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, iters: int, 
             if stop == "auto" and k + 1 >= 2 * CHECK_EVERY:
                 f_then = float(objective[k + 1 - CHECK_EVERY])
                 rel = (f_then - f_now) / max(abs(f_now), 1e-30)
-                pred = runner.topk(x, W, 1)[1][:, 0]
+                pred = _predictions(runner, x, W)
                 changed = float(runner.sum_((pred != last_pred).sum())) / n
                 last_pred = pred
                 if rel <= OBJECTIVE_RTOL and changed <= PREDICTION_TOL:
@@ -104,8 +129,17 @@ def descend(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, iters: int, 
                                  f"{OBJECTIVE_RTOL:g}) and {changed:.2%} of the images changed "
                                  f"their predicted class (<= {PREDICTION_TOL:.2%})")
             elif stop == "auto":
-                last_pred = runner.topk(x, W, 1)[1][:, 0]
+                last_pred = _predictions(runner, x, W)
     return _done(W, grad_norm, lr_used, objective, n_run, False, reason)
+
+
+def _predictions(runner, x, W) -> Tensor:
+    """Top-1 classes for the stopping rule: a pass of its own, counted as a stopping check."""
+    phase, runner.phase = runner.phase, "stopping_checks"
+    try:
+        return runner.topk(x, W, 1)[1][:, 0]
+    finally:
+        runner.phase = phase
 
 
 def _close(bar, n_run: int, note: str) -> None:

@@ -306,7 +306,7 @@ def resolve(name: str, backend: str, device, dtype, group=None) -> Tuple[Callabl
 
 
 def _all_ok(ok: bool, group, device) -> bool:
-    from .functional import _collective
+    from .collective import collective as _collective
 
     flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
     _collective(torch.distributed.all_reduce, flag, op=torch.distributed.ReduceOp.MAX,

@@ -1,0 +1,187 @@
+"""The default solver of step 5: Riemannian L-BFGS on the product of unit spheres.
+
+The objective is the published one (solver.py): the cross-entropy between softmax(X W / tau_i)
+and the pseudo labels,
+
+    f(W) = (sum_i lse_i - <W, B> / tau_i) / N,     Euclidean gradient  E = (X^T Q - B) / (N tau_i),
+
+on the same constraint, every column of W of unit norm. One evaluation of (f, E) is one pass
+over the features (``Runner.xt_softmax``: the pass that gives the gradient also gives the row
+log-sum-exps, so the objective costs nothing extra), and a pass is the whole cost of an
+iteration: everything else here is D x C arithmetic.
+
+The start: the published descent starts at the text proxies T, on the far side of the modality
+gap. The objective has one minimiser whatever the start, so L-BFGS starts where the pseudo labels
+put the classes in image space: w_j = B_j / ||B_j||, the normalised pseudo-label mean of class j
+(B = X^T P is already computed; a class without pseudo-label mass keeps t_j). Measured on the
+four real files (docs/method.md): 10 to 20 fewer passes than from T for the same objective.
+
+The method (Absil, Mahony & Sepulchre 2008, ch. 4 and 8; Huang, Gallivan & Absil 2015):
+- Riemannian gradient: the Euclidean one projected on the tangent space of every column,
+  g_j = E_j - (w_j . E_j) w_j.
+- Direction: the L-BFGS two-loop recursion over the last ``HISTORY`` pairs (s, y), transported
+  to the current point by the same projection, scaled by s.y / y.y (Barzilai-Borwein); the first
+  direction is -g with the published first step (``lr``: the first iterate equals the published
+  descent's first step).
+- Retraction: W + t d with every column normalised (the published update's normalisation).
+- Step length t: 1 (``lr`` on the first iteration), shortened by safeguarded quadratic
+  interpolation until the Armijo condition f(W_t) <= f(W) + c1 t <g, d> holds; each trial is
+  one pass, and the accepted trial's gradient is the next iterate's (no pass is repeated).
+- A pair is kept only when s.y > 0 (the curvature condition), so the two-loop stays positive
+  definite; a non-descent direction restarts from -g.
+
+Stopping (``stop="auto"``): after an iteration, once the objective fell by at most
+``OBJECTIVE_RTOL`` (relative) over the last ``WINDOW`` iterations (``tol``, optional, either rule:
+after an iteration whose largest per-class proxy change is below it). No prediction pass is needed:
+the rule reads the objectives the passes already gave. Its measured bound on real features is in
+docs/method.md ("The default solver"). ``stop="none"`` runs until ``max_passes`` passes.
+
+Every quantity the steps depend on comes out of ``Runner.xt_softmax``, which sums over the rows
+of every rank (sharded fits) and over the streamed chunks, so every rank takes the same steps and
+a sharded or streamed fit equals the in-memory one.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+HISTORY = 10            # (s, y) pairs kept: 2 x 10 x D x C floats of memory
+ARMIJO_C1 = 1e-4        # sufficient decrease of the line search
+WINDOW = 5              # iterations over which the stopping rule measures the decrease
+OBJECTIVE_RTOL = 1e-3   # stop once the objective fell by at most this (relative) over WINDOW
+MIN_STEP = 1e-10        # a step length below this ends the search (rounding floor)
+
+
+def _tangent(W: Tensor, E: Tensor) -> Tensor:
+    """Project E (D x C) on the tangent space of the unit sphere at every column of W."""
+    return E - W * (W * E).sum(0, keepdim=True)
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    return float((a * b).sum())
+
+
+def _retract(W: Tensor, t: float, d: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(W + t * d, dim=0, eps=1e-12)
+
+
+class _Evaluator:
+    """f(W) and the Euclidean gradient from one pass; records the history per pass."""
+
+    def __init__(self, runner, x, B, tau_i, n, max_passes, bar):
+        self.runner, self.x, self.B, self.tau_i, self.n = runner, x, B, tau_i, n
+        self.max_passes, self.bar = max_passes, bar
+        dt, dev = B.dtype, B.device
+        self.objective = torch.empty(max_passes, dtype=dt, device=dev)
+        self.grad_norm = torch.empty(max_passes, dtype=dt, device=dev)
+        self.step = torch.empty(max_passes, dtype=dt, device=dev)
+        self.passes = 0
+
+    @property
+    def spent(self) -> bool:
+        return self.passes >= self.max_passes
+
+    def __call__(self, W: Tensor, t: float):
+        XtQ, lse_sum = self.runner.xt_softmax(self.x, W, 1.0 / self.tau_i)
+        G = XtQ - self.B
+        f = (lse_sum.to(G.dtype) - (W * self.B).sum() / self.tau_i) / self.n
+        k = self.passes
+        self.objective[k], self.grad_norm[k], self.step[k] = f, torch.linalg.vector_norm(G), t
+        self.passes += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        return float(f), G / (self.n * self.tau_i)
+
+
+def start(B: Tensor, text: Tensor) -> Tensor:
+    """The starting proxy: every class's normalised pseudo-label mean B_j / ||B_j|| (a class
+    with no pseudo-label mass, e.g. one known absent, starts at its text proxy)."""
+    norms = torch.linalg.vector_norm(B, dim=0, keepdim=True)
+    tiny = norms <= torch.finfo(B.dtype).tiny ** 0.5
+    return torch.where(tiny, text, B / torch.where(tiny, torch.ones_like(norms), norms))
+
+
+def minimize(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, n: int, *,
+             max_passes: int, lr: float, stop: str = "auto", tol: Optional[float] = None,
+             bar=None):
+    """Riemannian L-BFGS from ``w0``; returns (W, objective, grad_norm, step, passes, converged,
+    reason), the histories one entry per pass."""
+    ev = _Evaluator(runner, x, B, tau_i, n, max_passes, bar)
+    W = w0.clone()
+    f, E = ev(W, 0.0)
+    g = _tangent(W, E)
+    pairs: deque = deque(maxlen=HISTORY)
+    fs = [f]                       # objective at every accepted iterate
+    while not ev.spent:
+        d, first = _direction(g, pairs), not pairs
+        slope = _dot(d, g)
+        if not slope < 0:          # not a descent direction (rounding): restart from -g
+            pairs.clear()
+            d, first = -g, True
+            slope = _dot(d, g)
+        if not slope < 0:
+            return _out(W, ev, True, "the Riemannian gradient vanished (a stationary point)")
+        t = lr if first else 1.0
+        while True:
+            W_t = _retract(W, t, d)
+            f_t, E_t = ev(W_t, t)
+            if f_t <= f + ARMIJO_C1 * t * slope or ev.spent:
+                break
+            denom = 2.0 * (f_t - f - slope * t)      # quadratic through f, slope and f_t
+            t_new = -slope * t * t / denom if denom > 0 else 0.5 * t
+            t = min(max(t_new, 0.1 * t), 0.5 * t)
+            if t < MIN_STEP:
+                return _out(W, ev, True, "the line search found no decrease above the "
+                            "rounding of the objective (converged to working precision)")
+        if not f_t <= f + ARMIJO_C1 * t * slope:      # the pass budget ran out mid-search
+            break
+        g_t = _tangent(W_t, E_t)
+        s = _tangent(W_t, W_t - W)
+        y = g_t - _tangent(W_t, g)
+        if _dot(s, y) > 1e-10 * float(torch.linalg.vector_norm(s) * torch.linalg.vector_norm(y)):
+            pairs.append((s, y))
+        for i, (s_i, y_i) in enumerate(pairs):       # transport the history to W_t
+            pairs[i] = (_tangent(W_t, s_i), _tangent(W_t, y_i))
+        change = (float(torch.linalg.vector_norm(W_t - W, dim=0).max())
+                  if tol is not None else None)
+        W, f, g = W_t, f_t, g_t
+        fs.append(f)
+        if change is not None and change < tol:
+            return _out(W, ev, True, f"the largest per-class proxy change {change:.2e} < "
+                        f"tol={tol}")
+        if stop == "auto" and len(fs) > WINDOW:
+            rel = (fs[-1 - WINDOW] - f) / max(abs(f), 1e-30)
+            if rel <= OBJECTIVE_RTOL:
+                return _out(W, ev, True, f"settled after {ev.passes} passes ({len(fs) - 1} "
+                            f"iterations): over the last {WINDOW} iterations the objective fell "
+                            f"by {rel:.1e} (relative, <= {OBJECTIVE_RTOL:g})")
+    what = "the stopping rule fired" if stop == "auto" else "stopping"
+    return _out(W, ev, False, f"reached the cap of {max_passes} passes before {what}"
+                if stop == "auto" else f"ran every one of {max_passes} passes")
+
+
+def _direction(g: Tensor, pairs) -> Tensor:
+    """-H g by the L-BFGS two-loop recursion (H: the inverse Hessian model of the pairs)."""
+    q = g.clone()
+    rhos = [1.0 / _dot(s, y) for s, y in pairs]
+    alphas = []
+    for (s, y), rho in zip(reversed(pairs), reversed(rhos)):
+        a = rho * _dot(s, q)
+        alphas.append(a)
+        q -= a * y
+    if pairs:
+        s, y = pairs[-1]
+        q *= _dot(s, y) / _dot(y, y)
+    for (s, y), rho, a in zip(pairs, rhos, reversed(alphas)):
+        b = rho * _dot(y, q)
+        q += (a - b) * s
+    return -q
+
+
+def _out(W, ev, converged, reason):
+    k = ev.passes
+    return W, ev.objective[:k], ev.grad_norm[:k], ev.step[:k], k, converged, reason
