@@ -55,6 +55,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .functional import sinkhorn
 from .reference import acc_dtype
 
 Tensor = torch.Tensor
@@ -98,6 +99,31 @@ class ClassPrior:
                 and _effective(p) <= 0.5 * p.numel())
 
     @property
+    def assumption(self) -> str:
+        """In one sentence, what the fit assumed about the set and what to pass if you know
+        otherwise: the unlabeled images cannot tell a class proportion of the set from a bias of
+        CLIP's classifier, so every fit rests on an assumption (docs/class_prior.md)."""
+        if self.chosen == "none":
+            return ("Assumed: the set's classes are as CLIP's zero-shot classifier sees them (its "
+                    "own class marginal kept, no balancing). If the set holds every listed class "
+                    "about equally, pass class_prior='uniform' (--class-prior uniform); if you "
+                    "know its proportions or which classes it holds, pass them (a class-prior "
+                    "file).")
+        if self.chosen == "uniform":
+            return ("Assumed: the set holds every listed class about equally (every class "
+                    "balanced to 1/C, the published method). If it holds part of the class list "
+                    "or holds it unevenly, pass class_prior='none' or the known proportions (a "
+                    "class-prior file).")
+        if self.chosen == "estimate":
+            return (f"Assumed: the set holds the classes in the proportions estimated from it "
+                    f"(about {self.effective_classes:.0f} of {self.zero_shot_proportions.numel()} "
+                    "classes). If it holds every listed class about equally, pass "
+                    "class_prior='uniform' (--class-prior uniform); if you know its proportions "
+                    "or which classes it holds, pass them (a class-prior file).")
+        return ("Assumed: the class proportions you gave (classes given 0 are absent). Nothing "
+                "was decided from the images.")
+
+    @property
     def close_calls(self) -> list:
         """The other candidates of ``auto`` whose expected accuracy was within ``CLOSE_CALL``
         standard errors of the chosen one's: the data did not tell them apart, so what the user
@@ -112,7 +138,8 @@ class ClassPrior:
 
     def summary(self) -> dict:
         """JSON-ready: what ran, why, and the statistics (proportions as lists)."""
-        out = {"requested": self.requested, "chosen": self.chosen, "reason": self.reason,
+        out = {"requested": self.requested, "chosen": self.chosen,
+               "assumption": self.assumption, "reason": self.reason,
                "effective_classes": round(self.effective_classes, 2), **self.stats}
         if self.estimated_proportions is not None:
             out["estimated_proportions"] = [round(v, 6) for v in
@@ -144,13 +171,39 @@ def check_class_prior(class_prior, num_classes: int):
 
 
 def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t: float,
-           sinkhorn_iters: int, gamma: float, n: int) -> Tuple[Optional[Tensor], ClassPrior]:
+           sinkhorn_iters: int, gamma: float, n: int, store: bool = True, labeled=None
+           ) -> Tuple[Optional[Tensor], ClassPrior]:
     """The Sinkhorn log-bias beta of the pseudo labels (None: not balanced) and the record of
-    what was targeted. ``class_prior`` as returned by ``check_class_prior``."""
-    C = t.shape[1]
+    what was targeted. ``class_prior`` as returned by ``check_class_prior``. ``store``: read the
+    zero-shot logits from one pass kept in memory (logit_store.py, within its budget) instead
+    of a pass over the features per read (False: ``mode="paper"``, the published arithmetic).
+    ``labeled``: (indices, labels) of a few labeled rows (labeled.py) that settle ``auto``."""
+    from .logit_store import PassSource, StoredLogits
+
     inv_tau = 1.0 / tau_t
+    source = (StoredLogits.build(runner, x, t, inv_tau) if store
+              else PassSource(runner, x, t, inv_tau))
+    judge = None
+    if labeled is not None:
+        from . import labeled as lab
+
+        judge = lambda betas: lab.right_per_candidate(runner, x, t, inv_tau, betas, labeled)  # noqa: E731
+    beta, prior = _choose(source, runner, t, class_prior, sinkhorn_iters, gamma, n, judge)
+    if source.stored:
+        prior.stats["logits"] = (f"stored once ({str(source.dtype).replace('torch.', '')}, "
+                                 f"{source.nbytes / 2**20:.1f} MiB)")
+        if source.reads_on_passes:
+            prior.stats["logits"] += (f"; {source.reads_on_passes} reads out of the store's "
+                                      "range made with passes")
+    else:
+        prior.stats["logits"] = "a pass over the features per read"
+    return beta, prior
+
+
+def _choose(source, runner, t, class_prior, sinkhorn_iters, gamma, n, judge=None):
+    C = t.shape[1]
     dt = t.dtype
-    log_zs = runner.column_lse(x, t, None, inv_tau) - math.log(n)   # zero-shot class shares
+    log_zs = source.column_lse(None) - math.log(n)   # zero-shot class shares
     zs = _proportions(log_zs)
     stats = {"coverage": round(_effective(zs) / C, 4)}
 
@@ -164,7 +217,7 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
         return None, record("none", f"no balancing ({why})")
 
     def balance(log_q):
-        return runner.sinkhorn_log_bias(x, t, tau_t, sinkhorn_iters, log_q, n, log_zs)
+        return sinkhorn(source.column_lse, sinkhorn_iters, log_q, n, log_zs)
 
     if requested == "given":
         log_q = torch.log(class_prior).to(device=t.device, dtype=dt)
@@ -174,26 +227,26 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
         return balance(log_q), record("uniform", "the published target (class_prior='uniform')",
                                       log_q)
     if requested == "estimate":
-        log_pi = estimate_log_proportions(runner, x, t, tau_t, n)
+        log_pi = estimate_log_proportions(source, C, n, dt, t.device)
         return balance(log_pi), record("estimate", "class proportions estimated by EM "
                                        "(class_prior='estimate')", log_pi, _proportions(log_pi))
     if C == 1:
         return None, record("none", "a single class: nothing to balance")
-    return _auto(runner, x, t, tau_t, n, stats, balance, uniform_log_target(log_zs, gamma),
-                 record)
+    return _auto(source, runner, t, n, stats, balance, uniform_log_target(log_zs, gamma),
+                 record, judge)
 
 
 CANDIDATES = ("none", "uniform", "estimate")
 
 
-def _auto(runner, x, t, tau_t, n, stats, balance, log_u, record):
+def _auto(source, runner, t, n, stats, balance, log_u, record, judge=None):
     """class_prior="auto" (module docstring): the candidate with the highest expected accuracy
     under the equal mixture of the candidates' posterior models; the estimate only if it does
     not collapse."""
-    log_pi = estimate_log_proportions(runner, x, t, tau_t, n)
+    log_pi = estimate_log_proportions(source, t.shape[1], n, t.dtype, t.device)
     betas = {"none": torch.zeros_like(log_u), "uniform": balance(log_u),
              "estimate": balance(log_pi)}
-    A, counts, M = expected_accuracies(runner, x, t, list(betas.values()), 1.0 / tau_t)
+    A, counts, M = expected_accuracies(runner, source, t.shape[1], list(betas.values()))
     A, M = A / n, M / n
     kept = _effective(counts[2].cpu()) / max(_effective(counts[0].cpu()), 1e-12)
     stats["estimate_kept_classes"] = round(kept, 4)
@@ -213,6 +266,13 @@ def _auto(runner, x, t, tau_t, n, stats, balance, log_u, record):
               f"; the estimate was left out: its predictions keep {kept:.0%} (< "
               f"{KEPT_CLASSES:.0%}) of the classes the zero-shot predictions span (EM "
               "collapsed onto a few classes)"))
+    if judge is not None:
+        from .labeled import decide
+
+        R, Mr, k = judge(list(betas.values()))
+        chosen, stats["labeled"], how = decide(CANDIDATES, R, Mr, k, chosen, allowed)
+        stats["decided_by"] = "labeled images" if "the most" in how else "unlabeled rule"
+        why = f"{how}; unlabeled rule: {why}"
     if chosen == "none":
         return None, record("none", f"no balancing ({why})", estimate=estimate)
     if chosen == "uniform":
@@ -222,26 +282,22 @@ def _auto(runner, x, t, tau_t, n, stats, balance, log_u, record):
                                      f"estimated from the set ({why})", log_pi, estimate)
 
 
-def expected_accuracies(runner, x: Tensor, t: Tensor, betas, inv_tau: float
-                        ) -> Tuple[Tensor, Tensor, Tensor]:
-    """One chunked pass over the rows for K candidate log-biases beta_k of softmax(X T * inv_tau
-    + beta_k): A[c, h] = sum_i P_h(argmax_j P_c(j | x_i) | x_i) (K x K, summed over the rows of
+def expected_accuracies(runner, source, C: int, betas) -> Tuple[Tensor, Tensor, Tensor]:
+    """One read of the logits Z (``source``: logit_store.py) for K candidate log-biases beta_k
+    of softmax(Z + beta_k): A[c, h] = sum_i P_h(argmax_j P_c(j | x_i) | x_i) (K x K, summed over the rows of
     every rank), the argmax counts of every candidate (K x C) and the second moments
     M = sum_i v_i v_i^T (K^2 x K^2) of the per-image vectors v_i[c * K + h] = P_h(argmax P_c | x_i),
     from which the standard error of any comparison of candidates follows
-    (``_margins``). Pure torch on the runner's row chunks: a chunk x C logit block at a time,
-    never N x C."""
-    from .reference import _logits
-
-    K, C = len(betas), t.shape[1]
+    (``_margins``). Pure torch on row chunks: a chunk x C logit block at a time, never N x C
+    beyond what the source stores."""
+    K = len(betas)
     dt = acc_dtype(runner.dtype)
     B = torch.stack([b.to(device=runner.device, dtype=dt) for b in betas])
     A = torch.zeros(K * K, dtype=dt, device=runner.device)
     M = torch.zeros(K * K, K * K, dtype=torch.float64, device=runner.device)  # a variance comes
                                                   # from it by a difference: summed in float64
     counts = torch.zeros(K, C, dtype=torch.int64, device=runner.device)
-    for xc in runner.row_chunks(x):
-        z = _logits(xc, runner._w(t, xc), inv_tau, None)   # t as the ops see it (dtype, padding)
+    for z in source.logit_chunks(betas):
         top = [torch.argmax(z + B[c], dim=1) for c in range(K)]
         for c in range(K):
             counts[c].index_add_(0, top[c], torch.ones_like(top[c]))   # no host sync
@@ -289,14 +345,14 @@ def uniform_log_target(log_zs: Tensor, gamma: float) -> Tensor:
     return torch.full_like(log_zs, -math.log(log_zs.shape[0]))
 
 
-def estimate_log_proportions(runner, x: Tensor, t: Tensor, tau_t: float, n: int) -> Tensor:
-    """log pi of the EM fixed point pi_j = mean_i softmax(x_i T / tau_t + log pi)_j, started
-    from the uniform prior: the maximum-likelihood class proportions of the set under CLIP's
-    zero-shot posteriors (each iteration is one column log-sum-exp pass)."""
-    C = t.shape[1]
-    log_pi = torch.full((C,), -math.log(C), dtype=t.dtype, device=t.device)
+def estimate_log_proportions(source, C: int, n: int, dtype, device) -> Tensor:
+    """log pi of the EM fixed point pi_j = mean_i softmax(z_i + log pi)_j (z_i = x_i T / tau_t,
+    read from ``source``: logit_store.py), started from the uniform prior: the
+    maximum-likelihood class proportions of the set under CLIP's zero-shot posteriors (each
+    iteration is one column log-sum-exp read)."""
+    log_pi = torch.full((C,), -math.log(C), dtype=dtype, device=device)
     for _ in range(EM_ITERS):
-        new = runner.column_lse(x, t, log_pi, 1.0 / tau_t) - math.log(n)
+        new = source.column_lse(log_pi) - math.log(n)
         new = new - torch.logsumexp(new, dim=0)      # exact normalisation against rounding
         settled = float((torch.exp(new) - torch.exp(log_pi)).abs().max()) * C < EM_TOL
         log_pi = new

@@ -14,6 +14,7 @@ from .class_prior import check_class_prior
 from .class_prior import choose as choose_class_prior
 from .functional import Runner
 from .hyper import check_balancing, check_hyper
+from .labeled import check_labeled
 from .reference import acc_dtype
 from .result import VisionProxyResult
 from .solver import SOLVERS, STOP_RULES, solve
@@ -30,7 +31,7 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
                      progress: bool = False, process_group=None, device=None,
                      stream: bool = False, class_prior: "str | Tensor | None" = None,
                      mode: str = "default", stop: Optional[str] = None,
-                     solver: Optional[str] = None) -> VisionProxyResult:
+                     solver: Optional[str] = None, labeled=None) -> VisionProxyResult:
     """Learn an InMaP vision proxy from unlabeled image features.
 
     The default fit balances the pseudo labels to a class prior chosen from the unlabeled set
@@ -92,6 +93,11 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
             from the set by EM; "none": no balancing; or a tensor of C non-negative
             proportions (0 = the class is known to be absent). None: "auto", or "uniform" in
             ``mode="paper"``.
+        labeled: optional (indices, labels): class labels for a few rows of ``image_features``
+            (a small random sample of the set; in a sharded fit, rows of this rank's shard).
+            With ``class_prior="auto"`` they choose the candidate whose pseudo labels get the
+            most of them right (ties: the unlabeled rule's choice; labeled.py); no label enters
+            the pseudo labels or the descent.
         mode: "default", or "paper": exactly the published algorithm (uniform prior, every one
             of ``iters`` steps, the published learning-rate schedule); ``class_prior`` other
             than "uniform", ``stop`` other than "none" and ``tol`` are refused in this mode.
@@ -153,9 +159,14 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         runner = Runner(x.device, backend, chunk_size, x.shape[0], t.shape[1], x.dtype,
                         process_group)
     class_prior = check_class_prior(class_prior, t.shape[1])
+    if labeled is not None and not (isinstance(class_prior, str) and class_prior == "auto"):
+        raise ValueError("labeled images settle class_prior='auto' among its candidates; with "
+                         f"class_prior={class_prior if isinstance(class_prior, str) else 'given'!r}"
+                         " there is nothing to choose (drop labeled, or use class_prior='auto')")
+    labeled = check_labeled(labeled, x.shape[0], t.shape[1])
     with _ops.allow_tf32(tf32):
         return _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
-                    progress, precision, class_prior, mode, stop, solver)
+                    progress, precision, class_prior, mode, stop, solver, labeled)
 
 
 MODES = ("default", "paper")
@@ -222,7 +233,7 @@ def _compute_dtype(precision: str, dtype: torch.dtype, device: torch.device):
 
 
 def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, progress,
-         precision, class_prior, mode, stop, solver) -> VisionProxyResult:
+         precision, class_prior, mode, stop, solver, labeled=None) -> VisionProxyResult:
     device = runner.device
     dt = acc_dtype(runner.dtype)
     t = t.to(device=device, dtype=dt)
@@ -236,7 +247,8 @@ def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, to
     # confident rows one-hot.
     t0 = _now(device)
     runner.phase = "decision"
-    beta, prior = choose_class_prior(runner, x, t, class_prior, tau_t, sinkhorn_iters, gamma, n)
+    beta, prior = choose_class_prior(runner, x, t, class_prior, tau_t, sinkhorn_iters, gamma, n,
+                                     store=mode != "paper", labeled=labeled)
     timings["sinkhorn_s"] = _now(device) - t0
     # Step 4: B = X^T P.
     t0 = _now(device)

@@ -147,17 +147,26 @@ class Runner:
     # -- the method's steps ------------------------------------------------------------------
     def sinkhorn_log_bias(self, x: Tensor, t: Tensor, tau_t: float, iters: int, log_q: Tensor,
                           n_total: int, log_colsum: Optional[Tensor] = None) -> Tensor:
-        """beta = log b of DESIGN.md step 2: the log-domain Sinkhorn balancing of
-        row-softmax(X T / tau_t) to the class proportions exp(log_q), ``iters`` >= 1 times.
-        ``log_colsum``: the first pass's log column shares (beta = 0), when already computed.
-        A class with log_q = -inf (known absent) gets beta = -inf: exactly zero mass."""
-        absent = torch.isneginf(log_q)
-        beta = torch.zeros_like(log_q)
-        for i in range(iters):
-            if i > 0 or log_colsum is None:
-                log_colsum = self.column_lse(x, t, beta, 1.0 / tau_t) - math.log(n_total)
-            beta = torch.where(absent, log_q, beta + log_q - log_colsum)
-        return beta
+        """beta = log b of DESIGN.md step 2 by passes over the features (``sinkhorn``)."""
+        return sinkhorn(lambda beta: self.column_lse(x, t, beta, 1.0 / tau_t), iters, log_q,
+                        n_total, log_colsum)
+
+
+def sinkhorn(column_lse, iters: int, log_q: Tensor, n_total: int,
+             log_colsum: Optional[Tensor] = None) -> Tensor:
+    """beta = log b of DESIGN.md step 2: the log-domain Sinkhorn balancing of
+    row-softmax(Z + beta) to the class proportions exp(log_q), ``iters`` >= 1 times, where
+    ``column_lse(beta)`` gives the log column sums of that softmax over every row (a pass over
+    the features, or a read of stored logits: logit_store.py). ``log_colsum``: the first
+    pass's log column shares (beta = 0), when already computed. A class with log_q = -inf (known
+    absent) gets beta = -inf: exactly zero mass."""
+    absent = torch.isneginf(log_q)
+    beta = torch.zeros_like(log_q)
+    for i in range(iters):
+        if i > 0 or log_colsum is None:
+            log_colsum = column_lse(beta) - math.log(n_total)
+        beta = torch.where(absent, log_q, beta + log_q - log_colsum)
+    return beta
 
 
 def _free_bytes(device: torch.device) -> int:

@@ -475,9 +475,11 @@ def _log_class_prior(res: VisionProxyResult, log: Log) -> None:
     p = res.class_prior
     log("class_prior", f"class prior: {p.chosen} ({p.reason})", chosen=p.chosen,
         effective_classes=p.effective_classes)
+    log("assumption", p.assumption, chosen=p.chosen)
     for other in p.close_calls:
-        log("note", f"note: the class prior was a close call: '{other}' was about as likely "
-            f"right on these images as '{p.chosen}'. {CLOSE_CALL_ADVICE[other]}",
+        log("note", f"note: the class prior was a close call: under the candidates' own models "
+            f"'{other}' was within two standard errors (the images' sampling noise, not the doubt "
+            f"about which model is right) of '{p.chosen}'. {CLOSE_CALL_ADVICE[other]}",
             chosen=p.chosen, close_call=other)
     if p.few_classes:
         C = res.num_classes

@@ -138,12 +138,15 @@ def test_estimate_is_the_em_iterate_and_balanced_to_itself(model, holds):
     and softmax(L + log pi) has column means pi to within that tolerance (a fixed point)."""
     from inmap_ext.class_prior import EM_TOL, estimate_log_proportions
     from inmap_ext.functional import Runner
+    from inmap_ext.logit_store import PassSource, StoredLogits
 
     X, T, _ = _problem(model, holds)
     X, T = X.double(), T.double()
     n, C = X.shape[0], T.shape[1]
-    got = torch.exp(estimate_log_proportions(Runner("cpu", "torch", 97, n, C, torch.float64),
-                                             X, T, 0.01, n))
+    runner = Runner("cpu", "torch", 97, n, C, torch.float64)
+    got, stored = (torch.exp(estimate_log_proportions(src, C, n, torch.float64, "cpu"))
+                   for src in (PassSource(runner, X, T, 100.0),
+                               StoredLogits(runner, X, T, 100.0, torch.float64)))
     L = X @ T / 0.01
     pi = torch.full((C,), 1.0 / C, dtype=torch.float64)
     while True:                                    # plain dense EM, same stopping rule
@@ -153,6 +156,7 @@ def test_estimate_is_the_em_iterate_and_balanced_to_itself(model, holds):
         if settled:
             break
     torch.testing.assert_close(got, pi, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stored, pi, rtol=1e-9, atol=1e-12)
     balanced = torch.softmax(L + got.log(), 1).mean(0)
     assert float((balanced - got).abs().max()) * C < EM_TOL
 
@@ -305,9 +309,11 @@ def test_auto_chooses_by_the_expected_accuracy_it_records():
 
 
 def test_expected_accuracies_is_one_pass_equal_on_every_runner():
-    """The scoring pass equals the dense computation, chunked, streamed or not."""
+    """The scoring pass equals the dense computation, chunked, streamed or not, on passes or on
+    the stored logits (one pass either way)."""
     from inmap_ext.class_prior import expected_accuracies
     from inmap_ext.functional import Runner
+    from inmap_ext.logit_store import PassSource, StoredLogits
     from inmap_ext.streaming import StreamingRunner
 
     X, T, _ = clip_like(333, 24, 17, seed=9)
@@ -323,8 +329,11 @@ def test_expected_accuracies_is_one_pass_equal_on_every_runner():
                     1)                                   # v[i, c * 3 + h] = P_h(argmax P_c | x_i)
     runners = [Runner("cpu", "torch", 50, 333, 17, torch.float64),
                StreamingRunner("cpu", "torch", 64, 333, 17, torch.float64)]
-    for runner in runners:
-        A, counts, M = expected_accuracies(runner, X, T, betas, 100.0)
+    for runner, source in [(r, kind(r, X, T, 100.0, *dt)) for r in runners
+                           for kind, dt in ((PassSource, ()), (StoredLogits, (torch.float64,)))]:
+        before = dict(runner.passes)
+        A, counts, M = expected_accuracies(runner, source, 17, betas)
+        assert sum(runner.passes.values()) - sum(before.values()) == (0 if source.stored else 1)
         torch.testing.assert_close(A, want, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(M, v.T @ v, rtol=1e-10, atol=1e-10)
         for c in range(3):

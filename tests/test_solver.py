@@ -1,6 +1,8 @@
-"""The descent (solver.py): the objective returned by the gradient pass equals the dense
-cross-entropy, the default stopping rule ends early without costing accuracy against all the
-published steps, over problem shapes and every class_prior option."""
+"""The solvers of step 5: the published descent (solver.py, mode="paper" and solver="gd") and
+the default Riemannian L-BFGS (lbfgs.py). The objective returned by the gradient pass equals the
+dense cross-entropy; the default solver reaches the accuracy of all 2000 published steps in a
+few dozen passes, over problem shapes and every class_prior option; both stopping rules do what
+docs/method.md says."""
 import pytest
 import torch
 
@@ -40,15 +42,67 @@ SHAPES = [
 @pytest.mark.parametrize("n,d,c,kw,prior", SHAPES,
                          ids=[f"N{s[0]}-C{s[2]}-{s[4]}{'-' + ','.join(s[3]) if s[3] else ''}"
                               for s in SHAPES])
-def test_default_stop_keeps_the_accuracy_of_every_step(n, d, c, kw, prior):
+def test_default_solver_keeps_the_accuracy_of_every_published_step(n, d, c, kw, prior):
     X, T, y = clip_like(n, d, c, seed=c, dtype=torch.float32, **kw)
     fast = inmap_ext.fit_vision_proxy(X, T, class_prior=prior)
-    full = inmap_ext.fit_vision_proxy(X, T, class_prior=prior, stop="none")
-    assert full.n_iters == 2000 and fast.converged and fast.n_iters < 2000
+    full = inmap_ext.fit_vision_proxy(X, T, class_prior=prior, solver="gd", stop="none")
+    gd = inmap_ext.fit_vision_proxy(X, T, class_prior=prior, solver="gd")
+    assert full.n_iters == 2000 and fast.converged and fast.hyper["solver"] == "lbfgs"
+    assert fast.passes["descent"] == fast.n_iters <= 80 and fast.passes["stopping_checks"] == 0
     acc = lambda r: float((r.predict(X) == y).double().mean())  # noqa: E731
-    assert acc(fast) >= acc(full) - 0.001, (fast.n_iters, acc(fast), acc(full))
+    agree = lambda r: float((r.predict(X) == full.predict(X)).double().mean())  # noqa: E731
+    # the published steps stop short of the minimum that L-BFGS approaches (on the partial set
+    # by 0.02 in objective), so the two can differ by a few images in either direction: measured
+    # on these shapes -0.7 to +0.7 points, agreement within 1 point of the gd stop's or above
+    assert acc(fast) >= acc(full) - 0.01, (fast.n_iters, acc(fast), acc(full))
+    assert agree(fast) >= agree(gd) - 0.01, (agree(fast), agree(gd))
     assert "settled" in fast.stop_reason
     assert len(fast.objective) == len(fast.grad_norm) == fast.n_iters
+
+
+@pytest.mark.parametrize("prior", ["uniform", "none"])
+def test_lbfgs_reaches_the_objective_of_every_published_step(prior):
+    """Same objective, same constraint: run long enough, L-BFGS goes at least as low as all
+    2000 published steps (which stop short of the minimum), its iterates keep unit columns, and
+    its first pass is the objective at the documented start (the pseudo labels' class means)."""
+    from inmap_ext.lbfgs import start
+
+    X, T, _ = clip_like(1500, 32, 12, seed=4, dtype=torch.float64, gap=2.0, text_noise=0.4)
+    paper = inmap_ext.fit_vision_proxy(X, T, class_prior=prior, solver="gd", stop="none")
+    long = inmap_ext.fit_vision_proxy(X, T, class_prior=prior, stop="none", iters=300)
+    assert float(long.objective.min()) <= float(paper.objective[-1]) + 1e-9
+    torch.testing.assert_close(long.proxy.norm(dim=0), torch.ones(12, dtype=torch.float64))
+    ref = dense_inmap(X, T, iters=0, sinkhorn_iters=0 if prior == "none" else 20)
+    B = X.T @ ref["P"]
+    want = _cross_entropy(X, start(B, T), ref["P"], 0.04)
+    assert float(long.objective[0]) == pytest.approx(want, rel=1e-9)
+
+
+def test_lbfgs_on_every_backend_equals_torch():
+    skip_if_no_ext("cpu")
+    X, T, _ = clip_like(700, 24, 9, seed=8, dtype=torch.float64)
+    a = inmap_ext.fit_vision_proxy(X, T, backend="torch", chunk_size=97)
+    b = inmap_ext.fit_vision_proxy(X, T, backend="ext", chunk_size=128)
+    assert a.n_iters == b.n_iters and a.passes == b.passes
+    torch.testing.assert_close(a.proxy, b.proxy, rtol=1e-8, atol=1e-9)
+
+
+def test_lbfgs_auto_stop_obeys_its_documented_rule():
+    # docs/method.md: stop after an iteration once the objective fell by at most 1e-3
+    # (relative) over the last 5 iterations; the histories have one entry per pass
+    import inmap_ext.lbfgs as lb
+
+    assert (lb.WINDOW, lb.OBJECTIVE_RTOL) == (5, 1e-3)
+    X, T, _ = clip_like(3000, 64, 10, seed=10, dtype=torch.float64)
+    r = inmap_ext.fit_vision_proxy(X, T, class_prior="uniform")
+    n = r.n_iters
+    assert r.converged and "settled" in r.stop_reason and n < 2000
+    # the same solver run for one pass less has not stopped; its histories are a prefix
+    shorter = inmap_ext.fit_vision_proxy(X, T, class_prior="uniform", iters=n - 1)
+    assert not shorter.converged and shorter.n_iters == n - 1
+    torch.testing.assert_close(shorter.objective, r.objective[:n - 1])
+    f = r.objective.double()
+    assert float(f[-1]) <= float(f[0])
 
 
 def test_default_and_paper_agree_on_a_balanced_set():
@@ -57,12 +111,17 @@ def test_default_and_paper_agree_on_a_balanced_set():
     paper = inmap_ext.fit_vision_proxy(X, T, mode="paper")
     acc = lambda r: float((r.predict(X) == y).double().mean())  # noqa: E731
     assert fast.class_prior.chosen == "uniform" and paper.n_iters == 2000
-    assert acc(fast) >= acc(paper) - 0.001 and fast.n_iters <= 400
+    assert acc(fast) >= acc(paper) - 0.001 and fast.passes["total"] <= 80
 
 
 def test_stop_none_runs_every_step_and_bad_stop_is_refused():
     X, T, _ = clip_like(200, 16, 5, seed=1)
-    assert inmap_ext.fit_vision_proxy(X, T, iters=37, stop="none").n_iters == 37
+    assert inmap_ext.fit_vision_proxy(X, T, iters=37, stop="none", solver="gd").n_iters == 37
+    assert inmap_ext.fit_vision_proxy(X, T, iters=9, stop="none").n_iters == 9
+    with pytest.raises(ValueError, match="solver must be one of"):
+        inmap_ext.fit_vision_proxy(X, T, solver="adam")
+    with pytest.raises(ValueError, match="mode='paper' runs the published descent"):
+        inmap_ext.fit_vision_proxy(X, T, mode="paper", solver="lbfgs")
     with pytest.raises(ValueError, match="stop must be one of"):
         inmap_ext.fit_vision_proxy(X, T, stop="early")
     with pytest.raises(ValueError, match="mode='paper'"):
@@ -71,7 +130,7 @@ def test_stop_none_runs_every_step_and_bad_stop_is_refused():
 
 def test_tol_is_the_largest_per_class_change():
     X, T, _ = clip_like(800, 32, 10, seed=21, dtype=torch.float64)
-    kw = dict(class_prior="uniform", stop="none")
+    kw = dict(class_prior="uniform", stop="none", solver="gd")
     r = inmap_ext.fit_vision_proxy(X, T, iters=2000, tol=1e-4, **kw)
     n = r.n_iters
     W = [inmap_ext.fit_vision_proxy(X, T, iters=k, **kw).proxy for k in (n - 2, n - 1, n)]
@@ -85,12 +144,13 @@ def test_auto_stop_obeys_both_documented_criteria():
     CHECK_EVERY, OBJECTIVE_RTOL, PREDICTION_TOL = 10, 2e-3, 5e-4
 
     X, T, _ = clip_like(3000, 64, 10, seed=10, dtype=torch.float32)
-    r = inmap_ext.fit_vision_proxy(X, T)
+    r = inmap_ext.fit_vision_proxy(X, T, solver="gd")
     n = r.n_iters
     assert r.converged and n % CHECK_EVERY == 0 and n >= 2 * CHECK_EVERY
+    assert r.passes["stopping_checks"] == n // CHECK_EVERY       # one top-1 pass per check
     f = r.objective.double()
     assert (f[n - CHECK_EVERY] - f[n - 1]) / abs(f[n - 1]) <= OBJECTIVE_RTOL
-    kw = dict(stop="none")
+    kw = dict(stop="none", solver="gd")
     before = inmap_ext.fit_vision_proxy(X, T, iters=n - CHECK_EVERY, **kw)
     torch.testing.assert_close(inmap_ext.fit_vision_proxy(X, T, iters=n, **kw).proxy, r.proxy)
     changed = float((before.predict(X) != r.predict(X)).double().mean())

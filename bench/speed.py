@@ -1,0 +1,174 @@
+"""Passes and wall time of a fit, side by side in one run:
+`python bench/speed.py [DATA.npz ...] [--synthetic 4000x512x1000,400000x128x1000]
+[--device cpu] [--threads N] [--paper-max-n 20000]`.
+
+For every set (the full set of each DATA.npz: X N x D, y N, T D x C; and synthetic CLIP-like
+sets N x D x C, balanced, gap 2, text noise 0.4), one after the other on the same machine:
+- "previous default": what the default fit was before the L-BFGS solver and the stored
+  logits (``solver="gd"`` with its stopping rule, every decision read a pass over the features:
+  INMAP_LOGIT_STORE_BYTES=0);
+- "default": today's default fit (class_prior="auto");
+- "default, uniform": the default fit told the set is balanced (class_prior="uniform");
+- "paper": mode="paper", all 2000 published steps (only up to --paper-max-n images).
+Each with passes over the features by phase (result.passes: the hardware-free cost), wall
+time, top-1 and agreement of predictions with the paper fit. Writes
+bench/results/speed_<date>.{json,md}, naming machine, torch, threads, data and date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import inmap_ext  # noqa: E402
+from inmap_ext.synthetic import make_problem  # noqa: E402
+
+RUNS = [("previous default", dict(solver="gd"), {"INMAP_LOGIT_STORE_BYTES": "0"}),
+        ("default", {}, {}),
+        ("default, uniform", dict(class_prior="uniform"), {}),
+        ("paper", dict(mode="paper"), {})]
+
+
+def _load(path):
+    d = np.load(path)
+    X = torch.tensor(d["X"]).float()
+    return (torch.nn.functional.normalize(X, dim=1), torch.tensor(d["T"]).float(),
+            torch.from_numpy(np.asarray(d["y"]).astype(np.int64)))
+
+
+def _synthetic(spec):
+    n, d, c = (int(v) for v in spec.lower().split("x"))
+    p = make_problem(n, d, c, gap=2.0, text_noise=0.4, seed=0)
+    return f"synthetic {n}x{d}x{c}", p.image_features, p.text_proxies, p.labels
+
+
+def _fit(X, T, kw, env, device):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        r = inmap_ext.fit_vision_proxy(X, T, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return r, time.perf_counter() - t0
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def measure(name, X, T, y, device, paper_max_n):
+    X, T, y = X.to(device), T.to(device), y.to(device)
+    acc = lambda p: 100 * float((p == y).double().mean())  # noqa: E731
+    row = {"set": name, "n": X.shape[0], "d": X.shape[1], "c": T.shape[1],
+           "zero_shot": acc(inmap_ext.zero_shot_topk(X, T)[1][:, 0]), "runs": {}}
+    preds = {}
+    for label, kw, env in RUNS:
+        if label == "paper" and X.shape[0] > paper_max_n:
+            continue
+        r, secs = _fit(X, T, kw, env, device)
+        preds[label] = r.predict(X)
+        row["runs"][label] = {"passes": r.passes, "seconds": round(secs, 3),
+                              "decision_s": round(r.timings.get("sinkhorn_s", 0.0), 3),
+                              "top1": acc(preds[label]), "prior": r.class_prior.chosen,
+                              "solver": r.hyper["solver"], "logits": r.class_prior.stats.get(
+                                  "logits", "")}
+        print(f"  {name} | {label}: {r.passes['total']} passes {r.passes} {secs:.1f}s "
+              f"top-1 {row['runs'][label]['top1']:.2f} ({r.class_prior.chosen})", flush=True)
+    if "paper" in preds:
+        for label in preds:
+            row["runs"][label]["agreement_with_paper"] = 100 * float(
+                (preds[label] == preds["paper"]).double().mean())
+    return row
+
+
+def _table(rows):
+    lines = ["| set | N x D x C | zero-shot | run | prior | passes (decision + labels + descent "
+             "+ checks) | wall s (decision s) | top-1 | agreement with paper |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for label, v in r["runs"].items():
+            p = v["passes"]
+            lines.append(
+                f"| {r['set']} | {r['n']}x{r['d']}x{r['c']} | {r['zero_shot']:.2f} | {label} | "
+                f"{v['prior']} | **{p['total']}** ({p['decision']} + {p['pseudo_labels']} + "
+                f"{p['descent']} + {p['stopping_checks']}) | {v['seconds']:.1f} "
+                f"({v['decision_s']:.1f}) | {v['top1']:.2f} | "
+                + (f"{v['agreement_with_paper']:.2f}" if "agreement_with_paper" in v else "-")
+                + " |")
+    return lines
+
+
+def _ratios(rows):
+    out = []
+    for r in rows:
+        runs = r["runs"]
+        prev, cur = runs.get("previous default"), runs.get("default")
+        line = f"- {r['set']}: default {cur['passes']['total']} passes, "
+        if prev:
+            line += (f"{cur['seconds'] / prev['seconds']:.0%} of the previous default's time "
+                     f"({prev['passes']['total']} passes)")
+        if "paper" in runs:
+            uni, pap = runs["default, uniform"], runs["paper"]
+            line += (f"; default with the uniform prior: {uni['seconds'] / pap['seconds']:.1%} of "
+                     f"the 2000 published steps' time, top-1 {uni['top1'] - pap['top1']:+.2f}")
+        line += (f"; the decision {cur['decision_s'] / cur['seconds']:.0%} of the default fit's "
+                 "time")
+        out.append(line)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("data", nargs="*")
+    ap.add_argument("--synthetic", default="4000x512x1000",
+                    help="comma-separated NxDxC synthetic sets ('' for none)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    ap.add_argument("--paper-max-n", type=int, default=20000,
+                    help="run mode='paper' (2000 passes) only on sets up to this many images")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sets = [(os.path.basename(p), *_load(p)) for p in args.data]
+    rows = []
+    for name, X, T, y in sets:
+        rows.append(measure(name, X, T, y, device, args.paper_max_n))
+    for spec in [s for s in args.synthetic.split(",") if s.strip()]:
+        rows.append(measure(*_synthetic(spec), device, args.paper_max_n))
+    date = datetime.date.today().isoformat()
+    meta = {"device": str(device), "machine": f"{platform.machine()} "
+            f"{os.cpu_count()} cores" if device.type == "cpu" else
+            torch.cuda.get_device_name(device), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "inmap_ext": inmap_ext.__version__, "date": date,
+            "load_average": os.getloadavg()}
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"speed_{date}")
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    text = [f"# Passes and wall time of a fit ({date})", "",
+            f"Device {meta['device']} ({meta['machine']}), {meta['threads']} torch threads, torch "
+            f"{meta['torch']}; load average at the end {meta['load_average'][0]:.1f}. Passes "
+            "are over the features (each a GEMM of N x D x C) and do not depend on the machine.",
+            "", *_table(rows), "", "Ratios:", *_ratios(rows)]
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(text) + "\n")
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()

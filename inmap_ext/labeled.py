@@ -1,0 +1,95 @@
+"""A few labeled images settle the class prior (``fit_vision_proxy(..., labeled=(indices,
+labels))``): what the unlabeled images cannot tell apart (a per-class bias of CLIP's text
+classifier and a class proportion of the set are the same logit shift, class_prior.py), labels
+for a small random sample of the set can.
+
+With ``class_prior="auto"`` the candidates' pseudo labels (argmax of softmax(X T / tau_t +
+beta_c), the labels each candidate's fit learns from) are scored on the labeled images: the
+candidate with the most labeled images right is chosen. A labeled image's pseudo label costs a
+read of one row of logits, not a fit; the pseudo labels' accuracy is what decides between the
+candidates because the fit follows its pseudo labels (measured in docs/class_prior.md).
+
+When the labeled images cannot tell the candidates apart, auto's own rule decides: that is the
+case when no candidate has strictly more labeled images right than the one auto's rule chose
+(a tie keeps auto's choice). Each candidate's labeled accuracy is reported with the paired
+standard error of its difference to the chosen one's (sqrt of the variance of the per-image
+differences over k). No label enters the pseudo labels or the descent: the fit stays an
+unlabeled fit, judged by a handful of labels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def check_labeled(labeled, n_rows: int, num_classes: int) -> Optional[Tuple[Tensor, Tensor]]:
+    """(indices, labels) as int64 CPU tensors, or None. ``labeled``: a pair of sequences or
+    tensors of equal length: row indices into this process's image features (0 <= i < N, no
+    repeats) and their classes (0 <= c < C). Raises ValueError/TypeError naming the argument."""
+    if labeled is None:
+        return None
+    if not isinstance(labeled, (tuple, list)) or len(labeled) != 2:
+        raise TypeError("labeled must be a pair (indices, labels): row indices into "
+                        "image_features and their class indices")
+    idx, lab = (torch.as_tensor(v).reshape(-1) for v in labeled)
+    for name, v in (("indices", idx), ("labels", lab)):
+        if v.dtype.is_floating_point or v.dtype == torch.bool or v.is_complex():
+            raise TypeError(f"labeled {name} must be integers, got {v.dtype}")
+    idx, lab = idx.long().cpu(), lab.long().cpu()
+    if idx.numel() != lab.numel():
+        raise ValueError(f"labeled: {idx.numel()} indices but {lab.numel()} labels; give one "
+                         "label per index")
+    if idx.numel() == 0:
+        raise ValueError("labeled holds no images; pass None for an unlabeled fit")
+    if bool((idx < 0).any()) or bool((idx >= n_rows).any()):
+        raise ValueError(f"labeled indices must be rows of image_features, in [0, {n_rows}); "
+                         f"got {int(idx.min())}..{int(idx.max())}")
+    if idx.unique().numel() != idx.numel():
+        raise ValueError("labeled indices repeat a row; label each image once")
+    if bool((lab < 0).any()) or bool((lab >= num_classes).any()):
+        raise ValueError(f"labeled labels must be class indices in [0, {num_classes}); got "
+                         f"{int(lab.min())}..{int(lab.max())}")
+    return idx, lab
+
+
+def right_per_candidate(runner, x: Tensor, t: Tensor, inv_tau: float, betas: Sequence[Tensor],
+                        labeled: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor, int]:
+    """(R, M, k) summed over the labeled rows of every rank: R[c] the labeled images candidate
+    c's pseudo label gets right, M[c, c'] those both c and c' get right (K x K: the paired
+    differences' second moments), k the labeled images."""
+    idx, lab = labeled
+    rows = x[idx.to(x.device)]
+    rows = torch.nn.functional.normalize(rows.to(device=runner.device, dtype=t.dtype), dim=1)
+    z = (rows @ runner._w(t, rows)) * inv_tau
+    lab = lab.to(z.device)
+    right = torch.stack([((z + b.to(z)).argmax(dim=1) == lab).to(torch.float64) for b in betas])
+    k = runner.sum_(torch.tensor(float(idx.numel()), dtype=torch.float64, device=z.device))
+    return runner.sum_(right.sum(dim=1)), runner.sum_(right @ right.T), int(k.item())
+
+
+def decide(names: Sequence[str], R: Tensor, M: Tensor, k: int, auto_choice: str,
+           allowed: Sequence[int]) -> Tuple[str, Dict[str, dict], str]:
+    """(chosen candidate, per candidate {"right", "accuracy", "se_vs_chosen"}, why): the most
+    labeled images right among ``allowed``; auto's choice unless another has strictly more."""
+    R, M = R.cpu(), M.cpu()
+    a = names.index(auto_choice)
+    best = max(allowed, key=lambda c: (float(R[c]), c == a))
+    chosen = best if float(R[best]) > float(R[a]) else a
+    stats = {}
+    for c in allowed:
+        mean = float(R[chosen] - R[c]) / k
+        second = float(M[chosen, chosen] + M[c, c] - 2 * M[chosen, c]) / k
+        se = math.sqrt(max(second - mean * mean, 0.0) / k)
+        stats[names[c]] = {"right": int(R[c]), "accuracy": round(float(R[c]) / k, 4),
+                           "se_vs_chosen": round(se, 4)}
+    pct = ", ".join(f"{n} {v['right']}" for n, v in stats.items())
+    if chosen == a:
+        why = (f"{k} labeled images did not favour another candidate over the unlabeled rule's "
+               f"choice (right: {pct}; a tie keeps it)")
+    else:
+        why = f"the most of {k} labeled images right (right: {pct})"
+    return names[chosen], stats, why

@@ -1,0 +1,192 @@
+"""Where the class-prior decision reads the zero-shot logits Z = X T / tau_t from.
+
+The decision (class_prior.py: EM, the Sinkhorn balancings, the scoring pass) reads the same
+logits again and again, and they never change during it. ``StoredLogits`` computes them in one
+pass over the features and keeps them, per row shifted by its maximum and exponentiated,
+E = exp(Z - max_row Z) in [0, 1], as row chunks on the compute device. Every later read is then
+N x C arithmetic instead of an N x D x C GEMM, and a Sinkhorn or EM iteration is two
+matrix-vector products without an exponential:
+
+    softmax(Z + beta)_ij = E_ij b_j / r_i,   b = exp(beta - max beta),  r = E b,
+    log colsum_j = log b_j + log sum_i E_ij / r_i.
+
+The store is kept only within a memory budget (``budget_bytes``: ``DEFAULT_BUDGET_BYTES``,
+1 GiB, or the environment variable ``INMAP_LOGIT_STORE_BYTES``): float32 when N x C x 4 bytes
+fit (the decision's arithmetic to float32 rounding), else bfloat16 when N x C x 2 bytes fit
+(a relative error of at most 2^-9 per probability: log-probabilities within 0.004, measured in
+docs/class_prior.md), else no store: ``PassSource`` reads the logits with a pass over the
+features each time, as the decision always did. At N = 400k, C = 1000 the bfloat16 store takes
+0.8 GB. In a sharded fit each rank stores its own rows (the budget is per rank).
+
+Exponentials underflow below e^-87 (float32 and bfloat16 alike): an entry the store lost is
+more than 87 below its row's largest logit, and could matter only under a bias that lifts its
+class by more than that above the class holding the row's largest logit. When a bias lifts a
+class by more than ``SAFE_BIAS_RANGE`` (70) above any class that holds some row's largest logit,
+or leaves a row without mass, the read could be wrong: that one read is made with a pass over the features instead (``reads_on_passes``), so the store
+never changes a result beyond rounding. A float64 store (range e^-708) is kept whenever it fits
+the budget, so this happens only on large sets (e.g. EM collapsing onto a few classes).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator, Optional
+
+import torch
+
+from .reference import _logits, acc_dtype
+
+Tensor = torch.Tensor
+
+DEFAULT_BUDGET_BYTES = 1 << 30
+ENV = "INMAP_LOGIT_STORE_BYTES"
+
+
+def safe_bias_range(store: torch.dtype, work: torch.dtype) -> float:
+    """The largest lift of a class's log-bias over a class holding some row's largest logit that
+    a read of the store allows: an entry the store lost is below log(tiny) of its row's largest
+    (e^-87 in float32 and bfloat16, e^-708 in float64); under a lift of at most
+    log(tiny) - log(eps of the arithmetic) (71 for float32 arithmetic) it weighs less than the
+    arithmetic's rounding of the row's largest biased term."""
+    return math.log(1 / torch.finfo(store).tiny) - math.log(1 / torch.finfo(work).eps)
+
+
+class OutOfRange(RuntimeError):
+    """A log-bias spread the exponentiated store cannot represent: recompute on passes."""
+
+
+def budget_bytes() -> int:
+    """The store's memory budget: INMAP_LOGIT_STORE_BYTES if set (0 turns the store off), else
+    DEFAULT_BUDGET_BYTES."""
+    v = os.environ.get(ENV)
+    if v is None or not v.strip():
+        return DEFAULT_BUDGET_BYTES
+    try:
+        b = int(float(v))
+    except ValueError:
+        raise ValueError(f"{ENV} must be a number of bytes, got {v!r}") from None
+    if b < 0:
+        raise ValueError(f"{ENV} must be >= 0 bytes, got {v!r}")
+    return b
+
+
+def store_dtype(rows: int, c: int, budget: int, compute_dtype) -> Optional[torch.dtype]:
+    """The dtype of a store of rows x c within ``budget`` bytes, or None (no store): float64
+    (range e^-708) when it fits, else float32, else bfloat16 (both range e^-87)."""
+    for dt in (torch.float64, torch.float32, torch.bfloat16):
+        if rows * c * torch.finfo(dt).bits // 8 <= budget:
+            return dt
+    return None
+
+
+class PassSource:
+    """The logits read with a pass over the features every time (no memory beyond a chunk)."""
+
+    stored = False
+    dtype = None
+
+    def __init__(self, runner, x: Tensor, t: Tensor, inv_tau: float):
+        self.runner, self.x, self.t, self.inv_tau = runner, x, t, inv_tau
+
+    def column_lse(self, bias: Optional[Tensor]) -> Tensor:
+        """log of the column sums of softmax(Z + bias) over the rows of every rank."""
+        return self.runner.column_lse(self.x, self.t, bias, self.inv_tau)
+
+    def logit_chunks(self, betas=()) -> Iterator[Tensor]:
+        """Z a row chunk at a time (one pass over the features)."""
+        self.runner.count_pass()
+        for xc in self.runner.row_chunks(self.x):
+            yield _logits(xc, self.runner._w(self.t, xc), self.inv_tau, None)
+
+
+class StoredLogits:
+    """exp(Z - row max) of this rank's rows, computed in one pass and kept (module docstring)."""
+
+    stored = True
+
+    def __init__(self, runner, x: Tensor, t: Tensor, inv_tau: float, dtype: torch.dtype):
+        self.runner, self.dtype = runner, dtype
+        self.acc = acc_dtype(runner.dtype)                 # the decision's dtype
+        self.work = torch.float64 if dtype == torch.float64 else self.acc   # the reads'
+        self.safe_range = safe_bias_range(dtype, self.work)
+        self.fallback = PassSource(runner, x, t, inv_tau)  # for a read out of the store's range
+        self.reads_on_passes = 0
+        self.c = t.shape[1]
+        runner.count_pass()
+        self.chunks = []
+        self.top = torch.zeros(self.c, dtype=torch.bool, device=runner.device)  # some row's max
+        for xc in runner.row_chunks(x):
+            z = _logits(xc, runner._w(t, xc), inv_tau, None)
+            self.top[z.argmax(dim=1)] = True
+            self.chunks.append(torch.exp(z - z.amax(dim=1, keepdim=True)).to(dtype))
+
+    @classmethod
+    def build(cls, runner, x: Tensor, t: Tensor, inv_tau: float,
+              budget: Optional[int] = None, dtype: Optional[torch.dtype] = None):
+        """A StoredLogits within the budget, else a PassSource. ``dtype`` forces the store's
+        dtype (benchmarks)."""
+        budget = budget_bytes() if budget is None else budget
+        dtype = dtype or store_dtype(x.shape[0], t.shape[1], budget, runner.dtype)
+        if dtype is None:
+            return PassSource(runner, x, t, inv_tau)
+        return cls(runner, x, t, inv_tau, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.chunks)
+
+    def _b(self, bias: Optional[Tensor]) -> Tensor:
+        if bias is None:
+            return torch.ones(self.c, dtype=self.work, device=self.runner.device)
+        bias = bias.to(device=self.runner.device, dtype=self.work)
+        top = bias[torch.isfinite(bias)].max()
+        lowest = bias[self.top & torch.isfinite(bias)]      # the classes that hold a row's 1
+        spread = float(top - lowest.min()) if lowest.numel() else 0.0
+        if spread > self.safe_range:
+            raise OutOfRange(f"a class's log-bias exceeds that of a class holding some row's "
+                             f"largest logit by {spread:.1f} > {self.safe_range:.0f}")
+        return torch.exp(bias - top)
+
+    def column_lse(self, bias: Optional[Tensor]) -> Tensor:
+        """log of the column sums of softmax(Z + bias) over the rows of every rank: two
+        matrix-vector products per chunk; a bias out of the store's range is read with a pass
+        over the features instead (counted in ``reads_on_passes``). Every rank takes the same
+        branch (the bias is the same on every rank; a row without mass on one rank sends every
+        rank to the pass)."""
+        try:
+            out = self._column_lse(bias)
+            bad = torch.zeros((), device=out.device)
+        except OutOfRange:
+            out, bad = None, torch.ones((), device=self.runner.device)
+        if float(self.runner.sum_(bad)) > 0:
+            self.reads_on_passes += 1
+            return self.fallback.column_lse(bias)
+        return self.runner.lse_(out).to(self.acc)
+
+    def _column_lse(self, bias: Optional[Tensor]) -> Tensor:
+        b = self._b(bias)
+        col = torch.zeros(self.c, dtype=self.work, device=b.device)
+        for e in self.chunks:
+            e = e.to(self.work)
+            r = e @ b
+            if not bool((r > 0).all()):
+                raise OutOfRange("a row has no mass left under the log-bias")
+            col += e.T @ (1.0 / r)
+        return torch.log(col) + torch.log(b)
+
+    def logit_chunks(self, betas=()) -> Iterator[Tensor]:
+        """Z - row max, a stored chunk at a time (no pass over the features); read with a pass
+        instead if one of ``betas`` (the biases the caller will add) is out of the store's
+        range."""
+        bad = torch.zeros((), device=self.runner.device)
+        for beta in betas:
+            try:
+                self._b(beta)
+            except OutOfRange:
+                bad += 1
+        if float(self.runner.sum_(bad)) > 0:
+            self.reads_on_passes += 1
+            yield from self.fallback.logit_chunks()
+            return
+        for e in self.chunks:
+            yield torch.log(e.to(self.work)).to(self.acc)
