@@ -15,7 +15,8 @@ VENV ?= .venv
 VENV_CPU ?= .venv-cpu
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 TORCH_CPU ?= torch==2.13.0
-DEPS = numpy safetensors tqdm pillow pytest pytest-benchmark psutil ninja setuptools wheel
+DEPS = numpy safetensors tqdm pillow pytest pytest-benchmark psutil ninja setuptools wheel \
+       webdataset pyarrow
 CLIP_DEPS = open_clip_torch
 PIP_FLAGS ?=
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0

@@ -17,6 +17,12 @@ set (oracle); the sets where the default is more than 0.5 point below zero-shot,
 of at least and below 200 images (where one image is more than 0.5 point).
 `--from-json bench/results/robustness_<date>.json` rewrites the summary and tables of a run
 from its stored rows, without fitting.
+
+`--labeled 20 50 100 300 --draws 5`: the labeled-sample mode (labeled.py). On every set of at
+least 2k images (batches excluded), ``--draws`` random samples of k images get their labels and
+``class_prior="auto"`` chooses by them (the candidates' pseudo labels scored on the sample, ties
+to the unlabeled rule's choice); the summary gives, per k, the mean and worst gain against
+zero-shot and the mean regret against the best prior of each set (chosen with hindsight).
 """
 from __future__ import annotations
 
@@ -71,8 +77,55 @@ def batches(y: np.ndarray, C: int, seed: int, count: int, classes=4, per=4) -> l
     return out
 
 
-def score(X, T, y, idx, device):
-    """zero-shot and each prior's top-1 (%) on the rows idx; auto's choice and fit times."""
+def labeled_choices(xs, T, ys, ks, draws, seed):
+    """{k: [candidate chosen with k labeled images, one per draw]}: the candidates' log-biases
+    are computed once (class_prior.choose, as auto does), then each draw is scored by
+    labeled.decide, the rule fit_vision_proxy(labeled=...) runs."""
+    from inmap_ext import class_prior as cp
+    from inmap_ext import labeled as lab
+    from inmap_ext.functional import Runner
+
+    n, C = xs.shape[0], T.shape[1]
+    x = torch.nn.functional.normalize(xs.float(), dim=1)
+    t = torch.nn.functional.normalize(T.float(), dim=0)
+    runner = Runner(x.device, "auto", None, n, C, x.dtype)
+    seen = {}
+    real = lab.right_per_candidate
+
+    def keep(runner_, x_, t_, inv_tau, betas, labeled):
+        seen["betas"] = betas
+        return real(runner_, x_, t_, inv_tau, betas, labeled)
+
+    lab.right_per_candidate = keep
+    try:
+        _, prior = cp.choose(runner, x, t, "auto", 0.01, 20, 0.0, n,
+                             labeled=(torch.zeros(1, dtype=torch.long), ys[:1].cpu()))
+    finally:
+        lab.right_per_candidate = real
+    auto = _unlabeled_choice(prior)
+    allowed = [i for i, c in enumerate(cp.CANDIDATES) if c in prior.stats["expected_accuracy"]]
+    g = np.random.default_rng(5000 + seed)
+    out = {}
+    for k in ks:
+        if n < 2 * k:
+            continue
+        out[k] = []
+        for _ in range(draws):
+            idx = torch.from_numpy(g.choice(n, k, replace=False))
+            R, M, kk = real(runner, x, t, 100.0, seen["betas"], (idx, ys[idx].cpu()))
+            out[k].append(lab.decide(cp.CANDIDATES, R, M, kk, auto, allowed)[0])
+    return out
+
+
+def _unlabeled_choice(prior) -> str:
+    """auto's choice without labels: the candidate with the highest expected accuracy."""
+    ea = prior.stats["expected_accuracy"]
+    return max(ea, key=ea.get)
+
+
+def score(X, T, y, idx, device, ks=(), draws=0, seed=0):
+    """zero-shot and each prior's top-1 (%) on the rows idx; auto's choice and fit times; with
+    ``ks``, the labeled-sample mode's choices."""
     xs = X[torch.from_numpy(idx).to(X.device)]
     ys = torch.from_numpy(y[idx]).to(X.device)
     row = {"zero_shot": 100 * float((inmap_ext.zero_shot_topk(xs, T)[1][:, 0] == ys)
@@ -86,11 +139,15 @@ def score(X, T, y, idx, device):
             row["auto_chose"] = r.class_prior.chosen
             row["auto_stats"] = r.class_prior.stats
             row["auto_steps"] = r.n_iters
+            row["auto_passes"] = r.passes
             row["auto_timings"] = r.timings
+    if ks:
+        row["labeled"] = {str(k): v for k, v in labeled_choices(xs, T, ys, ks, draws,
+                                                                 seed).items()}
     return row
 
 
-def run_file(path, seeds, n_batches, device):
+def run_file(path, seeds, n_batches, device, ks=(), draws=0):
     d = np.load(path)
     X = torch.tensor(d["X"]).float().to(device)
     T = torch.tensor(d["T"]).float().to(device)
@@ -102,7 +159,8 @@ def run_file(path, seeds, n_batches, device):
             if name == "full" and seed != seeds[0]:
                 continue  # the full set does not depend on the draw
             row = {"set": name, "seed": seed, "n": len(idx),
-                   "classes_present": int(len(np.unique(y[idx]))), **score(X, T, y, idx, device)}
+                   "classes_present": int(len(np.unique(y[idx]))),
+                   **score(X, T, y, idx, device, ks, draws, seed)}
             rows.append(row)
             _print(path, row)
         drawn = batches(y, C, seed, n_batches)
@@ -163,6 +221,27 @@ def summary(files) -> dict:
         for size in ("large", "small")}
     out["sets_by_size"] = {"large": sum(r["n"] >= SMALL_SET for r in rows),
                            "small": sum(r["n"] < SMALL_SET for r in rows)}
+    # the labeled-sample mode: per k, over every set and draw
+    ks = sorted({int(k) for r in rows for k in r.get("labeled", {})})
+    out["labeled"] = {}
+    for k in ks:
+        gains, regrets, sets = [], [], 0
+        for r in rows:
+            chosen = r.get("labeled", {}).get(str(k))
+            if not chosen:
+                continue
+            sets += 1
+            best = max(r[c] for c in FIXED)
+            gains += [r[c] - r["zero_shot"] for c in chosen]
+            regrets += [best - r[c] for c in chosen]
+        out["labeled"][str(k)] = {"sets": sets, "fits": len(gains),
+                                  "mean_gain": float(np.mean(gains)),
+                                  "worst_gain": float(np.min(gains)),
+                                  "mean_regret_vs_best_per_set": float(np.mean(regrets)),
+                                  "worst_regret": float(np.max(regrets))}
+        same = [r for r in rows if str(k) in r.get("labeled", {})]
+        out["labeled"][str(k)]["unlabeled_auto_regret_on_these_sets"] = float(np.mean(
+            [max(r[c] for c in FIXED) - r["auto"] for r in same]))
     # item 5 of the class-prior issue: the decision's share of the fit on the largest set
     sets = [(f, r) for f in files for r in f["rows"] if "auto_timings" in r]
     f, r = max(sets, key=lambda fr: fr[1]["n"] * fr[0]["classes"])
@@ -181,6 +260,9 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, default=10, help="batches of 4x4 per seed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--labeled", type=int, nargs="*", default=[],
+                    help="labeled-sample sizes k (e.g. 20 50 100 300)")
+    ap.add_argument("--draws", type=int, default=5, help="labeled samples per set and k")
     ap.add_argument("--from-json", action="store_true", help="DATA is one robustness_*.json "
                     "written before: rewrite its summary and tables from its rows (no fits)")
     args = ap.parse_args(argv)
@@ -190,9 +272,11 @@ def main(argv=None):
         meta, files = old["meta"], old["files"]
     else:
         t0 = time.perf_counter()
-        files = [run_file(p, args.seeds, args.batches, args.device) for p in args.data]
+        files = [run_file(p, args.seeds, args.batches, args.device, args.labeled, args.draws)
+                 for p in args.data]
         meta = {"files": [f["data"] for f in files], "seeds": args.seeds,
                 "batches": args.batches, "device": args.device,
+                "labeled": args.labeled, "draws": args.draws,
                 "machine": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "inmap_ext": inmap_ext.__version__, "date": datetime.date.today().isoformat(),
@@ -234,11 +318,22 @@ def _summary_lines(s) -> str:
               f"{len(by['large'])} of {n['large']} sets of at least {SMALL_SET} images"
               + _below(by["large"]) + f". Below {SMALL_SET} images (one image is more than 0.5 "
               f"point): {len(by['small'])} of {n['small']}" + _below(by["small"]) + "."]
+    if s.get("labeled"):
+        lines += ["", "With a few labeled images (`labeled=`, random samples of k images of each "
+                  "set of at least 2k images; several draws each):", "",
+                  "| k labeled | sets | fits | mean gain vs zero-shot | worst gain | mean regret "
+                  "vs best prior per set | worst regret | label-free auto's regret, same sets |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k, v in s["labeled"].items():
+            lines.append(f"| {k} | {v['sets']} | {v['fits']} | {v['mean_gain']:+.2f} | "
+                         f"{v['worst_gain']:+.2f} | {v['mean_regret_vs_best_per_set']:.2f} | "
+                         f"{v['worst_regret']:.2f} | "
+                         f"{v['unlabeled_auto_regret_on_these_sets']:.2f} |")
     c = s["decision_cost_on_largest_set"]
     lines += ["", f"Cost of the default's class-prior decision on the largest set ({c['data']}, "
               f"{c['set']}, N = {c['n']}, C = {c['classes']}): {c['decision_s']:.2f} s of a "
               f"{c['fit_s']:.2f} s fit ({100 * c['share']:.0f}%; the fit stopped after "
-              f"{c['steps']} steps)."]
+              f"{c['steps']} passes of its solver)."]
     return "\n".join(lines)
 
 

@@ -20,13 +20,14 @@ _LAZY = {
     "softmax_column_lse": "functional", "zero_shot_topk": "functional",
     "VisionProxyResult": "result", "load_vision_proxy": "result",
     "VisionProxyClassifier": "classifier",
+    "load_features": "embeddings",
 }
 
 __all__ = [
     "fit_vision_proxy", "VisionProxyResult", "load_vision_proxy", "zero_shot_topk",
     "softmax_column_lse", "sinkhorn_log_bias", "pseudo_label_reduce", "proxy_gradient",
     "VisionProxyClassifier", "auto_chunk_size", "extension_loaded", "ext_available",
-    "resolve_backend", "cuda_design", "triton_available", "__version__",
+    "resolve_backend", "cuda_design", "triton_available", "load_features", "__version__",
 ]
 
 

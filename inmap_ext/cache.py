@@ -167,6 +167,7 @@ class FeatureCache:
         self.identity = dict(identity, images=_list_key(paths, stats), n=str(len(paths)))
         self._paths = list(paths)
         self.reused = 0          # rows the last extraction took from other cached sets
+        self.encoded = 0         # images the last extraction encoded (not taken from a cache)
         self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:24]
         self.dir = os.path.join(os.path.abspath(cache_dir), self.key)
         self.n = len(paths)
@@ -441,8 +442,13 @@ def list_entries(cache_dir: Optional[str] = None) -> List[CacheEntry]:
             n, shard = int(m.get("n", 0)), max(1, int(m.get("shard_size", MAX_SHARD_SIZE)))
         except (OSError, ValueError, TypeError):
             m, n, shard = {}, 0, 1
-        n_cached = sum(len(_shard_rows(i, n, shard)) for i in range(_n_shards(n, shard))
-                       if os.path.exists(_shard_path(d, i)))
+        if m.get("kind") == "webdataset":     # one entry per tar shard (shard_cache.py)
+            from .shard_cache import entry_counts
+
+            n = n_cached = entry_counts(d)
+        else:
+            n_cached = sum(len(_shard_rows(i, n, shard)) for i in range(_n_shards(n, shard))
+                           if os.path.exists(_shard_path(d, i)))
         files = [os.path.join(d, f) for f in os.listdir(d)]
         created = m.get("created") or time.strftime(
             "%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(manifest)))

@@ -15,6 +15,7 @@ import re
 import shlex
 import sys
 
+from .errors import MissingExtraError
 from .hyper import check_balancing, check_hyper, count
 
 ALL = "\0all"   # `inmap cache --clear` without a key
@@ -64,6 +65,7 @@ def _usable_cores() -> int:
 
 
 DEFAULT_WORKERS = min(4, _usable_cores())
+DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")   # = shards.DEFAULT_IMAGE_KEYS, no torch
 
 
 def _common(p, model_required=True):
@@ -94,9 +96,23 @@ def _model(p, required=True):
                    "CUDA (the fit's own precision: --compute-precision)")
 
 
-def _images(p):
-    p.add_argument("--images", required=True,
-                   help="image folder (searched recursively) or a text file listing image paths")
+def _images(p, features: bool = False):
+    """--images (and with ``features``, --features instead of it: one of the two)."""
+    where = p.add_mutually_exclusive_group(required=True) if features else p
+    where.add_argument("--images", required=not features,
+                       help="image folder (searched recursively), a text file listing image "
+                       "paths, or webdataset tar shards: a brace pattern "
+                       "'shards/{00000..00099}.tar', a folder of .tar files or a text file "
+                       "listing them (needs the [wds] extra)")
+    if features:
+        where.add_argument("--features", default=None,
+                           help="precomputed image embeddings instead of images (no image "
+                           "encoder runs): a .npy file, a .safetensors file or a "
+                           "clip-retrieval output folder (img_emb/*.npy, ids from "
+                           "metadata/*.parquet)")
+    p.add_argument("--wds-image-keys", default=",".join(DEFAULT_IMAGE_KEYS),
+                   help="tar shards: the member extensions that hold a sample's image, first "
+                   f"found wins (default {','.join(DEFAULT_IMAGE_KEYS)})")
     p.add_argument("--batch-size", type=int, default=64,
                    help="images per encoder batch (default 64)")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
@@ -137,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fit a vision proxy: writes OUT/proxy.safetensors, "
                        "OUT/report.json and OUT/predictions.csv.")
     _model(p)
-    _images(p)
+    _images(p, features=True)
     _classes(p)
     p.add_argument("--prompts", default=None,
                    help="JSON class -> list of prompts (CuPL style), instead of templates")
@@ -153,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "of the top-k classes and cosines per image.")
     p.add_argument("--proxy", required=True, help="proxy.safetensors written by `inmap fit`")
     _model(p, required=False)
-    _images(p)
+    _images(p, features=True)
     p.add_argument("--out", required=True, help="predictions CSV to write (and its report, "
                    "OUT without .csv + .report.json)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
@@ -168,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     _images(p)
     p.add_argument("--shard-size", type=int, default=None,
                    help="images per cache shard, the unit an interrupted run resumes from "
-                   "(default: about 1/32 of the images, 32 to 4096)")
+                   "(default: about 1/32 of the images, 32 to 4096; tar shards resume shard "
+                   "by shard)")
     _common(p)
 
     p = sub.add_parser("eval", help="zero-shot vs InMaP accuracy on a labeled image folder",
@@ -251,6 +268,11 @@ def _check_options(args) -> None:
         count(args.topk, "--topk", 1)
     if getattr(args, "shard_size", None) is not None:
         count(args.shard_size, "--shard-size", 1)
+    if getattr(args, "wds_image_keys", None) is not None:
+        args.image_keys = _image_keys(args.wds_image_keys)
+    features = getattr(args, "features", None)
+    if features is not None and not os.path.exists(features):
+        raise ValueError(f"--features {features}: no such file or folder")
     if args.command == "demo":
         for flag, dest, least in (("--n", "n", 1), ("--dim", "dim", 1), ("--classes", "classes", 1),
                                   ("--iters", "iters", 0)):
@@ -277,6 +299,15 @@ def _check_options(args) -> None:
         _check_compute(args.backend, args.precision, devices)
     if args.command in MODEL_COMMANDS and getattr(args, "model", None):
         _check_model(args)
+
+
+def _image_keys(text: str) -> tuple:
+    """--wds-image-keys: comma-separated member extensions (= shards.parse_image_keys)."""
+    keys = tuple(k.strip().lower().lstrip(".") for k in text.split(","))
+    if any(not k or "/" in k for k in keys):
+        raise ValueError(f"--wds-image-keys must be comma-separated member extensions such as "
+                         f"'jpg,png,webp', got {text!r}")
+    return keys
 
 
 def _check_compute(backend: str, precision: str, device: str) -> None:
@@ -427,21 +458,25 @@ def _run(args) -> int:
                       workers=args.workers, cache_dir=args.cache_dir, use_cache=args.use_cache,
                       log=pipeline.Log(args.log), model=args.model, out=args.out,
                       command=getattr(args, "command_line", None))
+        sources = dict(features=args.features, image_keys=args.image_keys) \
+            if cmd in ("fit", "predict") else {}
     if cmd == "fit":
         pipeline.fit_images(classes=args.classes, templates=args.templates, prompts=args.prompts,
-                            labels=args.labels, topk=args.topk, **common, **_hyper_kwargs(args))
+                            labels=args.labels, topk=args.topk, **common, **sources,
+                            **_hyper_kwargs(args))
     elif cmd == "predict":
-        pipeline.predict_images(proxy=args.proxy, topk=args.topk, force=args.force, **common)
+        pipeline.predict_images(proxy=args.proxy, topk=args.topk, force=args.force, **common,
+                                **sources)
     elif cmd == "eval":
         pipeline.eval_images(classes=args.classes, templates=args.templates,
                              dataset=args.dataset, **common, **_hyper_kwargs(args))
     elif cmd == "extract":
         from . import clip as clip_mod
-        from .data import list_images
 
         group = pipeline._group(args.device)
         log = pipeline.Log(args.log if group is None or torch_rank(group) == 0 else "quiet")
-        image_set = list_images(args.images, labels="none")    # a bad path fails before
+        image_set = pipeline.list_source(args.images, labels="none",   # a bad path fails
+                                         image_keys=args.image_keys)   # before
         clip = clip_mod.load_model(args.model, args.pretrained, args.device,   # the model loads
                                    args.model_precision, cache_dir=args.cache_dir)
         pipeline._log_images(image_set, log)
@@ -530,7 +565,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, MissingExtraError) as e:
         _traceback(debug)
         print(f"inmap {args.command}: error: {e}", file=sys.stderr)
         return EXIT_INPUT

@@ -204,6 +204,13 @@ def check_model_name(name: str) -> None:
                             " (see open_clip.list_models())"))
 
 
+def embed_dim(name: str) -> Optional[int]:
+    """The dimension of the architecture's joint embedding space, from its open_clip config
+    (None when open_clip has no local config for it, e.g. a hub model)."""
+    cfg = _open_clip().get_model_config(name)
+    return int(cfg["embed_dim"]) if cfg and "embed_dim" in cfg else None
+
+
 def default_pretrained(name: str) -> str:
     """The weights ``inmap`` uses when --pretrained is not given: 'openai' where open_clip has
     it for the model, else its first listed tag. A model without released weights is an error
@@ -466,6 +473,7 @@ def _encode_shards(clip: ClipModel, images: ImageSet, cache: FeatureCache, todo:
                 ready[r] = (f, READ)
     cache.reused = len(ready)
     encode = [r for r in rows if r not in ready]
+    cache.encoded = len(encode)
     if log is not None and ready:
         log("reuse", f"features: {len(ready)} of {len(rows)} images taken from earlier cached "
             f"sets (same model and weights, files unchanged); encoding {len(encode)}",

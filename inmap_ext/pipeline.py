@@ -18,6 +18,7 @@ import torch
 
 from . import clip as clip_mod
 from .data import ImageSet, list_images, norm_name
+from .shards import DEFAULT_IMAGE_KEYS, ShardSet, list_shards
 from .fit import fit_vision_proxy
 from .result import VisionProxyResult, load_vision_proxy
 from .version import __version__
@@ -101,8 +102,9 @@ def classification_metrics(indices: torch.Tensor, labels: torch.Tensor, num_clas
 def write_predictions(path: str, paths: Sequence[str], classnames: Sequence[str],
                       inmap: Tuple[torch.Tensor, torch.Tensor],
                       zero_shot: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                      labels: Optional[Sequence[int]] = None) -> None:
-    """CSV, one row per readable image: path, [label,] inmap_class_1, inmap_cosine_1, ...
+                      labels: Optional[Sequence[int]] = None, id_column: str = "path") -> None:
+    """CSV, one row per readable image: path (``id_column``: "id" for tar samples and
+    precomputed features), [label,] inmap_class_1, inmap_cosine_1, ...
     inmap_class_k, inmap_cosine_k (the InMaP vision proxy's top k, classes by name, cosines),
     then zero_shot_class_1, zero_shot_cosine_1 ... for the zero-shot (text proxy) classifier's
     top classes when given, for comparison."""
@@ -111,7 +113,7 @@ def write_predictions(path: str, paths: Sequence[str], classnames: Sequence[str]
     # a file name that is not UTF-8 is written as its own bytes (surrogate escapes)
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
-        head = ["path"] + (["label"] if labels is not None else [])
+        head = [id_column] + (["label"] if labels is not None else [])
         for name, _, idx in columns:
             for j in range(1, idx.shape[1] + 1):
                 head += [f"{name}_class_{j}", f"{name}_cosine_{j}"]
@@ -125,12 +127,27 @@ def write_predictions(path: str, paths: Sequence[str], classnames: Sequence[str]
             w.writerow(row)
 
 
-def _log_images(image_set: ImageSet, log: "Log", num_classes: Optional[int] = None) -> None:
+def list_source(images: str, classnames: Optional[Sequence[str]] = None, labels: str = "auto",
+                folder_map: Optional[Dict[str, str]] = None,
+                image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS) -> "ImageSet | ShardSet":
+    """What ``--images`` names: tar shards (shards.list_shards) or images (data.list_images)."""
+    shards = list_shards(images, image_keys)
+    if shards is None:
+        return list_images(images, classnames, labels, folder_map)
+    if labels == "folder":
+        raise ValueError(f"--images {images}: tar shards carry no folder labels (--labels folder "
+                         "and `inmap eval` need an image folder with one folder per class)")
+    return shards
+
+
+def _log_images(image_set: "ImageSet | ShardSet", log: "Log",
+                num_classes: Optional[int] = None) -> None:
     """What was found where; loose files left out beside the class folders; why the images are
     unlabeled when class folders were found."""
     labeled = image_set.labels is not None
     classes = f"; classes: {num_classes}" if num_classes is not None else ""
-    log("images", f"images: {len(image_set)} {image_set.describe()} "
+    count = "" if isinstance(image_set, ShardSet) else f"{len(image_set)} "
+    log("images", f"images: {count}{image_set.describe()} "
         f"({'labeled by folder' if labeled else 'unlabeled'}){classes}", n=len(image_set),
         labeled=labeled, images=image_set.source or image_set.root)
     if image_set.ignored:
@@ -148,7 +165,9 @@ def _now_iso() -> str:
 def _log_missing(images: ImageSet, log: "Log") -> None:
     """Paths of a file list that do not exist: named now, skipped at extraction."""
     if images.missing:
-        log("missing", f"warning: {len(images.missing)} of the {len(images)} listed images do "
+        what = "shards" if isinstance(images, ShardSet) else "images"
+        n = len(images) + (len(images.missing) if isinstance(images, ShardSet) else 0)
+        log("missing", f"warning: {len(images.missing)} of the {n} listed {what} do "
             f"not exist and will be skipped: {_some(images.missing)}",
             missing=images.missing, n=len(images))
 
@@ -166,6 +185,9 @@ class Features:
     keep: torch.Tensor              # N bool
     skipped: List[str] = field(default_factory=list)
     rows: Optional[range] = None    # which readable rows ``features`` holds (None: all)
+    stats: dict = field(default_factory=dict)   # how they were had: counts, seconds, images/s
+    mapped: bool = False            # ``features`` is a memory-mapped file (stream it)
+    id_column: str = "path"         # what predictions.csv calls ``paths``: path, or id
 
     @property
     def paths(self) -> List[str]:
@@ -184,16 +206,20 @@ def extract(clip: "clip_mod.ClipModel", images: ImageSet, log: Log, group=None,
     r extracts cache shards r, r + world, ... into the shared cache; after a barrier every rank
     reads the set back in the original order: all of it, or with ``rank_rows_only`` (ranks
     other than 0) only its block of the readable rows (``distributed.shard_rows``), so that
-    host memory per rank is N / world x D."""
+    host memory per rank is N / world x D. ``images`` may be tar shards (ShardSet): the
+    Features then list the samples' keys as their paths."""
     t0 = time.perf_counter()
     rows = None
+    features_of = clip_mod.image_features
+    if isinstance(images, ShardSet):
+        from .shards import shard_features as features_of
     if group is not None:
         import torch.distributed as dist
 
         from .distributed import rank_and_world, shard_rows
 
         rank, world = rank_and_world(group)
-        _, _, cache = clip_mod.image_features(clip, images, progress=log.progress and rank == 0,
+        _, _, cache = features_of(clip, images, progress=log.progress and rank == 0,
                                               shard_filter=lambda i: i % world == rank,
                                               log=log if rank == 0 else None, **kw)
         dist.barrier(group)   # every rank's shards are now in `cache`
@@ -207,27 +233,108 @@ def extract(clip: "clip_mod.ClipModel", images: ImageSet, log: Log, group=None,
             block, block_ok = cache.load(span)
             feats = block[block_ok]
     if rows is None:
-        feats, ok, cache = clip_mod.image_features(
+        feats, ok, cache = features_of(
             clip, images, progress=log.progress, log=log if group is None else None, **kw)
-    skipped = [p for p, o in zip(images.paths, ok.tolist()) if not o]
+    missing = []
+    is_shards = isinstance(images, ShardSet)
+    if is_shards:
+        missing = images.missing
+        for shard, error in cache.errors():
+            log("warning", f"warning: {shard} could not be read to its end ({error}); its "
+                "samples before the damage are used", shard=shard, error=error)
+        images = ImageSet(images.source, cache.keys(), source=images.source,
+                          is_list=images.is_list)
+    skipped = [p for p, o in zip(images.paths, ok.tolist()) if not o] + missing
     what = f"{len(skipped)} unreadable, skipped: {_some(skipped)}" if skipped else "none skipped"
-    log("features", f"features: {int(ok.sum())} images ({what}) in "
-        f"{time.perf_counter() - t0:.1f}s; cache {cache.dir}", n=int(ok.sum()),
-        skipped=len(skipped), skipped_paths=skipped, cache=cache.dir, reused=cache.reused,
-        seconds=time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    encoded = cache.encoded
+    rate = encoded / seconds if encoded and seconds > 0 else None
+    shown = f", {encoded} encoded at {rate:.1f} images/s" if rate else ""
+    log("features", f"features: {int(ok.sum())} images ({what}) in {seconds:.1f}s{shown}; "
+        f"cache {cache.dir}", n=int(ok.sum()), skipped=len(skipped), skipped_paths=skipped,
+        cache=cache.dir, reused=cache.reused, encoded=encoded, seconds=seconds,
+        images_per_s=rate)
     if not bool(ok.any()):
         raise ValueError(f"none of the {len(images)} images could be read")
-    return Features(images, feats if rows is not None else feats[ok], ok, skipped, rows)
+    stats = {"n": len(images), "readable": int(ok.sum()), "encoded": encoded,
+             "seconds": seconds, "images_per_s": rate, "cache": cache.dir}
+    return Features(images, feats if rows is not None else feats[ok], ok, skipped, rows, stats,
+                    id_column="id" if is_shards else "path")
 
 
-def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: str, out: str,
-               templates: str = "simple", prompts: Optional[str] = None, labels: str = "auto",
-               device: str = "cpu", model_precision: str = "fp32", batch_size: int = 64,
-               workers: int = 4, cache_dir: Optional[str] = None, use_cache: bool = True,
-               topk: int = 5, log: Optional[Log] = None, command: Optional[str] = None,
-               **hyper) -> dict:
+# -- precomputed features (--features) ------------------------------------------------------
+FEATURES_IN_MEMORY_BYTES = 2 << 30   # larger --features files stay memory-mapped and stream
+
+
+def _one_source(images: Optional[str], features: Optional[str]) -> None:
+    if (images is None) == (features is None):
+        raise ValueError("give the images (--images) or precomputed features (--features), "
+                         "one of them")
+
+
+def _check_features_dim(path: str, dim: Optional[int], against: str) -> None:
+    """Features whose dimension is not ``dim`` (the text model's, the proxy's): an input error
+    naming both, from the file's header, before any work."""
+    from .embeddings import features_shape
+
+    shape = features_shape(path)
+    if dim is not None and shape.dim != dim:
+        raise ValueError(f"--features {path}: rows of dimension {shape.dim}, but {against} has "
+                         f"dimension {dim}")
+
+
+def features_from_file(path: str, log: Log, cache_dir: Optional[str] = None) -> Features:
+    """``--features``: the embeddings (embeddings.load_features), checked in one streamed pass
+    (non-finite rows refused with their row numbers; rows that are not unit-norm normalised,
+    and said so). Up to FEATURES_IN_MEMORY_BYTES they are read into memory as float32 unit
+    rows; larger ones stay memory-mapped (``Features.mapped``: the fit streams them)."""
+    from .embeddings import check_rows, load_features, unit_rows
+
+    t0 = time.perf_counter()
+    emb = load_features(path, cache_dir=cache_dir)
+    x = emb.features
+    rows = check_rows(x, path)
+    log("features", f"features: {x.shape[0]} x {x.shape[1]} ({str(x.dtype)[6:]}, {emb.kind}) "
+        f"from {emb.source}", n=x.shape[0], dim=x.shape[1], kind=emb.kind, source=emb.source)
+    if rows.not_unit:
+        log("normalised", f"features: {rows.not_unit} of {x.shape[0]} rows were not unit-norm "
+            "and are normalised", not_unit=rows.not_unit, n=x.shape[0])
+    mapped = x.shape[0] * x.shape[1] * 4 > FEATURES_IN_MEMORY_BYTES
+    if not mapped:
+        x = unit_rows(x)
+    images = ImageSet(emb.source, emb.ids, source=emb.source)
+    stats = {"n": x.shape[0], "readable": x.shape[0], "source": emb.source, "kind": emb.kind,
+             "dim": x.shape[1], "normalised_rows": rows.not_unit, "memory_mapped": mapped,
+             "seconds": time.perf_counter() - t0}
+    return Features(images, x, torch.ones(x.shape[0], dtype=torch.bool), [], None, stats,
+                    mapped=mapped, id_column="id")
+
+
+def _chunked(topk, x: torch.Tensor, k: int, device, mapped: bool
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``topk(x, k)`` (a VisionProxyResult method); a memory-mapped ``x`` goes through in chunks
+    of unit rows on ``device``, never copied whole."""
+    if not mapped:
+        return topk(x, k)
+    from .embeddings import CHUNK_ROWS
+
+    parts = [topk(torch.nn.functional.normalize(x[s:s + CHUNK_ROWS].float(), dim=1)
+                  .to(device), k) for s in range(0, x.shape[0], CHUNK_ROWS)]
+    return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] = None,
+               classes: str, out: str, templates: str = "simple", prompts: Optional[str] = None,
+               labels: str = "auto", device: str = "cpu", model_precision: str = "fp32",
+               batch_size: int = 64, workers: int = 4, cache_dir: Optional[str] = None,
+               use_cache: bool = True, topk: int = 5, log: Optional[Log] = None,
+               command: Optional[str] = None, features: Optional[str] = None,
+               image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS, **hyper) -> dict:
     """``inmap fit``: writes out/proxy.safetensors, out/report.json, out/predictions.csv and
-    returns the report (``command``: the command line, recorded in it)."""
+    returns the report (``command``: the command line, recorded in it). The image features
+    come from ``images`` (a folder, a file list or tar shards, encoded by ``model``) or from
+    ``features`` (precomputed embeddings: embeddings.py; ``model`` then gives the text side)."""
+    _one_source(images, features)
     log = log or Log()
     started = _now_iso()
     group = _group(device)
@@ -240,11 +347,15 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     tmpl = clip_mod.load_templates(templates)
     per_class = clip_mod.load_prompts(prompts, spec.names, spec.text_names) if prompts else None
     hyper = _class_prior_option(hyper, spec, log)
-    image_set = list_images(images, spec.names, labels, spec.folder_map)
-    _imagenet_folders_note(spec, image_set, log)
-    _log_images(image_set, log, len(spec.names))
-    _log_missing(image_set, log)
-    coverage = _label_coverage(image_set, spec.names, log)
+    coverage = None
+    if features is not None:
+        _check_features_dim(features, clip_mod.embed_dim(model), f"--model {model}'s text side")
+    else:
+        image_set = list_source(images, spec.names, labels, spec.folder_map, image_keys)
+        _imagenet_folders_note(spec, image_set, log)
+        _log_images(image_set, log, len(spec.names))
+        _log_missing(image_set, log)
+        coverage = _label_coverage(image_set, spec.names, log)
     clip = clip_mod.load_model(model, pretrained, device, model_precision, cache_dir=cache_dir)
     timings["load_model_s"] = time.perf_counter() - t0
 
@@ -253,9 +364,14 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
                                  per_class, progress=log.progress)   # per_class: keyed by names
     timings["text_proxies_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    feats = extract(clip, image_set, log, group=group, rank_rows_only=rank != 0,
-                    cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
-                    workers=workers)
+    if features is not None:
+        _check_features_dim(features, text.shape[0], f"--model {model}'s text side")
+        feats = features_from_file(features, log, cache_dir)
+        image_set = feats.images
+    else:
+        feats = extract(clip, image_set, log, group=group, rank_rows_only=rank != 0,
+                        cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
+                        workers=workers)
     timings["features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -266,7 +382,11 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
 
         rows = shard_rows(x.shape[0], *rank_and_world(group))
         x = x[rows.start:rows.stop]
-    if _fits_on_device(x, clip.device):
+    if feats.mapped:        # a memory-mapped file: streamed chunk by chunk, never copied whole
+        log("stream", f"features ({x.numel() * x.element_size() / 2**30:.1f} GiB) stay "
+            f"memory-mapped and are streamed to {clip.device}", device=str(clip.device))
+        hyper = dict(hyper, device=clip.device, stream=True)
+    elif _fits_on_device(x, clip.device):
         x = x.to(clip.device)
     else:                   # larger than half the free device memory: stream it (out-of-core)
         log("stream", f"features ({x.numel() * x.element_size() / 2**30:.1f} GiB) stay in host "
@@ -278,7 +398,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
         return {}
     if group is not None or x.device != clip.device:   # predictions for every image (rank 0)
         x = feats.features
-        if _fits_on_device(x, clip.device):
+        if _fits_on_device(x, clip.device) and not feats.mapped:
             x = x.to(clip.device)
     timings["fit_s"] = time.perf_counter() - t0
     by_phase = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in res.passes.items()
@@ -291,8 +411,9 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
 
     t0 = time.perf_counter()
     k, k_metrics = min(topk, len(spec.names)), min(5, len(spec.names))
-    vals, idx = res.topk(x, max(k, k_metrics))   # the CSV's k; acc5 whatever --topk is
-    zs_vals, zs_idx = res.zero_shot_topk(x, k_metrics)
+    # the CSV's k; acc5 whatever --topk is
+    vals, idx = _chunked(res.topk, x, max(k, k_metrics), clip.device, feats.mapped)
+    zs_vals, zs_idx = _chunked(res.zero_shot_topk, x, k_metrics, clip.device, feats.mapped)
     timings["predict_s"] = time.perf_counter() - t0
 
     os.makedirs(out, exist_ok=True)
@@ -306,14 +427,15 @@ def fit_images(*, model: str, pretrained: Optional[str], images: str, classes: s
     lab = feats.labels
     write_predictions(os.path.join(out, "predictions.csv"), feats.paths, spec.names,
                       (vals[:, :k], idx[:, :k]),
-                      (zs_vals[:, :1], zs_idx[:, :1]), lab.tolist() if lab is not None else None)
+                      (zs_vals[:, :1], zs_idx[:, :1]), lab.tolist() if lab is not None else None,
+                      id_column=feats.id_column)
     counts = res.class_counts.tolist()
     report = {
         "command": command, "timestamp": started, "finished": _now_iso(),
         "model": model, "pretrained": weights, "weights_id": clip.weights_id,
         "device": str(clip.device),
-        "images": image_set.source or image_set.root, "n_images": len(image_set),
-        "n_used": int(feats.keep.sum()),
+        "images": image_set.source or image_set.root, "n_images": len(feats.images),
+        "n_used": int(feats.keep.sum()), "features": feats.stats,
         "n_skipped": len(feats.skipped), "skipped": feats.skipped,
         "num_classes": len(spec.names), "backend": res.backend,
         "verification": res.verification, "hyper": res.hyper,
@@ -507,21 +629,27 @@ def _group(device: str = "cpu"):
     return init_from_env("nccl" if str(device).startswith("cuda") else "gloo")
 
 
-def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = None,
-                   pretrained: Optional[str] = None, device: str = "cpu",
-                   model_precision: str = "fp32", batch_size: int = 64, workers: int = 4,
-                   cache_dir: Optional[str] = None, use_cache: bool = True, topk: int = 5,
-                   log: Optional[Log] = None, force: bool = False,
-                   command: Optional[str] = None) -> dict:
+def predict_images(*, proxy: str, images: Optional[str] = None, out: str,
+                   model: Optional[str] = None, pretrained: Optional[str] = None,
+                   device: str = "cpu", model_precision: str = "fp32", batch_size: int = 64,
+                   workers: int = 4, cache_dir: Optional[str] = None, use_cache: bool = True,
+                   topk: int = 5, log: Optional[Log] = None, force: bool = False,
+                   command: Optional[str] = None, features: Optional[str] = None,
+                   image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS) -> dict:
     """``inmap predict``: a saved proxy + images -> predictions CSV (``write_predictions``) and
     a report beside it (``predict_report_path``: counts, skipped files, timings); returns the
     report. The model and weights come from the proxy's metadata unless given; other ones
     than the proxy was fitted with are an error (its classes would not match the features)
-    unless ``force``, then a warning."""
+    unless ``force``, then a warning. With ``features`` (precomputed embeddings) no encoder is
+    loaded: the proxy classifies them directly."""
+    _one_source(images, features)
     log = log or Log()
     started = _now_iso()
     res = load_vision_proxy(proxy)
     meta = res.metadata
+    if features is not None:
+        return _predict_features(res, proxy, features, out, model, topk, log, force, command,
+                                 started, cache_dir)
     model = model or meta.get("model")
     if not model:
         raise ValueError(f"{proxy} names no model in its metadata: pass --model and --pretrained")
@@ -543,7 +671,7 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
                   f"{model}", fitted=meta["model"], using=model)
     names = clip_mod.distinct_imagenet(json.loads(meta["classnames"])) if "classnames" in meta \
         else [str(i) for i in range(res.num_classes)]
-    image_set = list_images(images, names, "none")
+    image_set = list_source(images, names, "none", image_keys=image_keys)
     _log_images(image_set, log)
     _log_missing(image_set, log)
     t0 = time.perf_counter()
@@ -560,19 +688,51 @@ def predict_images(*, proxy: str, images: str, out: str, model: Optional[str] = 
     feats = extract(clip, image_set, log, cache_dir=cache_dir, use_cache=use_cache,
                     batch_size=batch_size, workers=workers)
     x = feats.features.to(clip.device)
-    inmap, zero_shot = res.topk(x, min(topk, len(names))), res.zero_shot_topk(x, 1)
-    write_predictions(out, feats.paths, names, inmap, zero_shot)
+    report = {"proxy": os.path.abspath(proxy),
+              "pretrained": clip_mod.weights_name(pretrained), "weights_id": clip.weights_id,
+              "device": str(clip.device), "images": image_set.source or image_set.root}
+    return _write_predictions(res, names, feats, x, out, dict(report, model=model), topk, log,
+                              force, command, started, t0, False)
+
+
+def _predict_features(res: VisionProxyResult, proxy: str, features: str, out: str,
+                      model: Optional[str], topk: int, log: Log, force: bool,
+                      command: Optional[str], started: str, cache_dir: Optional[str]) -> dict:
+    """``inmap predict --features``: the proxy classifies precomputed embeddings (no encoder)."""
+    meta = res.metadata
+    if model and meta.get("model") and meta["model"] != model:
+        _mismatch(force, log, f"the proxy {proxy} was fitted with --model {meta['model']}, not "
+                  f"{model}", fitted=meta["model"], using=model)
+    _check_features_dim(features, res.proxy.shape[0], f"the proxy {proxy}")
+    names = clip_mod.distinct_imagenet(json.loads(meta["classnames"])) if "classnames" in meta \
+        else [str(i) for i in range(res.num_classes)]
+    t0 = time.perf_counter()
+    feats = features_from_file(features, log, cache_dir)
+    report = {"proxy": os.path.abspath(proxy),
+              "pretrained": meta.get("pretrained"), "weights_id": meta.get("weights_id"),
+              "device": "cpu", "features": os.path.abspath(features)}
+    return _write_predictions(res, names, feats, feats.features, out,
+                              dict(report, model=model or meta.get("model")), topk, log, force,
+                              command, started, t0, feats.mapped)
+
+
+def _write_predictions(res: VisionProxyResult, names: Sequence[str], feats: Features,
+                       x: torch.Tensor, out: str, fields: dict, topk: int, log: Log,
+                       force: bool, command: Optional[str], started: str, t0: float,
+                       mapped: bool) -> dict:
+    """predict's CSV and its report (``fields``: model, weights, device, source)."""
+    inmap = _chunked(res.topk, x, min(topk, len(names)), x.device, mapped)
+    zero_shot = _chunked(res.zero_shot_topk, x, 1, x.device, mapped)
+    write_predictions(out, feats.paths, names, inmap, zero_shot, id_column=feats.id_column)
     report = {"command": command, "timestamp": started,
-              "proxy": os.path.abspath(proxy), "model": model,
-              "pretrained": clip_mod.weights_name(pretrained),
-              "weights_id": clip.weights_id, "forced": bool(force),
-              "device": str(clip.device), "images": image_set.source or image_set.root,
-              "n_images": len(image_set),
+              **fields, "forced": bool(force),
+              "n_images": len(feats.images),
               "n_used": int(feats.keep.sum()), "n_skipped": len(feats.skipped),
               "skipped": feats.skipped, "num_classes": len(names),
               "changed_from_zero_shot": float((inmap[1][:, 0] != zero_shot[1][:, 0])
                                               .double().mean()),
               "predicted_class_counts": _counts_by_name(names, inmap[1][:, 0]),
+              "features": feats.stats,
               "seconds": time.perf_counter() - t0, "predictions": os.path.abspath(out),
               "versions": versions()}
     report_path = predict_report_path(out)
@@ -607,7 +767,7 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
     log = log or Log()
     spec = clip_mod.load_classnames(classes)
     hyper = _class_prior_option(hyper, spec, log)
-    image_set = list_images(images, spec.names, "folder", spec.folder_map)
+    image_set = list_source(images, spec.names, "folder", spec.folder_map)
     _imagenet_folders_note(spec, image_set, log)
     _log_images(image_set, log, len(spec.names))
     _label_coverage(image_set, spec.names, log)

@@ -1,0 +1,98 @@
+"""A few labeled images settle class_prior='auto' (labeled.py), and every fit says what it
+assumed about the set (ClassPrior.assumption)."""
+import pytest
+import torch
+
+from testing import clip_like, inmap_ext
+
+
+def _balanced_but_biased(seed=0):
+    """A set holding every class evenly where the unlabeled rule keeps CLIP's marginal."""
+    X, T, y = clip_like(2000, 64, 20, seed=seed, dtype=torch.float32, gap=2.0, text_noise=0.9)
+    return X, T, y
+
+
+def test_labels_choose_the_candidate_they_favour_and_record_why():
+    X, T, y = _balanced_but_biased()
+    free = inmap_ext.fit_vision_proxy(X, T)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randperm(len(y), generator=g)[:300]
+    lab = inmap_ext.fit_vision_proxy(X, T, labeled=(idx, y[idx]))
+    st = lab.class_prior.stats["labeled"]
+    assert set(st) >= {"none", "uniform"}
+    best = max(st.values(), key=lambda v: v["right"])["right"]
+    assert st[lab.class_prior.chosen]["right"] == best
+    assert all(0 <= v["accuracy"] <= 1 and v["se_vs_chosen"] >= 0 for v in st.values())
+    assert st[lab.class_prior.chosen]["se_vs_chosen"] == 0
+    # the candidates' pseudo labels, scored directly, give the same counts
+    from inmap_ext.class_prior import CANDIDATES
+    if lab.class_prior.chosen != free.class_prior.chosen:
+        assert lab.class_prior.stats["decided_by"] == "labeled images"
+        assert st[lab.class_prior.chosen]["right"] > st[free.class_prior.chosen]["right"]
+    assert lab.class_prior.chosen in CANDIDATES
+    # no label enters the fit: the same candidate chosen without labels gives the same proxy
+    same = inmap_ext.fit_vision_proxy(X, T, class_prior=lab.class_prior.chosen)
+    torch.testing.assert_close(lab.proxy, same.proxy)
+
+
+def test_a_tie_keeps_the_unlabeled_rule():
+    from inmap_ext.labeled import decide
+
+    R = torch.tensor([5.0, 5.0, 3.0])
+    M = torch.diag(R)
+    chosen, stats, why = decide(("none", "uniform", "estimate"), R, M, 10, "uniform", [0, 1, 2])
+    assert chosen == "uniform" and "tie keeps it" in why
+    chosen, _, why = decide(("none", "uniform", "estimate"), torch.tensor([6.0, 5.0, 3.0]), M,
+                            10, "uniform", [0, 1])
+    assert chosen == "none" and "the most" in why
+    # a candidate the collapse guard left out is never chosen
+    chosen, stats, _ = decide(("none", "uniform", "estimate"), torch.tensor([1.0, 2.0, 9.0]), M,
+                              10, "uniform", [0, 1])
+    assert chosen == "uniform" and "estimate" not in stats
+
+
+def test_paired_standard_error():
+    from inmap_ext.labeled import decide
+
+    right = torch.tensor([[1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 1]], dtype=torch.float64)
+    chosen, stats, _ = decide(("none", "uniform"), right.sum(1), right @ right.T, 6, "none", [0, 1])
+    assert chosen == "uniform"
+    d = right[1] - right[0]
+    want = float((d.var(unbiased=False) / 6).sqrt())
+    assert stats["none"]["se_vs_chosen"] == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("labeled, match", [
+    ((torch.tensor([0, 1]), torch.tensor([0])), "2 indices but 1 labels"),
+    ((torch.tensor([0, 5000]), torch.tensor([0, 1])), r"in \[0, 300\)"),
+    ((torch.tensor([3, 3]), torch.tensor([0, 1])), "repeat"),
+    ((torch.tensor([0, 1]), torch.tensor([0, 6])), r"class indices in \[0, 6\)"),
+    ((torch.tensor([0.5]), torch.tensor([0])), "integers"),
+    ([1, 2, 3], "a pair"),
+])
+def test_bad_labels_are_refused_before_any_work(labeled, match):
+    X, T, _ = clip_like(300, 16, 6, seed=2)
+    with pytest.raises((ValueError, TypeError), match=match):
+        inmap_ext.fit_vision_proxy(X, T, labeled=labeled)
+
+
+def test_labels_need_the_auto_decision():
+    X, T, y = clip_like(300, 16, 6, seed=2)
+    for kw in (dict(class_prior="uniform"), dict(mode="paper")):
+        with pytest.raises(ValueError, match="labeled|mode='paper'"):
+            inmap_ext.fit_vision_proxy(X, T, labeled=(torch.arange(10), y[:10]), **kw)
+
+
+@pytest.mark.parametrize("prior, words", [("none", "class marginal kept"),
+                                          ("uniform", "every listed class about equally"),
+                                          ("estimate", "proportions estimated from it"),
+                                          ("given", "proportions you gave")])
+def test_every_fit_states_its_assumption(prior, words):
+    X, T, _ = clip_like(400, 16, 6, seed=4)
+    cp = torch.ones(6) if prior == "given" else prior
+    r = inmap_ext.fit_vision_proxy(X, T, class_prior=cp, iters=5)
+    a = r.class_prior.assumption
+    assert a.startswith("Assumed:") and words in a
+    assert r.class_prior.summary()["assumption"] == a
+    if prior != "given":
+        assert "class_prior=" in a       # what to pass if the user knows otherwise

@@ -1,0 +1,113 @@
+"""The class-prior decision reads the zero-shot logits from one pass kept in memory
+(logit_store.py): every read equals the pass it replaces, on every runner and store dtype; a
+read out of the store's range is made with a pass; the budget decides whether there is a store;
+a fit counts its passes by phase (result.passes) and the decision takes one."""
+import math
+
+import pytest
+import torch
+
+from testing import BACKENDS, clip_like, inmap_ext, skip_if_no_ext
+from inmap_ext.functional import Runner
+from inmap_ext.logit_store import (ENV, PassSource, StoredLogits, budget_bytes,
+                                   safe_bias_range, store_dtype)
+from inmap_ext.streaming import StreamingRunner
+
+
+def _runners(n, c, dtype):
+    return [Runner("cpu", "torch", 41, n, c, dtype), StreamingRunner("cpu", "torch", 64, n, c, dtype)]
+
+
+@pytest.mark.parametrize("store, work_tol", [(torch.float64, 1e-12), (torch.float32, 1e-5),
+                                             (torch.bfloat16, 5e-3)])
+def test_stored_column_lse_equals_the_pass(store, work_tol):
+    X, T, _ = clip_like(301, 24, 17, seed=3)
+    n, C = X.shape[0], T.shape[1]
+    biases = [None, torch.randn(17, dtype=torch.float64) * 3,
+              torch.cat([torch.tensor([-math.inf]), torch.randn(16, dtype=torch.float64)])]
+    dense = X @ T * 100.0
+    for runner in _runners(n, C, torch.float64):
+        stored = StoredLogits(runner, X, T, 100.0, store)
+        for b in biases:
+            want = torch.logsumexp(torch.log_softmax(dense + (0 if b is None else b), 1), 0)
+            got = stored.column_lse(b)
+            if b is not None:
+                assert torch.equal(torch.isneginf(got), torch.isneginf(b))
+            fin = torch.isfinite(want)
+            torch.testing.assert_close(got[fin], want[fin], rtol=work_tol, atol=work_tol)
+            torch.testing.assert_close(PassSource(runner, X, T, 100.0).column_lse(b)[fin],
+                                       want[fin], rtol=1e-10, atol=1e-10)
+        assert stored.reads_on_passes == 0
+
+
+def test_a_read_out_of_range_is_made_with_a_pass_and_counted():
+    X, T, _ = clip_like(200, 16, 6, seed=5)
+    runner = Runner("cpu", "torch", 64, 200, 6, torch.float64)
+    stored = StoredLogits(runner, X, T, 100.0, torch.float32)
+    assert stored.safe_range == pytest.approx(math.log(1 / torch.finfo(torch.float32).tiny)
+                                              - math.log(1 / torch.finfo(torch.float32).eps))
+    held = stored.top.nonzero()[:, 0]           # classes holding some row's largest logit
+    b = torch.zeros(6, dtype=torch.float64)
+    free = [j for j in range(6) if j not in held.tolist()] or [int(held[0])]
+    b[held] = -(stored.safe_range + 5)          # lift every other class far above them
+    b[free] = 0.0
+    before = runner.passes.get("other", 0)
+    got = stored.column_lse(b)
+    assert stored.reads_on_passes == 1 and runner.passes["other"] == before + 1
+    want = torch.logsumexp(torch.log_softmax(X @ T * 100.0 + b, 1), 0)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_budget_and_dtype_ladder(monkeypatch):
+    assert store_dtype(1000, 100, 1000 * 100 * 8, torch.float32) == torch.float64
+    assert store_dtype(1000, 100, 1000 * 100 * 8 - 1, torch.float32) == torch.float32
+    assert store_dtype(1000, 100, 1000 * 100 * 2, torch.float32) == torch.bfloat16
+    assert store_dtype(1000, 100, 1000 * 100 * 2 - 1, torch.float32) is None
+    # N = 400k, C = 1000 within the default 1 GiB: bfloat16 (0.8 GB)
+    assert store_dtype(400_000, 1000, budget_bytes(), torch.float32) == torch.bfloat16
+    monkeypatch.setenv(ENV, "0")
+    assert budget_bytes() == 0
+    monkeypatch.setenv(ENV, "lots")
+    with pytest.raises(ValueError, match=ENV):
+        budget_bytes()
+    assert safe_bias_range(torch.float64, torch.float64) > 600
+
+
+@pytest.mark.parametrize("prior", ["auto", "estimate", "uniform", "none"])
+def test_fit_on_stored_logits_equals_the_fit_on_passes(prior, monkeypatch):
+    X, T, y = clip_like(900, 48, 30, seed=7, dtype=torch.float32, gap=2.0, text_noise=0.4,
+                        present=12)
+    stored = inmap_ext.fit_vision_proxy(X, T, class_prior=prior)
+    monkeypatch.setenv(ENV, "0")
+    passes = inmap_ext.fit_vision_proxy(X, T, class_prior=prior)
+    assert stored.class_prior.chosen == passes.class_prior.chosen
+    assert "stored once (float64" in stored.class_prior.stats["logits"]
+    assert passes.class_prior.stats["logits"] == "a pass over the features per read"
+    if stored.log_bias is not None:
+        torch.testing.assert_close(stored.log_bias, passes.log_bias, rtol=1e-4, atol=1e-4)
+    assert torch.equal(stored.predict(X), passes.predict(X))
+    assert stored.passes["decision"] == (0 if prior == "none" else 1)
+    if prior != "none":
+        assert passes.passes["decision"] >= 20          # at least the Sinkhorn balancing
+    for r in (stored, passes):
+        p = r.passes
+        assert p["total"] == sum(v for k, v in p.items() if k != "total")
+        assert p["pseudo_labels"] == 1 and p["descent"] == r.n_iters
+
+
+def test_paper_mode_reads_the_features_as_published():
+    X, T, _ = clip_like(300, 16, 6, seed=2)
+    r = inmap_ext.fit_vision_proxy(X, T, mode="paper", iters=5)
+    assert r.passes == {"decision": 20, "pseudo_labels": 1, "descent": 5,
+                        "stopping_checks": 0, "total": 26}
+    assert r.class_prior.stats["logits"] == "a pass over the features per read"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_passes_by_phase_on_every_backend(backend):
+    skip_if_no_ext("cpu") if backend == "ext" else None
+    X, T, _ = clip_like(500, 24, 9, seed=11)
+    gd = inmap_ext.fit_vision_proxy(X, T, backend=backend, solver="gd", class_prior="uniform")
+    assert gd.passes["descent"] == gd.n_iters
+    assert gd.passes["stopping_checks"] == gd.n_iters // 10
+    assert gd.passes["decision"] == 1
