@@ -42,7 +42,7 @@ least ``KEPT_CLASSES`` (half) of the effective number of classes the zero-shot p
 an estimate that removes more than half of what the classifier itself sees has stopped
 describing the set and describes the classifier's hubs.
 
-Cost: the EM estimate (at most ``EM_ITERS`` column log-sum-exp passes, usually far fewer), two
+Cost: the EM estimate (at most ``EM_ITERS`` column log-sum-exp reads, usually far fewer), two
 Sinkhorn balancings (``sinkhorn_iters`` passes each) and one scoring pass (``expected_accuracies``,
 a chunked pass in torch that also counts the argmax classes). No N x C matrix; every backend,
 sharded (every rank reduces the same sums, so every rank decides the same) and streamed fits.
@@ -69,6 +69,7 @@ CLOSE_CALL = 2.0           # auto: a runner-up within this many standard errors 
 EM_ITERS = 100             # EM iterations of the prior estimate (stops earlier when settled)
 EM_TOL = 0.01              # ... once no class proportion moves by more than this share of a
                            # uniform class share (1/C) in an iteration: scale-free in C
+SQUAREM_UNTIL = 10         # EM is accelerated until a step is below this many EM_TOLs
 
 
 @dataclass
@@ -348,16 +349,62 @@ def uniform_log_target(log_zs: Tensor, gamma: float) -> Tensor:
 def estimate_log_proportions(source, C: int, n: int, dtype, device) -> Tensor:
     """log pi of the EM fixed point pi_j = mean_i softmax(z_i + log pi)_j (z_i = x_i T / tau_t,
     read from ``source``: logit_store.py), started from the uniform prior: the
-    maximum-likelihood class proportions of the set under CLIP's zero-shot posteriors (each
-    iteration is one column log-sum-exp read)."""
+    maximum-likelihood class proportions of the set under CLIP's zero-shot posteriors. Each EM
+    iteration is one column log-sum-exp read; at most ``EM_ITERS``.
+
+    Accelerated by SQUAREM (Varadhan & Roland 2008, scheme S3: from two EM steps r, v, the
+    extrapolated point pi - 2 a r + a^2 v with a = min(-1, -|r| / |v|), plain EM where it leaves
+    the simplex) while EM's steps are large, and finished by plain EM once a step moves no
+    proportion by more than ``SQUAREM_UNTIL`` times the tolerance: EM stops before its fixed
+    point (``EM_TOL``), and where it stops decides the collapse guard on knife-edge sets, so
+    the last stretch is EM's own path. Measured on the robustness bench's 122 real sets: 1.3x
+    fewer reads, every guard outcome as with plain EM (docs/class_prior.md)."""
+    read = [0]
+
+    def em(log_p):
+        read[0] += 1
+        new = source.column_lse(log_p) - math.log(n)
+        return new - torch.logsumexp(new, dim=0)     # exact normalisation against rounding
+
+    def step(a, b):
+        return float((torch.exp(a) - torch.exp(b)).abs().max()) * C
+
+    def finish(log_p):                               # plain EM to its own stopping rule
+        while read[0] < EM_ITERS:
+            new = em(log_p)
+            settled, log_p = step(new, log_p) < EM_TOL, new
+            if settled:
+                break
+        return log_p
+
+    def settle(new, old):                            # None: go on accelerating
+        d = step(new, old)
+        return new if d < EM_TOL else finish(new) if d < SQUAREM_UNTIL * EM_TOL else None
+
     log_pi = torch.full((C,), -math.log(C), dtype=dtype, device=device)
-    for _ in range(EM_ITERS):
-        new = source.column_lse(log_pi) - math.log(n)
-        new = new - torch.logsumexp(new, dim=0)      # exact normalisation against rounding
-        settled = float((torch.exp(new) - torch.exp(log_pi)).abs().max()) * C < EM_TOL
-        log_pi = new
-        if settled:
-            break
+    while read[0] < EM_ITERS:
+        p1 = em(log_pi)
+        done = settle(p1, log_pi)
+        if done is not None:
+            return done
+        p2 = em(p1)
+        done = settle(p2, p1)
+        if done is not None or read[0] >= EM_ITERS:
+            return p2 if done is None else done
+        e0, e1, e2 = torch.exp(log_pi), torch.exp(p1), torch.exp(p2)
+        r, v = e1 - e0, e2 - 2 * e1 + e0
+        a = min(-1.0, -float(torch.linalg.vector_norm(r) / torch.linalg.vector_norm(v).clamp_min(
+            torch.finfo(v.dtype).tiny)))
+        q = e0 - 2 * a * r + a * a * v
+        if not bool((q > 0).all()):                  # off the simplex: the EM step instead
+            log_pi = p2
+            continue
+        q = torch.log(q / q.sum())
+        p3 = em(q)
+        done = settle(p3, q)
+        if done is not None:
+            return done
+        log_pi = p3
     return log_pi
 
 

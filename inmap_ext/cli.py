@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels from an ImageFolder layout (auto: when folders match classes)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--topk", type=int, default=5, help="classes per image in predictions.csv")
+    p.add_argument("--labeled", default=None, metavar="FILE",
+                   help="labels for a few of the images, to settle the class prior: lines "
+                        "'IMAGE<TAB or comma>CLASS NAME' (IMAGE: its path as listed, or its id "
+                        "for shards and embeddings), or a folder CLASS/IMAGE holding copies or "
+                        "links of some of the images; a small random sample is best")
     _hyper(p)
     _common(p)
 
@@ -462,7 +467,8 @@ def _run(args) -> int:
             if cmd in ("fit", "predict") else {}
     if cmd == "fit":
         pipeline.fit_images(classes=args.classes, templates=args.templates, prompts=args.prompts,
-                            labels=args.labels, topk=args.topk, **common, **sources,
+                            labels=args.labels, topk=args.topk, labeled=args.labeled,
+                            **common, **sources,
                             **_hyper_kwargs(args))
     elif cmd == "predict":
         pipeline.predict_images(proxy=args.proxy, topk=args.topk, force=args.force, **common,

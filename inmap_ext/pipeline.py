@@ -329,7 +329,8 @@ def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] =
                batch_size: int = 64, workers: int = 4, cache_dir: Optional[str] = None,
                use_cache: bool = True, topk: int = 5, log: Optional[Log] = None,
                command: Optional[str] = None, features: Optional[str] = None,
-               image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS, **hyper) -> dict:
+               image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS, labeled: Optional[str] = None,
+               **hyper) -> dict:
     """``inmap fit``: writes out/proxy.safetensors, out/report.json, out/predictions.csv and
     returns the report (``command``: the command line, recorded in it). The image features
     come from ``images`` (a folder, a file list or tar shards, encoded by ``model``) or from
@@ -347,6 +348,13 @@ def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] =
     tmpl = clip_mod.load_templates(templates)
     per_class = clip_mod.load_prompts(prompts, spec.names, spec.text_names) if prompts else None
     hyper = _class_prior_option(hyper, spec, log)
+    if labeled is not None:
+        cp = hyper.get("class_prior")
+        if hyper.get("mode") == "paper" or not (cp is None or cp == "auto"):
+            raise ValueError("--labeled settles the default class prior (auto); drop "
+                             "--class-prior / --mode paper, or drop --labeled")
+        if not os.path.exists(labeled):
+            raise ValueError(f"--labeled {labeled}: no such file or folder")
     coverage = None
     if features is not None:
         _check_features_dim(features, clip_mod.embed_dim(model), f"--model {model}'s text side")
@@ -382,6 +390,16 @@ def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] =
 
         rows = shard_rows(x.shape[0], *rank_and_world(group))
         x = x[rows.start:rows.stop]
+    if labeled is not None:
+        ids = feats.paths                # the rows of the features, in order
+        lab = read_labeled(labeled, ids, spec.names)
+        log("labeled", f"labeled images: {len(lab[0])} of {len(ids)} ({len(set(lab[1].tolist()))}"
+            f" classes) from {labeled}; they choose the class prior (no label enters the fit)",
+            labeled=len(lab[0]))
+        if group is not None and feats.rows is None:     # this rank's rows, renumbered
+            keep = (lab[0] >= rows.start) & (lab[0] < rows.stop)
+            lab = (lab[0][keep] - rows.start, lab[1][keep])
+        hyper = dict(hyper, labeled=lab)
     if feats.mapped:        # a memory-mapped file: streamed chunk by chunk, never copied whole
         log("stream", f"features ({x.numel() * x.element_size() / 2**30:.1f} GiB) stay "
             f"memory-mapped and are streamed to {clip.device}", device=str(clip.device))
@@ -492,6 +510,65 @@ def _label_coverage(image_set: ImageSet, names: Sequence[str], log: Log) -> Opti
                         f"(no folder for {_some(absent)}); accuracy is over those classes only"}
     log("warning", f"warning: {coverage['note']}", **coverage)
     return coverage
+
+
+def read_labeled(path: str, ids: Sequence[str], names: Sequence[str]):
+    """(row indices, class indices) of the labeled images of ``--labeled``: a file of lines
+    'IMAGE<TAB or comma>CLASS NAME' ('#' starts a comment) or a folder CLASS/.../IMAGE. IMAGE is
+    matched to the fit's images by its path as listed, its real path, or its id (shards,
+    embeddings); a class name as class folders are matched (case, '_' and '-' ignored). An
+    unknown image or class, or an image labeled twice, is an error naming the line."""
+    from .data import norm_name, read_text
+
+    row = {}
+    for i, p in enumerate(ids):
+        row.setdefault(str(p), i)
+        if os.path.exists(str(p)):
+            row.setdefault(os.path.realpath(str(p)), i)
+    by_name = {}
+    for j, n in enumerate(names):
+        by_name.setdefault(norm_name(n), j)
+    pairs = []                         # (where, image, class name)
+    if os.path.isdir(path):
+        for cls in sorted(os.listdir(path)):
+            sub = os.path.join(path, cls)
+            if not os.path.isdir(sub):
+                continue
+            for dirpath, _, files in os.walk(sub, followlinks=True):
+                for f in sorted(files):
+                    full = os.path.join(dirpath, f)
+                    pairs.append((full, os.path.realpath(full), cls))
+    else:
+        for n, line in enumerate(read_text(path, "--labeled").splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            sep = "\t" if "\t" in line else ","
+            image, _, cls = (v.strip() for v in line.rpartition(sep))
+            if not image or not cls:
+                raise ValueError(f"{path}:{n}: expected 'IMAGE<TAB or comma>CLASS', got {line!r}")
+            pairs.append((f"{path}:{n}", image, cls))
+    idx, lab, seen = [], [], {}
+    for where, image, cls in pairs:
+        i = row.get(image)
+        if i is None and os.path.exists(image):
+            i = row.get(os.path.realpath(image))
+        if i is None:
+            raise ValueError(f"--labeled {where}: image {image!r} is not one of the fit's images "
+                             "(give its path as listed, or its id for shards and embeddings)")
+        j = by_name.get(norm_name(cls))
+        if j is None:
+            raise ValueError(f"--labeled {where}: class {cls!r} is not in the class list "
+                             f"(first classes: {list(names)[:5]})")
+        if i in seen:
+            raise ValueError(f"--labeled {where}: image {image!r} is labeled twice (also at "
+                             f"{seen[i]})")
+        seen[i] = where
+        idx.append(i)
+        lab.append(j)
+    if not idx:
+        raise ValueError(f"--labeled {path}: no labeled image found")
+    return torch.tensor(idx, dtype=torch.long), torch.tensor(lab, dtype=torch.long)
 
 
 def read_class_weights(path: str, names: Sequence[str]) -> torch.Tensor:

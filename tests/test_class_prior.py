@@ -71,8 +71,12 @@ def outcomes():
 #   the data cannot tell CLIP's per-class bias from class proportions, the candidates' models
 #   disagree evenly, and auto keeps the zero-shot labels where the published uniform target
 #   would gain.
+# - The weak classifier on a long tail: auto keeps the zero-shot labels ("none") and the InMaP
+#   fit on them is itself below zero-shot (15.8%): all 2000 published steps 15.5%, the L-BFGS
+#   solver 15.15% (59 passes), its minimum 15.35%: the objective's minimum, not the solver
+#   (the published descent's stop, 280 steps from the text proxies, stayed nearer zero-shot).
 BELOW_ZERO_SHOT = {("rn50, C=10", "half the classes"), ("rn50, C=10", "a fifth of the classes"),
-                   ("rn50, C=10", "long tail")}
+                   ("rn50, C=10", "long tail"), ("weak, C=100", "long tail")}
 MISSES_PUBLISHED_GAIN = {"weak, C=100", "vit, C=2"}
 
 
@@ -134,8 +138,9 @@ def test_estimate_finds_the_present_classes():
                                           ("rn50, C=10", "long tail"),
                                           ("weak, C=100", "half the classes")])
 def test_estimate_is_the_em_iterate_and_balanced_to_itself(model, holds):
-    """The estimate is the dense EM iterate stopped at the same tolerance (on a chunked runner),
-    and softmax(L + log pi) has column means pi to within that tolerance (a fixed point)."""
+    """The estimate (SQUAREM-accelerated EM finished by plain EM) is the same on passes and on
+    stored logits, near the dense plain EM iterate stopped at the same tolerance, reached in no
+    more reads, and softmax(L + log pi) has column means pi to within that tolerance."""
     from inmap_ext.class_prior import EM_TOL, estimate_log_proportions
     from inmap_ext.functional import Runner
     from inmap_ext.logit_store import PassSource, StoredLogits
@@ -144,19 +149,23 @@ def test_estimate_is_the_em_iterate_and_balanced_to_itself(model, holds):
     X, T = X.double(), T.double()
     n, C = X.shape[0], T.shape[1]
     runner = Runner("cpu", "torch", 97, n, C, torch.float64)
-    got, stored = (torch.exp(estimate_log_proportions(src, C, n, torch.float64, "cpu"))
-                   for src in (PassSource(runner, X, T, 100.0),
-                               StoredLogits(runner, X, T, 100.0, torch.float64)))
+    got = torch.exp(estimate_log_proportions(PassSource(runner, X, T, 100.0), C, n,
+                                             torch.float64, "cpu"))
+    reads = runner.passes["other"]
+    stored = torch.exp(estimate_log_proportions(StoredLogits(runner, X, T, 100.0, torch.float64),
+                                                C, n, torch.float64, "cpu"))
     L = X @ T / 0.01
     pi = torch.full((C,), 1.0 / C, dtype=torch.float64)
+    em = 0
     while True:                                    # plain dense EM, same stopping rule
         new = torch.softmax(L + pi.log(), 1).mean(0)
+        em += 1
         settled = float((new - pi).abs().max()) * C < EM_TOL
         pi = new
         if settled:
             break
-    torch.testing.assert_close(got, pi, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(stored, pi, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stored, got, rtol=1e-9, atol=1e-12)
+    assert float((got - pi).abs().max()) * C < 10 * EM_TOL and reads <= em + 2
     balanced = torch.softmax(L + got.log(), 1).mean(0)
     assert float((balanced - got).abs().max()) * C < EM_TOL
 
@@ -406,7 +415,9 @@ def test_auto_reports_close_calls_and_the_cli_says_what_would_decide(capsys):
     res = SimpleNamespace(class_prior=q, num_classes=10)
     _log_class_prior(res, Log("text"))
     err = capsys.readouterr().err
-    assert "close call: 'uniform' was about as likely right" in err
+    assert ("close call: under the candidates' own models 'uniform' was within two standard "
+            "errors" in err and "not the doubt about which model is right" in err)
+    assert q.assumption in err                                  # stated on every fit
     assert "--class-prior uniform" in err and "estimate" not in err
     assert _prior_report(res, [str(i) for i in range(10)])["close_calls"] == ["uniform"]
 

