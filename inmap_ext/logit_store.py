@@ -40,6 +40,8 @@ Tensor = torch.Tensor
 
 DEFAULT_BUDGET_BYTES = 1 << 30
 ENV = "INMAP_LOGIT_STORE_BYTES"
+DTYPE_ENV = "INMAP_LOGIT_STORE_DTYPE"   # float64 / float32 / bfloat16: force the store's dtype
+                                        # whatever the budget (benchmarks of its rounding)
 
 
 def safe_bias_range(store: torch.dtype, work: torch.dtype) -> float:
@@ -126,6 +128,12 @@ class StoredLogits:
         """A StoredLogits within the budget, else a PassSource. ``dtype`` forces the store's
         dtype (benchmarks)."""
         budget = budget_bytes() if budget is None else budget
+        forced = os.environ.get(DTYPE_ENV, "").strip()
+        if dtype is None and forced:
+            if forced not in ("float64", "float32", "bfloat16"):
+                raise ValueError(f"{DTYPE_ENV} must be float64, float32 or bfloat16, got "
+                                 f"{forced!r}")
+            dtype = getattr(torch, forced)
         dtype = dtype or store_dtype(x.shape[0], t.shape[1], budget, runner.dtype)
         if dtype is None:
             return PassSource(runner, x, t, inv_tau)

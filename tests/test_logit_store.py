@@ -68,6 +68,15 @@ def test_budget_and_dtype_ladder(monkeypatch):
     assert store_dtype(400_000, 1000, budget_bytes(), torch.float32) == torch.bfloat16
     monkeypatch.setenv(ENV, "0")
     assert budget_bytes() == 0
+    X, T, _ = clip_like(50, 8, 4)
+    runner = Runner("cpu", "torch", 16, 50, 4, torch.float64)
+    assert not StoredLogits.build(runner, X, T, 100.0).stored          # budget 0: passes
+    monkeypatch.setenv("INMAP_LOGIT_STORE_DTYPE", "bfloat16")
+    assert StoredLogits.build(runner, X, T, 100.0).dtype == torch.bfloat16
+    monkeypatch.setenv("INMAP_LOGIT_STORE_DTYPE", "half")
+    with pytest.raises(ValueError, match="INMAP_LOGIT_STORE_DTYPE"):
+        StoredLogits.build(runner, X, T, 100.0)
+    monkeypatch.delenv("INMAP_LOGIT_STORE_DTYPE")
     monkeypatch.setenv(ENV, "lots")
     with pytest.raises(ValueError, match=ENV):
         budget_bytes()

@@ -22,14 +22,24 @@ def test_memory_mapped_features_match_in_memory_fit(tmp_path, backend):
     X, T, _ = clip_like(2500, 32, 9, seed=8, dtype=torch.float32)
     X = X * torch.linspace(0.5, 2.0, len(X))[:, None]          # not unit: normalised per chunk
     mm = _memmap(tmp_path, X)
-    ref = inmap_ext.fit_vision_proxy(X, T, iters=200, backend=backend)
+    # the published descent: the streamed passes equal the in-memory ones to float32 rounding
+    ref = inmap_ext.fit_vision_proxy(X, T, iters=200, backend=backend, solver="gd")
     got = inmap_ext.fit_vision_proxy(mm, T, iters=200, backend=backend, stream=True,
-                                     chunk_size=333)
+                                     chunk_size=333, solver="gd")
     assert got.hyper["streamed"] and not ref.hyper["streamed"]
     torch.testing.assert_close(got.proxy, ref.proxy, rtol=0, atol=1e-5)
     assert (got.predict(X) == ref.predict(X)).all()
     torch.testing.assert_close(got.log_bias, ref.log_bias, rtol=1e-5, atol=1e-4)
     assert torch.equal(got.class_counts, ref.class_counts)
+    # L-BFGS amplifies float32 rounding along the objective's flat directions (measured here:
+    # proxies 2.5e-4 apart after 30 passes, objectives 1e-5; the stop a pass apart): the same
+    # fit to that rounding; in float64 (test_streaming_float64_is_faithful) to 1e-9
+    ref = inmap_ext.fit_vision_proxy(X, T, backend=backend)
+    got = inmap_ext.fit_vision_proxy(mm, T, backend=backend, stream=True, chunk_size=333)
+    assert abs(got.n_iters - ref.n_iters) <= 2
+    torch.testing.assert_close(got.proxy, ref.proxy, rtol=0, atol=5e-3)
+    assert float((got.predict(X) == ref.predict(X)).double().mean()) >= 0.995
+    assert abs(float(got.objective[-1]) - float(ref.objective[-1])) <= 1e-4
 
 
 def test_streaming_float64_is_faithful():
@@ -40,6 +50,11 @@ def test_streaming_float64_is_faithful():
     got = inmap_ext.fit_vision_proxy(X * 2.5, T, iters=300, stream=True, chunk_size=71,
                                     mode="paper")
     torch.testing.assert_close(got.proxy, ref["W"], rtol=0, atol=1e-8)
+    # the default fit (stored logits, L-BFGS) streamed equals the in-memory one in float64
+    mem = inmap_ext.fit_vision_proxy(X, T)
+    got = inmap_ext.fit_vision_proxy(X * 2.5, T, stream=True, chunk_size=71)
+    assert got.n_iters == mem.n_iters and got.passes == mem.passes
+    torch.testing.assert_close(got.proxy, mem.proxy, rtol=0, atol=1e-9)
 
 
 def test_streaming_validates_every_chunk():
