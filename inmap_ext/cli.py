@@ -23,13 +23,14 @@ ALL = "\0all"   # `inmap cache --clear` without a key
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 # The library's choices, here so that option errors need no torch import (tests/test_cli_*.py
-# check them against _ops.BACKENDS, fit.PRECISIONS, fit.MODES, class_prior.CLASS_PRIORS and
-# solver.STOP_RULES).
+# check them against _ops.BACKENDS, fit.PRECISIONS, fit.MODES, class_prior.CLASS_PRIORS,
+# solver.STOP_RULES and solver.SOLVERS).
 BACKENDS = ("auto", "ext", "torch", "triton")
 PRECISIONS = ("auto", "fp64", "fp32", "tf32", "fp16", "bf16")
 MODES = ("default", "paper")
 CLASS_PRIORS = ("auto", "uniform", "estimate", "none")
 STOP_RULES = ("auto", "none")
+SOLVERS = ("lbfgs", "gd")
 MODEL_COMMANDS = ("fit", "predict", "eval", "extract")
 
 HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vision_proxy
@@ -38,8 +39,9 @@ HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vis
     ("--alpha", "alpha", float, 0.6, "confidence threshold: rows with max > alpha become one-hot"),
     ("--sinkhorn-iters", "sinkhorn_iters", int, 20, "Sinkhorn balancing iterations (0: none)"),
     ("--gamma", "gamma", float, 0.0, "class-prior exponent of the balancing (0: uniform)"),
-    ("--iters", "iters", int, 2000, "gradient steps on the vision proxy"),
-    ("--lr", "lr", float, 10.0, "initial learning rate (halved when the gradient norm grows)"),
+    ("--iters", "iters", int, 2000, "the most passes of the solver (gd: gradient steps)"),
+    ("--lr", "lr", float, 10.0, "initial learning rate (gd: halved when the gradient norm "
+     "grows; lbfgs: its first step)"),
     ("--backend", "backend", str, "auto", "auto | ext | torch | triton"),
     ("--chunk-size", "chunk_size", int, None, "rows per chunk (default: automatic)"),
     ("--tol", "tol", float, None, "early stop when the largest per-class proxy change < tol"),
@@ -52,8 +54,11 @@ HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vis
     ("--mode", "mode", str, "default",
      "default | paper: exactly the published algorithm (uniform prior, every step)"),
     ("--stop", "stop", str, None,
-     "when the descent stops: auto (default: once objective and predictions settle) | none "
-     "(every --iters step; the paper mode's)"),
+     "when the solver stops: auto (default: once the objective settles) | none "
+     "(every --iters pass; the paper mode's)"),
+    ("--solver", "solver", str, None,
+     "lbfgs (default: Riemannian L-BFGS, a few dozen passes) | gd (the published descent; "
+     "the paper mode's)"),
 ]
 
 
@@ -349,6 +354,10 @@ def _check_hyper(args) -> None:
                              f"of class weights; {cp!r} is neither")
     if args.stop is not None and args.stop not in STOP_RULES:
         raise ValueError(f"--stop must be {' or '.join(STOP_RULES)}, got {args.stop!r}")
+    if args.solver is not None and args.solver not in SOLVERS:
+        raise ValueError(f"--solver must be {' or '.join(SOLVERS)}, got {args.solver!r}")
+    if args.mode == "paper" and args.solver == "lbfgs":
+        raise ValueError("--mode paper runs the published descent; drop --solver lbfgs")
     if args.mode == "paper" and (args.stop == "auto" or args.tol is not None):
         raise ValueError("--mode paper runs every --iters step; drop --stop auto / --tol")
     check_balancing(args.sinkhorn_iters, cp not in (None, "auto", "uniform", "none"), cp,

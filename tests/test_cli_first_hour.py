@@ -188,10 +188,10 @@ def test_cli_choices_mirror_the_library():
     from inmap_ext._ops import BACKENDS
     from inmap_ext.class_prior import CLASS_PRIORS
     from inmap_ext.fit import MODES, PRECISIONS
-    from inmap_ext.solver import STOP_RULES
+    from inmap_ext.solver import SOLVERS, STOP_RULES
 
-    assert (cli.BACKENDS, cli.PRECISIONS, cli.MODES, cli.CLASS_PRIORS, cli.STOP_RULES) == \
-        (BACKENDS, PRECISIONS, MODES, CLASS_PRIORS, STOP_RULES)
+    assert (cli.BACKENDS, cli.PRECISIONS, cli.MODES, cli.CLASS_PRIORS, cli.STOP_RULES,
+            cli.SOLVERS) == (BACKENDS, PRECISIONS, MODES, CLASS_PRIORS, STOP_RULES, SOLVERS)
 
 
 # ---- item 4: nothing silent or misleading -----------------------------------------------------

@@ -191,16 +191,32 @@ def test_device_mismatch_is_an_error():
 
 def test_fit_end_to_end_and_precisions(design):
     X, T, y = clip_like(20000, 256, 100, seed=1, dtype=torch.float32)
-    ref = inmap_ext.fit_vision_proxy(X.double(), T.double(), iters=300, backend="torch")
-    r32 = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), iters=300, precision="fp32")
+    # the kernels' precision through the published descent (solver="gd": the path is rounding-
+    # stable); the default L-BFGS on CUDA in test_default_fit_on_cuda_matches_the_cpu_fit
+    gd = dict(iters=300, solver="gd")
+    ref = inmap_ext.fit_vision_proxy(X.double(), T.double(), backend="torch", **gd)
+    r32 = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), precision="fp32", **gd)
     assert r32.backend == "ext" and r32.proxy.is_cuda
     p32 = r32.predict(X.cuda()).cpu()
     assert (p32 == ref.predict(X.double())).double().mean() >= 0.999
     for precision in ("tf32", "fp16", "bf16"):
-        r = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), iters=300, precision=precision)
+        r = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), precision=precision, **gd)
         assert r.proxy.dtype == torch.float32 and torch.isfinite(r.proxy).all()
         changed = (r.predict(X.cuda()).cpu() != p32).double().mean().item()
         assert changed <= 0.001, (precision, changed)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_default_fit_on_cuda_matches_the_cpu_fit(precision):
+    """The default fit (logits stored on the GPU, L-BFGS) on CUDA against the same fit in float64
+    on the CPU: the same class prior, the passes within a few, predictions within 0.5%."""
+    X, T, _ = clip_like(20000, 256, 100, seed=1, dtype=torch.float32, gap=2.0, text_noise=0.4)
+    ref = inmap_ext.fit_vision_proxy(X.double(), T.double(), backend="torch")
+    r = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), precision=precision)
+    assert r.proxy.is_cuda and r.class_prior.chosen == ref.class_prior.chosen
+    assert r.passes["decision"] == 1 and abs(r.n_iters - ref.n_iters) <= 10
+    agree = (r.predict(X.cuda()).cpu() == ref.predict(X.double())).double().mean().item()
+    assert agree >= 0.995, agree
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -216,10 +232,11 @@ def test_fused_fit_pads_odd_d_once(monkeypatch, dtype):
     runner = Runner("cuda", "ext", None, 5000, 40, dtype)
     owned = runner.own_features(x)
     assert owned.shape == (5000, 128) and runner.pad_cols == 28
-    fused = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), iters=200, precision=precision)
+    fused = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), iters=200, precision=precision,
+                                       solver="gd")
     monkeypatch.setenv("INMAP_CUDA_DESIGN", "chunked")
     chunked = inmap_ext.fit_vision_proxy(X.cuda(), T.cuda(), iters=200,
-                                         precision=precision)
+                                         precision=precision, solver="gd")
     assert fused.proxy.shape == (100, 40)
     changed = (fused.predict(X.cuda()) != chunked.predict(X.cuda())).double().mean().item()
     assert changed <= 0.002, changed
