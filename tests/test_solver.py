@@ -92,7 +92,7 @@ def test_lbfgs_auto_stop_obeys_its_documented_rule():
     # (relative) over the last 5 iterations; the histories have one entry per pass
     import inmap_ext.lbfgs as lb
 
-    assert (lb.WINDOW, lb.OBJECTIVE_RTOL) == (5, 1e-3)
+    assert (lb.WINDOW, lb.OBJECTIVE_RTOL, lb.MAX_PASSES) == (5, 1e-3, 80)
     X, T, _ = clip_like(3000, 64, 10, seed=10, dtype=torch.float64)
     r = inmap_ext.fit_vision_proxy(X, T, class_prior="uniform")
     n = r.n_iters
@@ -103,6 +103,15 @@ def test_lbfgs_auto_stop_obeys_its_documented_rule():
     torch.testing.assert_close(shorter.objective, r.objective[:n - 1])
     f = r.objective.double()
     assert float(f[-1]) <= float(f[0])
+    # the rule's cap: never more than MAX_PASSES passes unless iters says so
+    lb.MAX_PASSES = 7
+    try:
+        capped = inmap_ext.fit_vision_proxy(X, T, class_prior="uniform")
+        more = inmap_ext.fit_vision_proxy(X, T, class_prior="uniform", stop="none", iters=9)
+    finally:
+        lb.MAX_PASSES = 80
+    assert capped.n_iters == 7 and capped.converged and "cap of 7" in capped.stop_reason
+    assert more.n_iters == 9
 
 
 def test_default_and_paper_agree_on_a_balanced_set():
