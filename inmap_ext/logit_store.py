@@ -143,17 +143,20 @@ class StoredLogits:
     def nbytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.chunks)
 
-    def _b(self, bias: Optional[Tensor]) -> Tensor:
+    def _shift(self, bias: Optional[Tensor]) -> Tensor:
+        """bias - max(bias) (log b, <= 0; -inf for an absent class), after the range check."""
         if bias is None:
-            return torch.ones(self.c, dtype=self.work, device=self.runner.device)
+            return torch.zeros(self.c, dtype=self.work, device=self.runner.device)
         bias = bias.to(device=self.runner.device, dtype=self.work)
+        if bool(torch.isnan(bias).any() | torch.isposinf(bias).any()):
+            raise OutOfRange("a log-bias is NaN or +inf")
         top = bias[torch.isfinite(bias)].max()
         lowest = bias[self.top & torch.isfinite(bias)]      # the classes that hold a row's 1
         spread = float(top - lowest.min()) if lowest.numel() else 0.0
         if spread > self.safe_range:
             raise OutOfRange(f"a class's log-bias exceeds that of a class holding some row's "
                              f"largest logit by {spread:.1f} > {self.safe_range:.0f}")
-        return torch.exp(bias - top)
+        return bias - top
 
     def column_lse(self, bias: Optional[Tensor]) -> Tensor:
         """log of the column sums of softmax(Z + bias) over the rows of every rank: two
@@ -172,15 +175,16 @@ class StoredLogits:
         return self.runner.lse_(out).to(self.acc)
 
     def _column_lse(self, bias: Optional[Tensor]) -> Tensor:
-        b = self._b(bias)
-        col = torch.zeros(self.c, dtype=self.work, device=b.device)
+        shift = self._shift(bias)
+        b = torch.exp(shift)           # a class far below the top may underflow to 0 here: its
+        col = torch.zeros(self.c, dtype=self.work, device=b.device)   # log b is kept exact
         for e in self.chunks:
             e = e.to(self.work)
             r = e @ b
             if not bool((r > 0).all()):
                 raise OutOfRange("a row has no mass left under the log-bias")
             col += e.T @ (1.0 / r)
-        return torch.log(col) + torch.log(b)
+        return torch.log(col) + shift
 
     def logit_chunks(self, betas=()) -> Iterator[Tensor]:
         """Z - row max, a stored chunk at a time (no pass over the features); read with a pass
@@ -189,7 +193,7 @@ class StoredLogits:
         bad = torch.zeros((), device=self.runner.device)
         for beta in betas:
             try:
-                self._b(beta)
+                self._shift(beta)
             except OutOfRange:
                 bad += 1
         if float(self.runner.sum_(bad)) > 0:

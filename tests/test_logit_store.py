@@ -123,3 +123,22 @@ def test_passes_by_phase_on_every_backend(backend):
     assert gd.passes["descent"] == gd.n_iters
     assert gd.passes["stopping_checks"] == gd.n_iters // 10
     assert gd.passes["decision"] == 1
+
+
+def test_few_images_many_classes_stored_equals_passes(monkeypatch):
+    """16 images of 4 classes under 300 listed: balancing to uniform lifts the empty classes by
+    hundreds against the others (a class far below the top once underflowed to log b = -inf and
+    turned the next bias into +inf); the stored decision equals the one on passes."""
+    X, T, _ = clip_like(16, 32, 300, seed=3, dtype=torch.float64, gap=2.0, text_noise=0.4,
+                        present=4)         # float64: the passes' float32 columns underflow here
+    for prior in ("auto", "uniform"):
+        stored = inmap_ext.fit_vision_proxy(X, T, class_prior=prior, iters=3)
+        monkeypatch.setenv(ENV, "0")
+        passes = inmap_ext.fit_vision_proxy(X, T, class_prior=prior, iters=3)
+        monkeypatch.delenv(ENV)
+        assert stored.class_prior.chosen == passes.class_prior.chosen
+        assert stored.class_prior.stats.get("expected_accuracy") == \
+            passes.class_prior.stats.get("expected_accuracy")
+        if stored.log_bias is not None:
+            assert torch.isfinite(stored.log_bias).all()
+            torch.testing.assert_close(stored.log_bias, passes.log_bias, rtol=1e-9, atol=1e-7)
