@@ -336,21 +336,12 @@ class FeatureCache:
         return [i for i in range(self.n_shards) if os.path.exists(self.shard_path(i) + AGAIN)]
 
     def _require_complete(self) -> None:
-        missing = self.missing_shards()
-        if missing:
-            raise RuntimeError(f"feature cache {self.dir} is incomplete: {len(missing)} of "
-                               f"{self.n_shards} shards missing (run the extraction again)")
+        require_complete(self.dir, self.missing_shards(), self.n_shards)
 
     def load_ok(self) -> torch.Tensor:
         """The ok mask (N bool) alone: each shard's "ok" tensor is read, not its features."""
-        from safetensors import safe_open
-
         self._require_complete()
-        oks = []
-        for i in range(self.n_shards):
-            with safe_open(self.shard_path(i), framework="pt") as f:
-                oks.append(f.get_tensor("ok").bool())
-        return torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
+        return read_ok_masks([self.shard_path(i) for i in range(self.n_shards)])
 
     def load(self, rows: Optional[range] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(features float32, ok bool) of the images ``rows`` (default: all N) in image-list
@@ -374,6 +365,24 @@ class FeatureCache:
             oks.append(t["ok"].bool())
         lo = rows.start - first * self.shard_size
         return torch.cat(feats)[lo:lo + len(rows)], torch.cat(oks)[lo:lo + len(rows)]
+
+
+def require_complete(where: str, missing: Sequence, n_shards: int) -> None:
+    """Refuse to read a cache entry whose shards are not all written."""
+    if missing:
+        raise RuntimeError(f"feature cache {where} is incomplete: {len(missing)} of {n_shards} "
+                           "shards missing (run the extraction again)")
+
+
+def read_ok_masks(paths: Sequence[str]) -> torch.Tensor:
+    """The "ok" masks of safetensors shard files, concatenated (their features are not read)."""
+    from safetensors import safe_open
+
+    oks = []
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            oks.append(f.get_tensor("ok").bool())
+    return torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
 
 
 def _read_manifest(path: str, default: int) -> Optional[int]:

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .cache import read_ok_masks, require_complete
 from .fileio import _umask, save_safetensors
 
 KIND = "webdataset"
@@ -180,20 +181,11 @@ class ShardCache:
         return out
 
     def _require_complete(self) -> None:
-        missing = self.missing_shards()
-        if missing:
-            raise RuntimeError(f"feature cache {self.dir} is missing {len(missing)} of "
-                               f"{self.n_shards} shards (run the extraction again)")
+        require_complete(self.dir, self.missing_shards(), self.n_shards)
 
     def load_ok(self) -> torch.Tensor:
-        from safetensors import safe_open
-
         self._require_complete()
-        oks = []
-        for i in range(self.n_shards):
-            with safe_open(self.entry_path(i), framework="pt") as f:
-                oks.append(f.get_tensor("ok").bool())
-        return torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
+        return read_ok_masks([self.entry_path(i) for i in range(self.n_shards)])
 
     def load(self, rows: Optional[range] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(features, ok) of the samples ``rows`` (default: all), reading only their shards."""

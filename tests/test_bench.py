@@ -50,7 +50,7 @@ def test_robustness_bench_runs_every_file_and_summarises(tmp_path):
         paths.append(str(path))
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "robustness.py"), *paths, "--seeds", "0",
-         "--batches", "1", "--out", str(tmp_path)],
+         "--batches", "1", "--out", str(tmp_path), "--labeled", "20", "--draws", "2"],
         capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     (js,) = tmp_path.glob("robustness_*.json")
@@ -68,6 +68,13 @@ def test_robustness_bench_runs_every_file_and_summarises(tmp_path):
                 assert r["auto"] == r[r["auto_chose"]], r  # auto ran the prior it chose
     cost = s["decision_cost_on_largest_set"]
     assert cost["data"] == "synthetic1.npz" and cost["set"] == "full"
+    # the labeled-sample mode: every set of at least 40 images, 2 draws of 20 labels each
+    lab = s["labeled"]["20"]
+    big = [r for f in data["files"] for r in f["rows"] if r["n"] >= 40 and "batches" not in r["set"]]
+    assert lab["sets"] == len(big) and lab["fits"] == 2 * len(big)
+    for r in big:
+        assert all(c in ("none", "uniform", "estimate") for c in r["labeled"]["20"])
+    assert lab["mean_regret_vs_best_per_set"] >= 0
     assert 0 < cost["decision_s"] < cost["fit_s"] and 0 < cost["share"] < 1
     assert len(s["auto_minus_uniform_on_full_sets"]) == 2
     for c in s["close_calls"]:
@@ -97,3 +104,23 @@ def test_robustness_bench_runs_every_file_and_summarises(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert js.with_suffix(".md").read_text() == md
     assert json.loads(js.read_text())["summary"] == s
+
+
+def test_speed_bench_counts_passes_side_by_side(tmp_path):
+    """bench/speed.py on a tiny synthetic set: the previous default, the default, the default
+    with the uniform prior and the paper fit, each with passes by phase, time and top-1."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "speed.py"), "--synthetic", "300x16x10",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (js,) = tmp_path.glob("speed_*.json")
+    (row,) = json.loads(js.read_text())["rows"]
+    runs = row["runs"]
+    assert set(runs) == {"previous default", "default", "default, uniform", "paper"}
+    assert runs["paper"]["passes"]["descent"] == 2000 and runs["paper"]["solver"] == "gd"
+    assert runs["previous default"]["solver"] == "gd" and runs["default"]["solver"] == "lbfgs"
+    assert runs["default"]["passes"]["decision"] == 1
+    assert runs["default"]["passes"]["total"] < runs["previous default"]["passes"]["total"]
+    for r in runs.values():
+        assert r["passes"]["total"] == sum(v for k, v in r["passes"].items() if k != "total")
+        assert r["seconds"] > 0 and 0 <= r["top1"] <= 100 and "agreement_with_paper" in r
