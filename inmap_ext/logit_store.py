@@ -18,13 +18,16 @@ docs/class_prior.md), else no store: ``PassSource`` reads the logits with a pass
 features each time, as the decision always did. At N = 400k, C = 1000 the bfloat16 store takes
 0.8 GB. In a sharded fit each rank stores its own rows (the budget is per rank).
 
-Exponentials underflow below e^-87 (float32 and bfloat16 alike): an entry the store lost is
-more than 87 below its row's largest logit, and could matter only under a bias that lifts its
-class by more than that above the class holding the row's largest logit. When a bias lifts a
-class by more than ``SAFE_BIAS_RANGE`` (70) above any class that holds some row's largest logit,
-or leaves a row without mass, the read could be wrong: that one read is made with a pass over the features instead (``reads_on_passes``), so the store
-never changes a result beyond rounding. A float64 store (range e^-708) is kept whenever it fits
-the budget, so this happens only on large sets (e.g. EM collapsing onto a few classes).
+Exponentials underflow below e^-87 (float32 and bfloat16 alike; e^-708 in float64). On CLIP
+features a row's logits span far less than that at tau_t = 0.01 (cosines within 0.87 of the
+row's best), so no entry is lost (``exact``: checked when the store is built) and every read is
+exact to the store's and the arithmetic's rounding whatever the bias; the one remaining hazard is a bias so
+spread that exp(bias - max bias) underflows for every class a row holds, which shows as that
+row's biased mass r_i falling below tiny / eps of the arithmetic. Where entries were lost (a
+store built with a very small tau_t), a bias that lifts a class by more than
+``safe_bias_range`` above a class holding some row's largest logit could need one of them. In
+either case the read could be wrong: that one read is made with a pass over the features
+instead (``reads_on_passes``), so the store never changes a result beyond rounding.
 """
 from __future__ import annotations
 
@@ -117,10 +120,23 @@ class StoredLogits:
         runner.count_pass()
         self.chunks = []
         self.top = torch.zeros(self.c, dtype=torch.bool, device=runner.device)  # some row's max
+        depth = torch.zeros((), dtype=self.acc, device=runner.device)
         for xc in runner.row_chunks(x):
             z = _logits(xc, runner._w(t, xc), inv_tau, None)
             self.top[z.argmax(dim=1)] = True
-            self.chunks.append(torch.exp(z - z.amax(dim=1, keepdim=True)).to(dtype))
+            z = z - z.amax(dim=1, keepdim=True)
+            depth = torch.minimum(depth, z.min()) if z.numel() else depth
+            self.chunks.append(torch.exp(z).to(dtype))
+        # every stored entry a normal number of the store's dtype: nothing was lost, and every
+        # read is exact to its arithmetic's rounding whatever the bias (on real CLIP features
+        # a row's logits span far less than the 87 of float32's range at tau_t = 0.01)
+        self.depth = float(depth)            # this rank's; every rank agrees on ``exact``
+        lost = torch.tensor(float(self.depth <= math.log(torch.finfo(dtype).tiny)),
+                            device=runner.device)
+        self.exact = float(runner.sum_(lost)) == 0
+        # a row whose biased mass r_i falls below tiny / eps of the arithmetic could be missing
+        # the terms its exp(bias) underflowed: read with a pass instead
+        self.r_floor = torch.finfo(self.work).tiny / torch.finfo(self.work).eps
 
     @classmethod
     def build(cls, runner, x: Tensor, t: Tensor, inv_tau: float,
@@ -151,6 +167,8 @@ class StoredLogits:
         if bool(torch.isnan(bias).any() | torch.isposinf(bias).any()):
             raise OutOfRange("a log-bias is NaN or +inf")
         top = bias[torch.isfinite(bias)].max()
+        if self.exact:
+            return bias - top
         lowest = bias[self.top & torch.isfinite(bias)]      # the classes that hold a row's 1
         spread = float(top - lowest.min()) if lowest.numel() else 0.0
         if spread > self.safe_range:
@@ -181,8 +199,9 @@ class StoredLogits:
         for e in self.chunks:
             e = e.to(self.work)
             r = e @ b
-            if not bool((r > 0).all()):
-                raise OutOfRange("a row has no mass left under the log-bias")
+            if not bool((r >= self.r_floor).all()):
+                raise OutOfRange("a row has almost no mass left under the log-bias (its "
+                                 "underflowed terms could matter)")
             col += e.T @ (1.0 / r)
         return torch.log(col) + shift
 

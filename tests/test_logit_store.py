@@ -41,22 +41,46 @@ def test_stored_column_lse_equals_the_pass(store, work_tol):
 
 
 def test_a_read_out_of_range_is_made_with_a_pass_and_counted():
-    X, T, _ = clip_like(200, 16, 6, seed=5)
-    runner = Runner("cpu", "torch", 64, 200, 6, torch.float64)
-    stored = StoredLogits(runner, X, T, 100.0, torch.float32)
-    # a float32 store read in float64 arithmetic (the runner's): log(1/tiny) - log(1/eps)
+    # at tau = 1e-3 the rows' logits span far more than float32's e^-87: entries underflow, so
+    # the store is not exact, and a bias lifting the classes that hold no row's maximum far
+    # above those that do could need the lost entries
+    X, T, _ = clip_like(30, 16, 40, seed=5)        # 30 rows: most of the 40 classes hold none
+    runner = Runner("cpu", "torch", 8, 30, 40, torch.float32)
+    stored = StoredLogits(runner, X.float(), T.float(), 1000.0, torch.float32)
+    assert not stored.exact and stored.depth < -87
     assert stored.safe_range == pytest.approx(math.log(1 / torch.finfo(torch.float32).tiny)
-                                              - math.log(1 / torch.finfo(torch.float64).eps))
+                                              - math.log(1 / torch.finfo(torch.float32).eps))
     held = stored.top.nonzero()[:, 0]           # classes holding some row's largest logit
-    b = torch.zeros(6, dtype=torch.float64)
-    free = [j for j in range(6) if j not in held.tolist()] or [int(held[0])]
-    b[held] = -(stored.safe_range + 5)          # lift every other class far above them
-    b[free] = 0.0
+    assert 0 < len(held) < 40
+    b = torch.zeros(40, dtype=torch.float32)
+    b[held] = -(stored.safe_range + 5)
     before = runner.passes.get("other", 0)
     got = stored.column_lse(b)
     assert stored.reads_on_passes == 1 and runner.passes["other"] == before + 1
-    want = torch.logsumexp(torch.log_softmax(X @ T * 100.0 + b, 1), 0)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    want = torch.logsumexp(torch.log_softmax(X @ T * 1000.0 + b.double(), 1), 0)
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got[fin].double(), want[fin], rtol=1e-4, atol=1e-3)
+    # at tau = 0.1 nothing underflows here: the same lift is read from the store, exactly
+    exact = StoredLogits(runner, X.float(), T.float(), 10.0, torch.float32)
+    assert exact.exact
+    b = torch.zeros(40, dtype=torch.float32)
+    b[exact.top.nonzero()[:, 0]] = -(stored.safe_range + 5)
+    got = exact.column_lse(b)
+    want = torch.logsumexp(torch.log_softmax(X @ T * 10.0 + b.double(), 1), 0)
+    assert exact.reads_on_passes == 0
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+    # a bias that leaves a row only terms below float32's tiny / eps (its logits [0, -80],
+    # every entry stored; the bias [-200, 0]): read with a pass
+    X2 = torch.tensor([[1.0, 0.0]])
+    T2 = torch.tensor([[1.0, 0.2], [0.0, 0.96 ** 0.5]])
+    two = StoredLogits(Runner("cpu", "torch", 8, 1, 2, torch.float32), X2, T2, 100.0,
+                       torch.float32)
+    assert two.exact
+    got = two.column_lse(torch.tensor([-200.0, 0.0]))
+    assert two.reads_on_passes == 1
+    want = torch.logsumexp(torch.log_softmax(X2.double() @ T2.double() * 100.0
+                                             + torch.tensor([-200.0, 0.0]).double(), 1), 0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
 
 
 def test_budget_and_dtype_ladder(monkeypatch):
