@@ -78,14 +78,20 @@ def main(argv=None):
     date = datetime.date.today().isoformat()
     meta = {"device": args.device, "machine": platform.machine(), "seed": args.seed,
             "torch": torch.__version__, "inmap_ext": inmap_ext.__version__, "date": date}
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"stopping_{date}")
+    write(rows, meta, args.out)
+
+
+def write(rows, meta, out_dir):
+    """bench/results/stopping_<date>.{json,md} from the rows (also used to rewrite a run)."""
+    date, seed, device = meta["date"], meta["seed"], meta["device"]
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"stopping_{date}")
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# The default solver against all 2000 published steps ({date})", "",
-             f"Real features, full sets and the robustness bench's sets (seed {args.seed}); on "
+             f"Real features, full sets and the robustness bench's sets (seed {seed}); on "
              "each, the class prior the default fit chooses there, the same in every run. "
-             f"Device {args.device}, torch {meta['torch']}. Passes: over the features (gd "
+             f"Device {device}, torch {meta['torch']}. Passes: over the features (gd "
              "stopped: its steps plus its top-1 checks).", "",
              "| data | set | N | prior | 2000 steps % | " + " | ".join(
                  f"{k}: passes, diff, agreement %" for k, _ in SOLVERS) + " |",
