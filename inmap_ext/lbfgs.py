@@ -43,6 +43,7 @@ a sharded or streamed fit equals the in-memory one.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Optional
 
@@ -57,6 +58,9 @@ OBJECTIVE_RTOL = 1e-3   # stop once the objective fell by at most this (relative
 MAX_PASSES = 80         # ... or after this many passes (stop="auto"): measured on the real files,
                         # the predictions have settled well before (docs/method.md)
 MIN_STEP = 1e-10        # a step length below this ends the search (rounding floor)
+STEP_CAP = 1e3          # the longest trial step along any column (tangent length): beyond it
+                        # the normalised column is the direction itself to 1e-6 (extreme lr or
+                        # tau_i would otherwise overflow float32 in the step)
 
 
 def _tangent(W: Tensor, E: Tensor) -> Tensor:
@@ -65,7 +69,8 @@ def _tangent(W: Tensor, E: Tensor) -> Tensor:
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
-    return float((a * b).sum())
+    """<a, b> in float64 (extreme temperatures make float32 products underflow)."""
+    return float(torch.sum(a.double() * b.double()))
 
 
 def _retract(W: Tensor, t: float, d: Tensor) -> Tensor:
@@ -125,20 +130,21 @@ def minimize(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, n: int, *,
     while not ev.spent:
         d, first = _direction(g, pairs), not pairs
         slope = _dot(d, g)
-        if not slope < 0:          # not a descent direction (rounding): restart from -g
+        if not (slope < 0 and math.isfinite(slope)):   # not a descent direction: restart
             pairs.clear()
             d, first = -g, True
             slope = _dot(d, g)
         if not slope < 0:
             return _out(W, ev, True, "the Riemannian gradient vanished (a stationary point)")
         t = lr if first else 1.0
+        t = min(t, STEP_CAP / max(float(torch.linalg.vector_norm(d, dim=0).max()), 1e-300))
         while True:
             W_t = _retract(W, t, d)
             f_t, E_t = ev(W_t, t)
             if f_t <= f + ARMIJO_C1 * t * slope or ev.spent:
                 break
             denom = 2.0 * (f_t - f - slope * t)      # quadratic through f, slope and f_t
-            t_new = -slope * t * t / denom if denom > 0 else 0.5 * t
+            t_new = -slope * t * t / denom if denom > 0 and math.isfinite(denom) else 0.1 * t
             t = min(max(t_new, 0.1 * t), 0.5 * t)
             if t < MIN_STEP:
                 return _out(W, ev, True, "the line search found no decrease above the "
@@ -148,7 +154,8 @@ def minimize(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, n: int, *,
         g_t = _tangent(W_t, E_t)
         s = _tangent(W_t, W_t - W)
         y = g_t - _tangent(W_t, g)
-        if _dot(s, y) > 1e-10 * float(torch.linalg.vector_norm(s) * torch.linalg.vector_norm(y)):
+        sy, yy = _dot(s, y), _dot(y, y)
+        if math.isfinite(sy) and yy > 0 and sy > 1e-10 * math.sqrt(_dot(s, s) * yy):
             pairs.append((s, y))
         for i, (s_i, y_i) in enumerate(pairs):       # transport the history to W_t
             pairs[i] = (_tangent(W_t, s_i), _tangent(W_t, y_i))

@@ -203,6 +203,8 @@ class StoredLogits:
                 raise OutOfRange("a row has almost no mass left under the log-bias (its "
                                  "underflowed terms could matter)")
             col += e.T @ (1.0 / r)
+        if not bool((col[torch.isfinite(shift)] > 0).all()):
+            raise OutOfRange("every stored entry of a class underflowed")
         return torch.log(col) + shift
 
     def logit_chunks(self, betas=()) -> Iterator[Tensor]:

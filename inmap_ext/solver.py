@@ -52,7 +52,7 @@ def solve(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, iters: int, lr
     """Minimise the objective with ``solver``: "lbfgs" (lbfgs.py, the default fit's: at most
     ``iters`` passes, from the pseudo labels' class means) or "gd" (the published descent below
     from ``w0``, the text proxies: at most ``iters`` steps)."""
-    if solver == "gd":
+    if solver == "gd" or iters == 0:     # no pass: the start, the text proxies, as published
         return descend(runner, x, w0, B, tau_i, iters, lr, n, stop=stop, tol=tol,
                        progress=progress)
     from .lbfgs import minimize, start

@@ -173,7 +173,8 @@ def test_tiny_but_non_zero_vectors_are_normalised():
 
 def test_near_unit_float32_rows_are_normalised():
     X, T, _ = clip_like(200, 16, 5, seed=3, dtype=torch.float32)
-    a = inmap_ext.fit_vision_proxy(X, T, iters=30, stop="none")
+    kw = dict(iters=30, stop="none", solver="gd")   # gd: a rounding-stable path (test_streaming)
+    a = inmap_ext.fit_vision_proxy(X, T, **kw)
     scale = 1 + 5e-3 * torch.linspace(-1, 1, 200)[:, None]        # fp16-rounding-sized norms
-    b = inmap_ext.fit_vision_proxy(X * scale, T, iters=30, stop="none")
+    b = inmap_ext.fit_vision_proxy(X * scale, T, **kw)
     torch.testing.assert_close(b.proxy, a.proxy, rtol=0, atol=1e-5)
