@@ -47,7 +47,10 @@ def test_sharded_float32_predictions_agree(tmp_path):
     single = inmap_ext.fit_vision_proxy(X, T, iters=200)
     proxy = torch.load(tmp_path / "rank2.pt")["proxy"]
     agree = ((X @ proxy).argmax(1) == single.predict(X)).double().mean()
-    assert agree >= 0.999
+    # float32: the ranks' sums round differently from the single process's, and L-BFGS carries
+    # rounding along the objective's flat directions (test_streaming.py); float64 sharded fits
+    # equal the single-process fit to 1e-8 (test_sharded_equals_single_process_float64)
+    assert agree >= 0.995
 
 
 @pytest.mark.parametrize("case, match", [
