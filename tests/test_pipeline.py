@@ -208,10 +208,14 @@ def test_cache_resume_and_staleness(ws, tmp_path):
     fresh, _, _ = clip_mod.image_features(clip, images, use_cache=False, **kw)
     torch.testing.assert_close(fresh, feats)
     assert ok.all() and feats.shape == (8, 512)
-    # Any block of rows reads only the shards holding it (what a torchrun rank loads).
+    # Any block of rows reads only the shards holding it (what a torchrun rank loads). The
+    # use_cache=False run above rewrote the shards, whose values may differ from ``feats`` in
+    # the last bit (another batching): blocks are held to the whole cache as it is now
+    whole, _ = cache2.load()
+    torch.testing.assert_close(whole, feats)
     for rows in (range(2, 7), range(3, 6), range(7, 8), range(0, 8), range(4, 4)):
         part, part_ok = cache2.load(rows)
-        assert torch.equal(part, feats[rows.start:rows.stop]), rows
+        assert torch.equal(part, whole[rows.start:rows.stop]), rows
         assert torch.equal(part_ok, ok[rows.start:rows.stop]), rows
     assert torch.equal(cache2.load_ok(), ok)
 
@@ -328,11 +332,12 @@ def test_torchrun_sharded_extract_and_fit(ws, tmp_path):
     dist_out = tmp_path / "dist"
     out = _torchrun(["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images",
                      ws["labeled"], "--classes", ws["classes"], "--out", str(dist_out),
-                     "--cache-dir", cache, "--workers", "0", "--iters", "40", "-q"], tmp_path)
+                     "--cache-dir", cache, "--workers", "0", "--iters", "40", "--solver", "gd",
+                     "-q"], tmp_path)      # gd: a rounding-stable path (test_streaming.py)
     assert out.returncode == 0, out.stderr[-3000:]
     assert main(["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["labeled"],
                  "--classes", ws["classes"], "--out", str(tmp_path / "one"), "--cache-dir",
-                 cache, "--workers", "0", "--iters", "40", "-q"]) == 0
+                 cache, "--workers", "0", "--iters", "40", "--solver", "gd", "-q"]) == 0
     a = load_vision_proxy(dist_out / "proxy.safetensors")
     b = load_vision_proxy(tmp_path / "one" / "proxy.safetensors")
     torch.testing.assert_close(a.proxy, b.proxy, rtol=1e-4, atol=1e-4)
