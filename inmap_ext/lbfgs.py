@@ -69,8 +69,12 @@ def _tangent(W: Tensor, E: Tensor) -> Tensor:
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
-    """<a, b> in float64 (extreme temperatures make float32 products underflow)."""
-    return float(torch.sum(a.double() * b.double()))
+    """<a, b>, accumulated in float64; the products are recomputed in float64 where float32
+    ones underflow or overflow (the ends of the temperature ranges)."""
+    v = float(torch.sum(a * b, dtype=torch.float64))
+    if v == 0.0 or not math.isfinite(v):
+        v = float(torch.sum(a.double() * b.double()))
+    return v
 
 
 def _retract(W: Tensor, t: float, d: Tensor) -> Tensor:
