@@ -49,6 +49,7 @@ sharded (every rank reduces the same sums, so every rank decides the same) and s
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
@@ -184,11 +185,11 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
     inv_tau = 1.0 / tau_t
     source = (StoredLogits.build(runner, x, t, inv_tau) if store
               else PassSource(runner, x, t, inv_tau))
-    judge = None
+    judge = None                 # labeled.py: the labeled rows' right answers per candidate
     if labeled is not None:
-        from . import labeled as lab
+        from .labeled import right_per_candidate
 
-        judge = lambda betas: lab.right_per_candidate(runner, x, t, inv_tau, betas, labeled)  # noqa: E731
+        judge = functools.partial(right_per_candidate, runner, x, t, inv_tau, labeled=labeled)
     beta, prior = _choose(source, runner, t, class_prior, sinkhorn_iters, gamma, n, judge)
     if source.stored:
         prior.stats["logits"] = (f"stored once ({str(source.dtype).replace('torch.', '')}, "
@@ -271,8 +272,10 @@ def _auto(source, runner, t, n, stats, balance, log_u, record, judge=None):
         from .labeled import decide
 
         R, Mr, k = judge(list(betas.values()))
+        unlabeled_choice = chosen
         chosen, stats["labeled"], how = decide(CANDIDATES, R, Mr, k, chosen, allowed)
-        stats["decided_by"] = "labeled images" if "the most" in how else "unlabeled rule"
+        stats["decided_by"] = ("unlabeled rule" if chosen == unlabeled_choice
+                               else "labeled images")
         why = f"{how}; unlabeled rule: {why}"
     if chosen == "none":
         return None, record("none", f"no balancing ({why})", estimate=estimate)
@@ -285,8 +288,8 @@ def _auto(source, runner, t, n, stats, balance, log_u, record, judge=None):
 
 def expected_accuracies(runner, source, C: int, betas) -> Tuple[Tensor, Tensor, Tensor]:
     """One read of the logits Z (``source``: logit_store.py) for K candidate log-biases beta_k
-    of softmax(Z + beta_k): A[c, h] = sum_i P_h(argmax_j P_c(j | x_i) | x_i) (K x K, summed over the rows of
-    every rank), the argmax counts of every candidate (K x C) and the second moments
+    of softmax(Z + beta_k): A[c, h] = sum_i P_h(argmax_j P_c(j | x_i) | x_i) (K x K, summed over
+    the rows of every rank), the argmax counts of every candidate (K x C) and the second moments
     M = sum_i v_i v_i^T (K^2 x K^2) of the per-image vectors v_i[c * K + h] = P_h(argmax P_c | x_i),
     from which the standard error of any comparison of candidates follows
     (``_margins``). Pure torch on row chunks: a chunk x C logit block at a time, never N x C

@@ -61,7 +61,8 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         stop: when the solver stops: "auto" (default): lbfgs: once the objective fell by at most
             1e-3 (relative) over 5 iterations, or after 80 passes; gd: once, over 10 steps, the
             objective fell by at most 2e-3 and at most 0.05% of the images changed their
-            predicted class. "none": every one of ``iters`` passes. None: "auto", or "none" in ``mode="paper"``.
+            predicted class. "none": every one of ``iters`` passes. None: "auto", or "none" in
+            ``mode="paper"``.
         backend: "auto" (compiled kernels for the tensors' device when present, else torch),
             "ext" (compiled kernels or an error), "torch" (pure torch), "triton" (the fused
             Triton kernels of triton_ops.py: CUDA, fp16/bf16/fp32 features; opt-in).

@@ -52,11 +52,10 @@ class Runner:
         self.phase = "other"                # what the passes are for (fit.py sets it)
         self.passes = {}                    # phase -> passes over the features (GEMMs N x D x C)
 
-    def count_pass(self, phase: Optional[str] = None) -> None:
+    def count_pass(self) -> None:
         """One pass over this rank's features (a GEMM of its rows against the class columns),
-        charged to ``phase`` (default: the current one): the hardware-free measure of cost."""
-        phase = phase or self.phase
-        self.passes[phase] = self.passes.get(phase, 0) + 1
+        charged to the current ``phase``: the hardware-free measure of cost."""
+        self.passes[self.phase] = self.passes.get(self.phase, 0) + 1
 
     def op(self, name: str):
         """The callable running op ``name`` in this fit (resolved and verified on first use;
@@ -144,12 +143,6 @@ class Runner:
     def topk(self, x: Tensor, w: Tensor, k: int) -> Tuple[Tensor, Tensor]:
         return self.op("topk_scores")(x, self._w(w, x), k, self.chunk)
 
-    # -- the method's steps ------------------------------------------------------------------
-    def sinkhorn_log_bias(self, x: Tensor, t: Tensor, tau_t: float, iters: int, log_q: Tensor,
-                          n_total: int, log_colsum: Optional[Tensor] = None) -> Tensor:
-        """beta = log b of DESIGN.md step 2 by passes over the features (``sinkhorn``)."""
-        return sinkhorn(lambda beta: self.column_lse(x, t, beta, 1.0 / tau_t), iters, log_q,
-                        n_total, log_colsum)
 
 
 def sinkhorn(column_lse, iters: int, log_q: Tensor, n_total: int,
@@ -232,7 +225,8 @@ def sinkhorn_log_bias(image_features: Tensor, text_proxies: Tensor, *, tau_t: fl
         log_q = uniform_log_target(log_zs, gamma)
     else:
         log_q = torch.log(prior).to(device=log_zs.device, dtype=log_zs.dtype)
-    return runner.sinkhorn_log_bias(x, t, tau_t, iters, log_q, n, log_zs)
+    return sinkhorn(lambda beta: runner.column_lse(x, t, beta, 1.0 / tau_t), iters, log_q, n,
+                    log_zs)
 
 
 @torch.no_grad()

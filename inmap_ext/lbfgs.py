@@ -32,9 +32,9 @@ The method (Absil, Mahony & Sepulchre 2008, ch. 4 and 8; Huang, Gallivan & Absil
 
 Stopping (``stop="auto"``): after an iteration, once the objective fell by at most
 ``OBJECTIVE_RTOL`` (relative) over the last ``WINDOW`` iterations, or after ``MAX_PASSES``
-passes (``tol``, optional, either rule:
-after an iteration whose largest per-class proxy change is below it). No prediction pass is needed:
-the rule reads the objectives the passes already gave. Its measured bound on real features is in
+passes. ``tol`` (optional, with either rule) stops after an iteration whose largest per-class
+proxy change is below it. No prediction pass is needed: the rule reads the objectives the
+passes already gave. Its measured bound on real features is in
 docs/method.md ("The default solver"). ``stop="none"`` runs until ``max_passes`` passes.
 
 Every quantity the steps depend on comes out of ``Runner.xt_softmax``, which sums over the rows

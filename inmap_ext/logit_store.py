@@ -11,20 +11,21 @@ matrix-vector products without an exponential:
     log colsum_j = log b_j + log sum_i E_ij / r_i.
 
 The store is kept only within a memory budget (``budget_bytes``: ``DEFAULT_BUDGET_BYTES``,
-1 GiB, or the environment variable ``INMAP_LOGIT_STORE_BYTES``): float32 when N x C x 4 bytes
-fit (the decision's arithmetic to float32 rounding), else bfloat16 when N x C x 2 bytes fit
-(a relative error of at most 2^-9 per probability: log-probabilities within 0.004, measured in
-docs/class_prior.md), else no store: ``PassSource`` reads the logits with a pass over the
+1 GiB, or the environment variable ``INMAP_LOGIT_STORE_BYTES``): float64 when N x C x 8 bytes
+fit, else float32 when N x C x 4 bytes fit (the decision's arithmetic to float32 rounding), else
+bfloat16 when N x C x 2 bytes fit (a relative error of at most 2^-9 per probability:
+log-probabilities within 0.004; its effect on the decision is measured in docs/class_prior.md),
+else no store: ``PassSource`` reads the logits with a pass over the
 features each time, as the decision always did. At N = 400k, C = 1000 the bfloat16 store takes
 0.8 GB. In a sharded fit each rank stores its own rows (the budget is per rank).
 
 Exponentials underflow below e^-87 (float32 and bfloat16 alike; e^-708 in float64). On CLIP
 features a row's logits span far less than that at tau_t = 0.01 (cosines within 0.87 of the
 row's best), so no entry is lost (``exact``: checked when the store is built) and every read is
-exact to the store's and the arithmetic's rounding whatever the bias; the one remaining hazard is a bias so
-spread that exp(bias - max bias) underflows for every class a row holds, which shows as that
-row's biased mass r_i falling below tiny / eps of the arithmetic. Where entries were lost (a
-store built with a very small tau_t), a bias that lifts a class by more than
+exact to the store's and the arithmetic's rounding whatever the bias; the one remaining hazard
+is a bias so spread that exp(bias - max bias) underflows for every class a row holds, which
+shows as that row's biased mass r_i falling below tiny / eps of the arithmetic. Where entries
+were lost (a store built with a very small tau_t), a bias that lifts a class by more than
 ``safe_bias_range`` above a class holding some row's largest logit could need one of them. In
 either case the read could be wrong: that one read is made with a pass over the features
 instead (``reads_on_passes``), so the store never changes a result beyond rounding.
@@ -75,7 +76,7 @@ def budget_bytes() -> int:
     return b
 
 
-def store_dtype(rows: int, c: int, budget: int, compute_dtype) -> Optional[torch.dtype]:
+def store_dtype(rows: int, c: int, budget: int) -> Optional[torch.dtype]:
     """The dtype of a store of rows x c within ``budget`` bytes, or None (no store): float64
     (range e^-708) when it fits, else float32, else bfloat16 (both range e^-87)."""
     for dt in (torch.float64, torch.float32, torch.bfloat16):
@@ -150,7 +151,7 @@ class StoredLogits:
                 raise ValueError(f"{DTYPE_ENV} must be float64, float32 or bfloat16, got "
                                  f"{forced!r}")
             dtype = getattr(torch, forced)
-        dtype = dtype or store_dtype(x.shape[0], t.shape[1], budget, runner.dtype)
+        dtype = dtype or store_dtype(x.shape[0], t.shape[1], budget)
         if dtype is None:
             return PassSource(runner, x, t, inv_tau)
         return cls(runner, x, t, inv_tau, dtype)

@@ -84,12 +84,12 @@ def test_a_read_out_of_range_is_made_with_a_pass_and_counted():
 
 
 def test_budget_and_dtype_ladder(monkeypatch):
-    assert store_dtype(1000, 100, 1000 * 100 * 8, torch.float32) == torch.float64
-    assert store_dtype(1000, 100, 1000 * 100 * 8 - 1, torch.float32) == torch.float32
-    assert store_dtype(1000, 100, 1000 * 100 * 2, torch.float32) == torch.bfloat16
-    assert store_dtype(1000, 100, 1000 * 100 * 2 - 1, torch.float32) is None
+    assert store_dtype(1000, 100, 1000 * 100 * 8) == torch.float64
+    assert store_dtype(1000, 100, 1000 * 100 * 8 - 1) == torch.float32
+    assert store_dtype(1000, 100, 1000 * 100 * 2) == torch.bfloat16
+    assert store_dtype(1000, 100, 1000 * 100 * 2 - 1) is None
     # N = 400k, C = 1000 within the default 1 GiB: bfloat16 (0.8 GB)
-    assert store_dtype(400_000, 1000, budget_bytes(), torch.float32) == torch.bfloat16
+    assert store_dtype(400_000, 1000, budget_bytes()) == torch.bfloat16
     monkeypatch.setenv(ENV, "0")
     assert budget_bytes() == 0
     X, T, _ = clip_like(50, 8, 4)
