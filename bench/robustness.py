@@ -92,9 +92,9 @@ def labeled_choices(xs, T, ys, ks, draws, seed):
     seen = {}
     real = lab.right_per_candidate
 
-    def keep(runner_, x_, t_, inv_tau, betas, labeled):
-        seen["betas"] = betas
-        return real(runner_, x_, t_, inv_tau, betas, labeled)
+    def keep(runner_, x_, t_, inv_tau, betas, log_q, labeled):
+        seen["betas"], seen["log_q"] = betas, log_q
+        return real(runner_, x_, t_, inv_tau, betas, log_q, labeled)
 
     lab.right_per_candidate = keep
     try:
@@ -112,8 +112,9 @@ def labeled_choices(xs, T, ys, ks, draws, seed):
         out[k] = []
         for _ in range(draws):
             idx = torch.from_numpy(g.choice(n, k, replace=False))
-            R, M, kk = real(runner, x, t, 100.0, seen["betas"], (idx, ys[idx].cpu()))
-            out[k].append(lab.decide(cp.CANDIDATES, R, M, kk, auto, allowed)[0])
+            R, M, kk, L = real(runner, x, t, 100.0, seen["betas"], seen["log_q"],
+                               (idx, ys[idx].cpu()))
+            out[k].append(lab.decide(cp.CANDIDATES, R, M, kk, auto, allowed, L)[0])
     return out
 
 

@@ -26,6 +26,12 @@ TORCH_LIBRARY(inmap_ext, m) {
   m.def("xt_softmax(Tensor x, Tensor w, float inv_tau, int chunk) -> (Tensor, Tensor)");
   // Top-k of x @ w per row: (values [N x k], indices [N x k] int64).
   m.def("topk_scores(Tensor x, Tensor w, int k, int chunk) -> (Tensor, Tensor)");
+  // One read of stored logits (inmap_ext/logit_store.py): e = exp(Z - row max), rows x C in
+  // float64, float32 or bfloat16, and class weights b (C, float64 for a float64 e, else
+  // float32). Returns (col [C]: sum_i e_ij / r_i with r_i = sum_j e_ij b_j, rmin []: min_i r_i),
+  // in b's dtype. CPU kernel only: on CUDA the torch twin (a conversion and two cuBLAS
+  // matrix-vector products, at the GPU's memory bandwidth) runs.
+  m.def("stored_column_sums(Tensor e, Tensor b) -> (Tensor, Tensor)");
   // Whether the fused CUDA design may run (csrc/design_choice.h): pure, no tensors, any build.
   m.def("fused_design_allowed(bool design_fused, bool dtype_ok, int device_major, int ptx_version)"
         " -> bool", &inmap::fused_design_allowed);

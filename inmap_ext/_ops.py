@@ -16,6 +16,8 @@ import torch
 from . import reference
 
 OP_NAMES = ("softmax_column_lse", "pseudo_label_reduce", "xt_softmax", "topk_scores")
+# Ops compiled for the CPU only (csrc/inmap.cpp says why); elsewhere their torch twin runs.
+CPU_ONLY_OPS = ("stored_column_sums",)
 BACKENDS = ("auto", "ext", "torch", "triton")
 # The CUDA kernels' design, read by the compiled ops on every call (csrc/cuda/design.cuh):
 # "chunked" (default) or "fused" (fp16 / bf16 / TF32 on sm_80+; other inputs stay chunked).
@@ -56,6 +58,14 @@ def ext_available(device: "torch.device | str") -> bool:
     """True when compiled kernels of every op exist for ``device``'s type (cpu, cuda)."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
     return key is not None and all(_has_kernel(n, key) for n in OP_NAMES)
+
+
+def store_backend(backend: str, device: "torch.device | str") -> str:
+    """The backend of a CPU-only op (``CPU_ONLY_OPS``) for a fit on the resolved ``backend``:
+    "ext" where its compiled kernel exists for ``device``, else "torch"."""
+    ok = backend == "ext" and torch.device(device).type == "cpu" and all(
+        _has_kernel(n, "CPU") for n in CPU_ONLY_OPS)
+    return "ext" if ok else "torch"
 
 
 def triton_version() -> "tuple | None":
@@ -185,6 +195,10 @@ if extension_loaded():
     @torch.library.register_fake("inmap_ext::xt_softmax")
     def _(x, w, inv_tau, chunk):
         return x.new_empty(w.shape, dtype=_acc(x)), x.new_empty((), dtype=_acc(x))
+
+    @torch.library.register_fake("inmap_ext::stored_column_sums")
+    def _(e, b):
+        return b.new_empty(b.shape), b.new_empty(())
 
     @torch.library.register_fake("inmap_ext::topk_scores")
     def _(x, w, k, chunk):

@@ -53,7 +53,8 @@ def _cases(device: torch.device):
             calls = {"softmax_column_lse": (x, w, bias, 100.0, chunk),
                      "pseudo_label_reduce": (x, w, bias, 100.0, 0.6, chunk),
                      "xt_softmax": (x, w, 25.0, chunk),
-                     "topk_scores": (x, w, min(5, c), chunk)}
+                     "topk_scores": (x, w, min(5, c), chunk),
+                     "stored_column_sums": verify.stored_probe(x, w, bias, 100.0)}
             yield "x".join(map(str, (n, d, c))), dt, calls, False
 
 
@@ -78,6 +79,8 @@ def run_check(devices=None, verbose=True) -> List[dict]:
                     for name, args in calls.items():
                         if name == "topk_scores" and design not in ("-", "chunked"):
                             continue  # one GEMM + torch.topk in every design
+                        if name in _ops.CPU_ONLY_OPS and dev.type != "cpu":
+                            continue  # its torch twin runs there
                         rows.append(_check_op(dev, name, args, shape, dt, design, exact))
     if verbose:
         print(format_table(rows))

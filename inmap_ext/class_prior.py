@@ -235,13 +235,13 @@ def _choose(source, runner, t, class_prior, sinkhorn_iters, gamma, n, judge=None
     if C == 1:
         return None, record("none", "a single class: nothing to balance")
     return _auto(source, runner, t, n, stats, balance, uniform_log_target(log_zs, gamma),
-                 record, judge)
+                 record, judge, log_zs)
 
 
 CANDIDATES = ("none", "uniform", "estimate")
 
 
-def _auto(source, runner, t, n, stats, balance, log_u, record, judge=None):
+def _auto(source, runner, t, n, stats, balance, log_u, record, judge=None, log_zs=None):
     """class_prior="auto" (module docstring): the candidate with the highest expected accuracy
     under the equal mixture of the candidates' posterior models; the estimate only if it does
     not collapse."""
@@ -269,11 +269,14 @@ def _auto(source, runner, t, n, stats, balance, log_u, record, judge=None):
               f"{KEPT_CLASSES:.0%}) of the classes the zero-shot predictions span (EM "
               "collapsed onto a few classes)"))
     if judge is not None:
-        from .labeled import decide
+        from .labeled import decide, uniform_vetoed
 
-        R, Mr, k = judge(list(betas.values()))
+        R, Mr, k, L = judge(list(betas.values()), (log_zs, log_u))
         unlabeled_choice = chosen
-        chosen, stats["labeled"], how = decide(CANDIDATES, R, Mr, k, chosen, allowed)
+        chosen, stats["labeled"], how = decide(CANDIDATES, R, Mr, k, chosen, allowed, L)
+        stats["labeled_balance"] = {"log_likelihood_zero_shot_shares": round(float(L[0]), 3),
+                                    "log_likelihood_uniform": round(float(L[1]), 3),
+                                    "uniform_left_out": uniform_vetoed(L)}
         stats["decided_by"] = ("unlabeled rule" if chosen == unlabeled_choice
                                else "labeled images")
         why = f"{how}; unlabeled rule: {why}"
@@ -301,19 +304,49 @@ def expected_accuracies(runner, source, C: int, betas) -> Tuple[Tensor, Tensor, 
     M = torch.zeros(K * K, K * K, dtype=torch.float64, device=runner.device)  # a variance comes
                                                   # from it by a difference: summed in float64
     counts = torch.zeros(K, C, dtype=torch.int64, device=runner.device)
-    for z in source.logit_chunks(betas):
-        top = [torch.argmax(z + B[c], dim=1) for c in range(K)]
+    Bx = torch.exp(B - B.amax(dim=1, keepdim=True))        # b_k = exp(beta_k - max beta_k)
+    for kind, z in source.scoring_chunks(betas):
+        v, top = None, None
+        if kind == "exp":                            # z = E = exp(Z - row max): no exp or log
+            v, top = _judged_exp(z, Bx, K, getattr(source, "r_floor", 0.0))
+        if v is None:                                # z = Z - row max (or E out of its range)
+            v, top = _judged_log(z if kind == "log" else torch.log(z), B, K)
         for c in range(K):
             counts[c].index_add_(0, top[c], torch.ones_like(top[c]))   # no host sync
-        v = torch.empty(z.shape[0], K * K, dtype=dt, device=runner.device)
-        for h in range(K):
-            lse = torch.logsumexp(z + B[h], dim=1)
-            for c in range(K):
-                zc = z.gather(1, top[c][:, None])[:, 0] + B[h][top[c]]
-                v[:, c * K + h] = torch.exp(zc - lse)
         A += v.sum(0)
         M += (v.T @ v).double()
     return runner.sum_(A.reshape(K, K)), runner.sum_(counts), runner.sum_(M)
+
+
+def _judged_log(z: Tensor, B: Tensor, K: int):
+    """Per row of z = Z - row max: v[:, c * K + h] = P_h(argmax P_c) (softmax(z + B_h)) and the
+    argmaxes, in the log domain."""
+    top = [torch.argmax(z + B[c], dim=1) for c in range(K)]
+    v = torch.empty(z.shape[0], K * K, dtype=B.dtype, device=z.device)
+    for h in range(K):
+        lse = torch.logsumexp(z + B[h], dim=1)
+        for c in range(K):
+            zc = z.gather(1, top[c][:, None])[:, 0] + B[h][top[c]]
+            v[:, c * K + h] = torch.exp(zc - lse)
+    return v, top
+
+
+def _judged_exp(e: Tensor, Bx: Tensor, K: int, r_floor: float):
+    """``_judged_log`` from E = exp(Z - row max) and b_k = exp(beta_k - max): softmax(Z +
+    beta_h)_ij = E_ij b_hj / r_hi with r_h = E b_h, argmax_j P_c = argmax_j E_ij b_cj. One GEMM
+    and K products instead of K log-sum-exps; (None, None) when some row's r_h is below
+    ``r_floor`` (its underflowed terms could matter: the log domain decides that chunk)."""
+    e = e.to(Bx.dtype)
+    r = e @ Bx.T                                         # rows x K
+    if not bool((r >= r_floor).all()):
+        return None, None
+    top = [torch.argmax(e * Bx[c], dim=1) for c in range(K)]
+    v = torch.empty(e.shape[0], K * K, dtype=Bx.dtype, device=e.device)
+    for c in range(K):
+        ec = e.gather(1, top[c][:, None])[:, 0]
+        for h in range(K):
+            v[:, c * K + h] = ec * Bx[h][top[c]] / r[:, h]
+    return v, top
 
 
 def close_calls_of(stats: dict) -> list:

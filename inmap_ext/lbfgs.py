@@ -68,12 +68,17 @@ def _tangent(W: Tensor, E: Tensor) -> Tensor:
     return E - W * (W * E).sum(0, keepdim=True)
 
 
+def _project_(W: Tensor, E: Tensor) -> None:
+    """``_tangent`` in place."""
+    E.sub_(W * (W * E).sum(0, keepdim=True))
+
+
 def _dot(a: Tensor, b: Tensor) -> float:
-    """<a, b>, accumulated in float64; the products are recomputed in float64 where float32
-    ones underflow or overflow (the ends of the temperature ranges)."""
-    v = float(torch.sum(a * b, dtype=torch.float64))
+    """<a, b> by the BLAS dot of the working dtype; recomputed in float64 where the working
+    dtype's products underflow or overflow (the ends of the temperature ranges)."""
+    v = float(torch.dot(a.reshape(-1), b.reshape(-1)))
     if v == 0.0 or not math.isfinite(v):
-        v = float(torch.sum(a.double() * b.double()))
+        v = float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
     return v
 
 
@@ -161,8 +166,9 @@ def minimize(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, n: int, *,
         sy, yy = _dot(s, y), _dot(y, y)
         if math.isfinite(sy) and yy > 0 and sy > 1e-10 * math.sqrt(_dot(s, s) * yy):
             pairs.append((s, y))
-        for i, (s_i, y_i) in enumerate(pairs):       # transport the history to W_t
-            pairs[i] = (_tangent(W_t, s_i), _tangent(W_t, y_i))
+        for s_i, y_i in pairs:                       # transport the history to W_t
+            _project_(W_t, s_i)
+            _project_(W_t, y_i)
         change = (float(torch.linalg.vector_norm(W_t - W, dim=0).max())
                   if tol is not None else None)
         W, f, g = W_t, f_t, g_t
@@ -193,13 +199,13 @@ def _direction(g: Tensor, pairs) -> Tensor:
     for (s, y), rho in zip(reversed(pairs), reversed(rhos)):
         a = rho * _dot(s, q)
         alphas.append(a)
-        q -= a * y
+        q.add_(y, alpha=-a)
     if pairs:
         s, y = pairs[-1]
         q *= _dot(s, y) / _dot(y, y)
     for (s, y), rho, a in zip(pairs, rhos, reversed(alphas)):
         b = rho * _dot(y, q)
-        q += (a - b) * s
+        q.add_(s, alpha=a - b)
     return -q
 
 

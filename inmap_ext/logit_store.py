@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
+from . import _ops, verify
 from .reference import _logits, acc_dtype
 
 Tensor = torch.Tensor
@@ -104,6 +105,11 @@ class PassSource:
         for xc in self.runner.row_chunks(self.x):
             yield _logits(xc, self.runner._w(self.t, xc), self.inv_tau, None)
 
+    def scoring_chunks(self, betas=()) -> Iterator[Tuple[str, Tensor]]:
+        """("log", Z) a row chunk at a time (one pass over the features)."""
+        for z in self.logit_chunks(betas):
+            yield "log", z
+
 
 class StoredLogits:
     """exp(Z - row max) of this rank's rows, computed in one pass and kept (module docstring)."""
@@ -117,6 +123,14 @@ class StoredLogits:
         self.safe_range = safe_bias_range(dtype, self.work)
         self.fallback = PassSource(runner, x, t, inv_tau)  # for a read out of the store's range
         self.reads_on_passes = 0
+        # the op of one read (stored_column_sums: compiled on the CPU and verified on first use
+        # against its torch twin, the torch twin elsewhere); resolved here, on every rank, since
+        # a rank without rows never reads but takes part in the ranks' agreement on the backend
+        backend = _ops.store_backend(runner.backend, runner.device)
+        self._read, record = verify.resolve("stored_column_sums", backend, runner.device, dtype,
+                                            runner.group)
+        if backend == "ext":       # the torch twin by design (CUDA) is no fallback
+            runner.ran["stored_column_sums"] = record
         self.c = t.shape[1]
         runner.count_pass()
         self.chunks = []
@@ -197,24 +211,24 @@ class StoredLogits:
         shift = self._shift(bias)
         b = torch.exp(shift)           # a class far below the top may underflow to 0 here: its
         col = torch.zeros(self.c, dtype=self.work, device=b.device)   # log b is kept exact
-        # a bfloat16 store is converted chunk by chunk: bfloat16 matrix-vector products are
-        # 3.4x faster at N = 400k, C = 1000 but round every sum to 2^-9, and moved one decision
-        # of the robustness bench's 66 across the collapse guard (docs/class_prior.md)
+        # a bfloat16 store is read in float32 arithmetic (the compiled CPU op widens each entry
+        # in registers; the torch twin converts chunk by chunk): bfloat16 matrix-vector products
+        # round every sum to 2^-9, and moved one decision of the robustness bench's 66 across the
+        # collapse guard (docs/class_prior.md)
         for e in self.chunks:
-            e = e.to(self.work)
-            r = e @ b
-            if not bool((r >= self.r_floor).all()):
+            col_c, rmin = self._read(e, b)
+            if not float(rmin) >= self.r_floor:
                 raise OutOfRange("a row has almost no mass left under the log-bias (its "
                                  "underflowed terms could matter)")
-            col += e.T @ (1.0 / r)
+            col += col_c
         if not bool((col[torch.isfinite(shift)] > 0).all()):
             raise OutOfRange("every stored entry of a class underflowed")
         return torch.log(col) + shift
 
-    def logit_chunks(self, betas=()) -> Iterator[Tensor]:
-        """Z - row max, a stored chunk at a time (no pass over the features); read with a pass
-        instead if one of ``betas`` (the biases the caller will add) is out of the store's
-        range."""
+    def scoring_chunks(self, betas=()) -> Iterator[Tuple[str, Tensor]]:
+        """("exp", E) a stored chunk at a time in the reads' dtype (no pass over the features);
+        ("log", Z) read with a pass instead if one of ``betas`` (the biases the caller will add)
+        is out of the store's range."""
         bad = torch.zeros((), device=self.runner.device)
         for beta in betas:
             try:
@@ -223,7 +237,7 @@ class StoredLogits:
                 bad += 1
         if float(self.runner.sum_(bad)) > 0:
             self.reads_on_passes += 1
-            yield from self.fallback.logit_chunks()
+            yield from self.fallback.scoring_chunks()
             return
         for e in self.chunks:
-            yield torch.log(e.to(self.work)).to(self.acc)
+            yield "exp", e.to(self.work)

@@ -100,3 +100,14 @@ def topk_scores(x: Tensor, w: Tensor, k: int, chunk: int) -> Tuple[Tensor, Tenso
         indices[start:start + len(xc)] = i
         start += len(xc)
     return values, indices
+
+
+def stored_column_sums(e: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """One read of stored logits (logit_store.py): e = exp(Z - row max) (rows x C, float64,
+    float32 or bfloat16) and class weights b (C, the work dtype: float64 for a float64 e, else
+    float32). Returns (col, rmin) in b's dtype: col_j = sum_i e_ij / r_i with r_i = sum_j e_ij b_j,
+    and rmin = min_i r_i (inf for no rows)."""
+    ef = e.to(b.dtype)
+    r = ef @ b
+    rmin = r.min() if r.numel() else torch.tensor(float("inf"), dtype=b.dtype, device=b.device)
+    return ef.T @ (1.0 / r), rmin

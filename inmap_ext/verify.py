@@ -104,7 +104,17 @@ def probe_calls(x, w, bias, p=PROBE) -> Dict[str, tuple]:
     return {"softmax_column_lse": (x, w, bias, p["inv_tau_t"], p["chunk"]),
             "pseudo_label_reduce": (x, w, bias, p["inv_tau_t"], p["alpha"], p["chunk"]),
             "xt_softmax": (x, w, p["inv_tau_i"], p["chunk"]),
-            "topk_scores": (x, w, p["k"], p["chunk"])}
+            "topk_scores": (x, w, p["k"], p["chunk"]),
+            "stored_column_sums": stored_probe(x, w, bias, p["inv_tau_t"])}
+
+
+def stored_probe(x, w, bias, inv_tau: float) -> tuple:
+    """(e, b) of stored_column_sums from a probe: e = exp(Z - row max) in x's dtype (the store
+    of logit_store.py), b = exp(bias - max bias) with the -inf column as 0."""
+    acc = reference.acc_dtype(x.dtype)
+    z = (x.to(acc) @ w.to(acc)) * inv_tau
+    e = torch.exp(z - z.amax(dim=1, keepdim=True)).to(x.dtype)
+    return e, torch.exp(bias - bias[torch.isfinite(bias)].max()).to(acc)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -123,7 +133,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 OUTPUTS = {"softmax_column_lse": ("column log-sums",),
            "pseudo_label_reduce": ("X^T P", "class mass", "argmax counts", "one-hot rows"),
-           "xt_softmax": ("X^T softmax", "log-partition sum")}
+           "xt_softmax": ("X^T softmax", "log-partition sum"),
+           "stored_column_sums": ("column sums", "least row mass")}
 
 
 def compare(name: str, got, want, args, tol: float) -> Tuple[bool, float, str]:

@@ -51,6 +51,38 @@ def test_a_tie_keeps_the_unlabeled_rule():
     assert chosen == "uniform" and "estimate" not in stats
 
 
+def test_labels_classes_leave_uniform_out_when_the_set_is_not_balanced():
+    from inmap_ext.labeled import decide, uniform_vetoed
+
+    names, M = ("none", "uniform", "estimate"), torch.eye(3)
+    R = torch.tensor([4.0, 6.0, 5.0])
+    # the labels are likelier under CLIP's class shares than under 1/C: uniform is out, even
+    # with the most right; auto's choice (uniform) is replaced by the best of the rest
+    L = torch.tensor([-20.0, -23.0])
+    assert uniform_vetoed(L)
+    chosen, stats, why = decide(names, R, M, 10, "uniform", [0, 1, 2], L)
+    assert chosen == "estimate" and "uniform" not in stats and "uniform left out" in why
+    chosen, _, why = decide(names, torch.tensor([5.0, 6.0, 5.0]), M, 10, "uniform", [0, 1], L)
+    assert chosen == "none" and "did not favour another candidate over none" in why
+    # likelier under 1/C (or as likely): uniform stays and wins on its count
+    for L in (torch.tensor([-23.0, -20.0]), torch.tensor([-20.0, -20.0])):
+        assert not uniform_vetoed(L)
+        assert decide(names, R, M, 10, "none", [0, 1, 2], L)[0] == "uniform"
+
+
+def test_a_fit_with_labels_reports_the_balance_test():
+    # a set holding 2 of 6 classes: its labels are far likelier under CLIP's class shares
+    X, T, y = clip_like(600, 16, 6, seed=4)
+    keep = y < 2
+    X, y = X[keep], y[keep]
+    idx = torch.arange(0, X.shape[0], 7)
+    res = inmap_ext.fit_vision_proxy(X, T, labeled=(idx, y[idx]))
+    bal = res.class_prior.stats["labeled_balance"]
+    assert bal["uniform_left_out"] and \
+        bal["log_likelihood_uniform"] < bal["log_likelihood_zero_shot_shares"]
+    assert res.class_prior.chosen != "uniform" and "uniform" not in res.class_prior.stats["labeled"]
+
+
 def test_paired_standard_error():
     from inmap_ext.labeled import decide
 
