@@ -32,6 +32,10 @@ TORCH_LIBRARY(inmap_ext, m) {
   // in b's dtype. CPU kernel only: on CUDA the torch twin (a conversion and two cuBLAS
   // matrix-vector products, at the GPU's memory bandwidth) runs.
   m.def("stored_column_sums(Tensor e, Tensor b) -> (Tensor, Tensor)");
+  // The scoring read of the same store against K class-weight vectors b (K x C): per row i and
+  // candidate k, (mass [rows x K]: sum_j e_ij b_kj, top [rows x K] int64: argmax_j e_ij b_kj,
+  // the first of equal ones). CPU kernel only, as above.
+  m.def("stored_row_scores(Tensor e, Tensor b) -> (Tensor, Tensor)");
   // Whether the fused CUDA design may run (csrc/design_choice.h): pure, no tensors, any build.
   m.def("fused_design_allowed(bool design_fused, bool dtype_ok, int device_major, int ptx_version)"
         " -> bool", &inmap::fused_design_allowed);

@@ -17,7 +17,7 @@ from . import reference
 
 OP_NAMES = ("softmax_column_lse", "pseudo_label_reduce", "xt_softmax", "topk_scores")
 # Ops compiled for the CPU only (csrc/inmap.cpp says why); elsewhere their torch twin runs.
-CPU_ONLY_OPS = ("stored_column_sums",)
+CPU_ONLY_OPS = ("stored_column_sums", "stored_row_scores")
 BACKENDS = ("auto", "ext", "torch", "triton")
 # The CUDA kernels' design, read by the compiled ops on every call (csrc/cuda/design.cuh):
 # "chunked" (default) or "fused" (fp16 / bf16 / TF32 on sm_80+; other inputs stay chunked).
@@ -199,6 +199,11 @@ if extension_loaded():
     @torch.library.register_fake("inmap_ext::stored_column_sums")
     def _(e, b):
         return b.new_empty(b.shape), b.new_empty(())
+
+    @torch.library.register_fake("inmap_ext::stored_row_scores")
+    def _(e, b):
+        return (b.new_empty((e.shape[0], b.shape[0])),
+                b.new_empty((e.shape[0], b.shape[0]), dtype=torch.int64))
 
     @torch.library.register_fake("inmap_ext::topk_scores")
     def _(x, w, k, chunk):

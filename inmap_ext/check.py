@@ -54,7 +54,8 @@ def _cases(device: torch.device):
                      "pseudo_label_reduce": (x, w, bias, 100.0, 0.6, chunk),
                      "xt_softmax": (x, w, 25.0, chunk),
                      "topk_scores": (x, w, min(5, c), chunk),
-                     "stored_column_sums": verify.stored_probe(x, w, bias, 100.0)}
+                     "stored_column_sums": verify.stored_probe(x, w, bias, 100.0),
+                     "stored_row_scores": verify.stored_scores_probe(x, w, bias, 100.0)}
             yield "x".join(map(str, (n, d, c))), dt, calls, False
 
 

@@ -308,9 +308,9 @@ def expected_accuracies(runner, source, C: int, betas) -> Tuple[Tensor, Tensor, 
     for kind, z in source.scoring_chunks(betas):
         v, top = None, None
         if kind == "exp":                            # z = E = exp(Z - row max): no exp or log
-            v, top = _judged_exp(z, Bx, K, getattr(source, "r_floor", 0.0))
+            v, top = _judged_exp(z, Bx.to(source.work), K, source.r_floor, source.row_scores)
         if v is None:                                # z = Z - row max (or E out of its range)
-            v, top = _judged_log(z if kind == "log" else torch.log(z), B, K)
+            v, top = _judged_log(z if kind == "log" else torch.log(z.to(dt)), B, K)
         for c in range(K):
             counts[c].index_add_(0, top[c], torch.ones_like(top[c]))   # no host sync
         A += v.sum(0)
@@ -331,19 +331,19 @@ def _judged_log(z: Tensor, B: Tensor, K: int):
     return v, top
 
 
-def _judged_exp(e: Tensor, Bx: Tensor, K: int, r_floor: float):
-    """``_judged_log`` from E = exp(Z - row max) and b_k = exp(beta_k - max): softmax(Z +
-    beta_h)_ij = E_ij b_hj / r_hi with r_h = E b_h, argmax_j P_c = argmax_j E_ij b_cj. One GEMM
-    and K products instead of K log-sum-exps; (None, None) when some row's r_h is below
-    ``r_floor`` (its underflowed terms could matter: the log domain decides that chunk)."""
-    e = e.to(Bx.dtype)
-    r = e @ Bx.T                                         # rows x K
+def _judged_exp(e: Tensor, Bx: Tensor, K: int, r_floor: float, row_scores):
+    """``_judged_log`` from a stored chunk E = exp(Z - row max) and b_k = exp(beta_k - max):
+    softmax(Z + beta_h)_ij = E_ij b_hj / r_hi with r_h = E b_h, and argmax_j P_c = argmax_j
+    E_ij b_cj, both from one read of the chunk (``row_scores``: logit_store.py), no exp or log;
+    (None, None) when some row's r_h is below ``r_floor`` (its underflowed terms could matter:
+    the log domain decides that chunk)."""
+    r, top = row_scores(e, Bx)                       # rows x K each
     if not bool((r >= r_floor).all()):
         return None, None
-    top = [torch.argmax(e * Bx[c], dim=1) for c in range(K)]
+    top = [top[:, c] for c in range(K)]
     v = torch.empty(e.shape[0], K * K, dtype=Bx.dtype, device=e.device)
     for c in range(K):
-        ec = e.gather(1, top[c][:, None])[:, 0]
+        ec = e.gather(1, top[c][:, None])[:, 0].to(Bx.dtype)
         for h in range(K):
             v[:, c * K + h] = ec * Bx[h][top[c]] / r[:, h]
     return v, top

@@ -24,7 +24,9 @@ features a row's logits span far less than that at tau_t = 0.01 (cosines within 
 row's best), so no entry is lost (``exact``: checked when the store is built) and every read is
 exact to the store's and the arithmetic's rounding whatever the bias; the one remaining hazard
 is a bias so spread that exp(bias - max bias) underflows for every class a row holds, which
-shows as that row's biased mass r_i falling below tiny / eps of the arithmetic. Where entries
+shows as that row's biased mass r_i falling below C tiny / eps of the arithmetic. (The factor C:
+the compiled CPU read flushes subnormal numbers to zero, for speed, and since r_i <= C an entry
+below C tiny can meet one in the column sums; so "lost" means below C tiny.) Where entries
 were lost (a store built with a very small tau_t), a bias that lifts a class by more than
 ``safe_bias_range`` above a class holding some row's largest logit could need one of them. In
 either case the read could be wrong: that one read is made with a pass over the features
@@ -49,13 +51,18 @@ DTYPE_ENV = "INMAP_LOGIT_STORE_DTYPE"   # float64 / float32 / bfloat16: force th
                                         # whatever the budget (benchmarks of its rounding)
 
 
-def safe_bias_range(store: torch.dtype, work: torch.dtype) -> float:
+def kept_floor(store: torch.dtype, c: int) -> float:
+    """The smallest stored entry every read keeps: C tiny (module docstring)."""
+    return c * torch.finfo(store).tiny
+
+
+def safe_bias_range(store: torch.dtype, work: torch.dtype, c: int = 1) -> float:
     """The largest lift of a class's log-bias over a class holding some row's largest logit that
-    a read of the store allows: an entry the store lost is below log(tiny) of its row's largest
-    (e^-87 in float32 and bfloat16, e^-708 in float64); under a lift of at most
-    log(tiny) - log(eps of the arithmetic) (71 for float32 arithmetic) it weighs less than the
-    arithmetic's rounding of the row's largest biased term."""
-    return math.log(1 / torch.finfo(store).tiny) - math.log(1 / torch.finfo(work).eps)
+    a read of the store allows: an entry a read may lose is below log(C tiny) of its row's
+    largest (about e^-80 in float32 and bfloat16 at C = 1000, e^-701 in float64); under a lift
+    of at most log(C tiny) - log(eps of the arithmetic) (64 for float32 at C = 1000) it weighs
+    less than the arithmetic's rounding of the row's largest biased term."""
+    return -math.log(kept_floor(store, c)) - math.log(1 / torch.finfo(work).eps)
 
 
 class OutOfRange(RuntimeError):
@@ -120,17 +127,19 @@ class StoredLogits:
         self.runner, self.dtype = runner, dtype
         self.acc = acc_dtype(runner.dtype)                 # the decision's dtype
         self.work = torch.float64 if dtype == torch.float64 else self.acc   # the reads'
-        self.safe_range = safe_bias_range(dtype, self.work)
+        self.safe_range = safe_bias_range(dtype, self.work, t.shape[1])
         self.fallback = PassSource(runner, x, t, inv_tau)  # for a read out of the store's range
         self.reads_on_passes = 0
-        # the op of one read (stored_column_sums: compiled on the CPU and verified on first use
-        # against its torch twin, the torch twin elsewhere); resolved here, on every rank, since
+        # the ops of the reads (stored_column_sums, stored_row_scores: compiled on the CPU and
+        # verified on first use against their torch twins, the twins elsewhere); resolved here, on every rank, since
         # a rank without rows never reads but takes part in the ranks' agreement on the backend
         backend = _ops.store_backend(runner.backend, runner.device)
-        self._read, record = verify.resolve("stored_column_sums", backend, runner.device, dtype,
-                                            runner.group)
-        if backend == "ext":       # the torch twin by design (CUDA) is no fallback
-            runner.ran["stored_column_sums"] = record
+        ops = {}
+        for name in _ops.CPU_ONLY_OPS:
+            ops[name], record = verify.resolve(name, backend, runner.device, dtype, runner.group)
+            if backend == "ext":       # the torch twin by design (CUDA) is no fallback
+                runner.ran[name] = record
+        self._read, self.row_scores = ops["stored_column_sums"], ops["stored_row_scores"]
         self.c = t.shape[1]
         runner.count_pass()
         self.chunks = []
@@ -142,16 +151,16 @@ class StoredLogits:
             z = z - z.amax(dim=1, keepdim=True)
             depth = torch.minimum(depth, z.min()) if z.numel() else depth
             self.chunks.append(torch.exp(z).to(dtype))
-        # every stored entry a normal number of the store's dtype: nothing was lost, and every
+        # every stored entry at least C tiny of the store's dtype: nothing was lost, and every
         # read is exact to its arithmetic's rounding whatever the bias (on real CLIP features
-        # a row's logits span far less than the 87 of float32's range at tau_t = 0.01)
+        # a row's logits span far less than the 80 of float32's range at tau_t = 0.01)
         self.depth = float(depth)            # this rank's; every rank agrees on ``exact``
-        lost = torch.tensor(float(self.depth <= math.log(torch.finfo(dtype).tiny)),
+        lost = torch.tensor(float(self.depth <= math.log(kept_floor(dtype, self.c))),
                             device=runner.device)
         self.exact = float(runner.sum_(lost)) == 0
-        # a row whose biased mass r_i falls below tiny / eps of the arithmetic could be missing
+        # a row whose biased mass r_i falls below C tiny / eps of the arithmetic could be missing
         # the terms its exp(bias) underflowed: read with a pass instead
-        self.r_floor = torch.finfo(self.work).tiny / torch.finfo(self.work).eps
+        self.r_floor = kept_floor(self.work, self.c) / torch.finfo(self.work).eps
 
     @classmethod
     def build(cls, runner, x: Tensor, t: Tensor, inv_tau: float,
@@ -226,7 +235,8 @@ class StoredLogits:
         return torch.log(col) + shift
 
     def scoring_chunks(self, betas=()) -> Iterator[Tuple[str, Tensor]]:
-        """("exp", E) a stored chunk at a time in the reads' dtype (no pass over the features);
+        """("exp", E) a stored chunk at a time, in the store's dtype (no pass over the features;
+        ``row_scores`` reads it);
         ("log", Z) read with a pass instead if one of ``betas`` (the biases the caller will add)
         is out of the store's range."""
         bad = torch.zeros((), device=self.runner.device)
@@ -240,4 +250,4 @@ class StoredLogits:
             yield from self.fallback.scoring_chunks()
             return
         for e in self.chunks:
-            yield "exp", e.to(self.work)
+            yield "exp", e

@@ -111,3 +111,14 @@ def stored_column_sums(e: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     r = ef @ b
     rmin = r.min() if r.numel() else torch.tensor(float("inf"), dtype=b.dtype, device=b.device)
     return ef.T @ (1.0 / r), rmin
+
+
+def stored_row_scores(e: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """The scoring read of stored logits against K class-weight vectors b (K x C, the work
+    dtype): (mass, top), both rows x K: mass_ik = sum_j e_ij b_kj and top_ik = argmax_j e_ij b_kj
+    (the first of equal ones)."""
+    ef = e.to(b.dtype)
+    mass = ef @ b.T
+    top = torch.stack([torch.argmax(ef * bk, dim=1) for bk in b], dim=1) if ef.shape[0] else \
+        torch.empty(0, b.shape[0], dtype=torch.int64, device=e.device)
+    return mass, top

@@ -105,7 +105,8 @@ def probe_calls(x, w, bias, p=PROBE) -> Dict[str, tuple]:
             "pseudo_label_reduce": (x, w, bias, p["inv_tau_t"], p["alpha"], p["chunk"]),
             "xt_softmax": (x, w, p["inv_tau_i"], p["chunk"]),
             "topk_scores": (x, w, p["k"], p["chunk"]),
-            "stored_column_sums": stored_probe(x, w, bias, p["inv_tau_t"])}
+            "stored_column_sums": stored_probe(x, w, bias, p["inv_tau_t"]),
+            "stored_row_scores": stored_scores_probe(x, w, bias, p["inv_tau_t"])}
 
 
 def stored_probe(x, w, bias, inv_tau: float) -> tuple:
@@ -115,6 +116,13 @@ def stored_probe(x, w, bias, inv_tau: float) -> tuple:
     z = (x.to(acc) @ w.to(acc)) * inv_tau
     e = torch.exp(z - z.amax(dim=1, keepdim=True)).to(x.dtype)
     return e, torch.exp(bias - bias[torch.isfinite(bias)].max()).to(acc)
+
+
+def stored_scores_probe(x, w, bias, inv_tau: float) -> tuple:
+    """(e, B) of stored_row_scores: ``stored_probe``'s e against three class-weight vectors
+    (the probe's bias, none, and the bias reversed)."""
+    e, b = stored_probe(x, w, bias, inv_tau)
+    return e, torch.stack([b, torch.ones_like(b), b.flip(0)])
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -134,7 +142,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 OUTPUTS = {"softmax_column_lse": ("column log-sums",),
            "pseudo_label_reduce": ("X^T P", "class mass", "argmax counts", "one-hot rows"),
            "xt_softmax": ("X^T softmax", "log-partition sum"),
-           "stored_column_sums": ("column sums", "least row mass")}
+           "stored_column_sums": ("column sums", "least row mass"),
+           "stored_row_scores": ("row masses", "argmax")}
 
 
 def compare(name: str, got, want, args, tol: float) -> Tuple[bool, float, str]:

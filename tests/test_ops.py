@@ -89,6 +89,91 @@ def test_topk_scores(device, dtype, shape):
         assert torch.equal(idx, ri)
 
 
+# The stored logits' read (CPU kernel only; on CUDA its torch twin runs): E = exp(Z - row max)
+# in the store's dtype, b = exp(bias - max) in the work dtype. Rows: none, one, ragged blocks
+# of 256, more than C; C = 1; entries and weights down to the subnormal range (flushed by the
+# kernel, kept by the twin: a difference far below the tolerance relative to every row's 1).
+@pytest.mark.parametrize("store", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, c", [(0, 4), (1, 1), (3, 7), (257, 1), (300, 133), (513, 40),
+                                     (2000, 1000)])
+@pytest.mark.parametrize("spread", [3.0, 60.0, 400.0])
+def test_stored_column_sums(store, rows, c, spread):
+    skip_if_no_ext("cpu")
+    g = torch.Generator().manual_seed(rows * 31 + c)
+    work = reference.acc_dtype(store)
+    z = torch.randn(rows, c, generator=g, dtype=torch.float64) * spread
+    e = torch.exp(z - z.amax(dim=1, keepdim=True)).to(store) if rows else \
+        torch.empty(0, c, dtype=store)
+    beta = torch.randn(c, generator=g, dtype=torch.float64) * spread / 4
+    b = torch.exp(beta - beta.max()).to(work)
+    if c > 2:
+        b[1] = 0.0                                   # a class known absent
+    col, rmin = _ext("stored_column_sums")(e, b)
+    want, wmin = reference.stored_column_sums(e, b)
+    assert col.dtype == work and rmin.dtype == work and col.shape == (c,) and rmin.shape == ()
+    assert rows or math.isinf(float(rmin))
+    # below this least row mass the caller reads with a pass instead (logit_store.py): there
+    # both must only say so
+    floor = c * torch.finfo(work).tiny / torch.finfo(work).eps
+    if float(wmin) < floor:
+        assert float(rmin) < floor * (1 + 1e-5)
+        return
+    tol = 1e-10 if store == torch.float64 else 2e-5
+    torch.testing.assert_close(rmin, wmin, rtol=tol, atol=0)
+    # what a read gives the caller: every class's mass b_j col_j (of the rows' total, rows);
+    # the subnormal terms the kernel flushes weigh less than eps / C each
+    torch.testing.assert_close(col * b, want * b, rtol=tol,
+                               atol=rows * torch.finfo(work).eps / c)
+    normal = want * b > rows * torch.finfo(work).eps
+    torch.testing.assert_close(col[normal], want[normal], rtol=tol, atol=0)
+    # the same result whatever the number of threads (fixed row blocks, fixed order)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one, _ = _ext("stored_column_sums")(e, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, col)
+
+
+@pytest.mark.parametrize("store", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, c, k", [(0, 4, 3), (1, 1, 1), (3, 7, 3), (300, 133, 3),
+                                        (2000, 1000, 2)])
+def test_stored_row_scores(store, rows, c, k):
+    skip_if_no_ext("cpu")
+    g = torch.Generator().manual_seed(rows * 17 + c)
+    work = reference.acc_dtype(store)
+    z = torch.randn(rows, c, generator=g, dtype=torch.float64) * 20
+    e = torch.exp(z - z.amax(dim=1, keepdim=True)).to(store) if rows else \
+        torch.empty(0, c, dtype=store)
+    beta = torch.randn(k, c, generator=g, dtype=torch.float64) * 5
+    b = torch.exp(beta - beta.amax(dim=1, keepdim=True)).to(work)
+    mass, top = _ext("stored_row_scores")(e, b)
+    want_mass, want_top = reference.stored_row_scores(e, b)
+    assert mass.shape == top.shape == (rows, k) and mass.dtype == work and top.dtype == torch.int64
+    tol = 1e-10 if store == torch.float64 else 2e-5
+    torch.testing.assert_close(mass, want_mass, rtol=tol, atol=0)
+    assert torch.equal(top, want_top)            # one product per entry: the same argmax
+    # ties go to the first class, as torch.argmax
+    flat = torch.ones(2, c, dtype=store)
+    assert torch.equal(_ext("stored_row_scores")(flat, b[:1] * 0 + 1)[1],
+                       torch.zeros(2, 1, dtype=torch.int64))
+
+
+def test_stored_column_sums_refuses_bad_arguments():
+    skip_if_no_ext("cpu")
+    f = _ext("stored_column_sums")
+    e = torch.rand(4, 3)
+    with pytest.raises(RuntimeError, match="b must be a vector of length C=3"):
+        f(e, torch.rand(4))
+    with pytest.raises(RuntimeError, match="b must be Float"):
+        f(e, torch.rand(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="e must be 2-D"):
+        f(torch.rand(3), torch.rand(3))
+    with pytest.raises(RuntimeError, match="float64, float32 or bfloat16"):
+        f(e.half(), torch.rand(3))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_problems_through_the_public_blocks(seed):
     """Random shapes and hyper-parameters: every building block, ext against torch."""

@@ -1,0 +1,282 @@
+// CPU kernels of the reads of stored logits, inmap_ext::stored_column_sums and
+// inmap_ext::stored_row_scores (schemas and meaning: csrc/inmap.cpp).
+//
+// One read of a stored block e (rows x C: exp(Z - row max) in float64, float32 or bfloat16,
+// inmap_ext/logit_store.py) against class weights b: r_i = sum_j e_ij b_j, then
+// col_j = sum_i e_ij / r_i. Each row is read once from memory and used twice from cache, with
+// every stored entry converted to the work dtype in registers: the torch twin converts the block
+// to a float32 copy and makes two matrix-vector products (five times the memory traffic of a
+// bfloat16 block). The arithmetic is the work dtype's (float32, or float64 for a float64 block)
+// with each row block's column partial sums added in float64, in a fixed order: results do not
+// depend on the number of threads.
+#include <torch/library.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../checks.h"
+
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
+namespace inmap {
+namespace cpu {
+namespace {
+
+constexpr int64_t kRowBlock = 256;
+
+// Subnormal numbers flushed to zero (x86: MXCSR FTZ and DAZ) while a thread reads the store:
+// under a spread log-bias many products e_ij b_j fall below the normal range, and x86 takes a
+// microcode assist of ~100 cycles for each one (measured: a read 4x slower in a fit than on the
+// same store with a narrow bias). A flushed term is below 2^-126 of its row's largest (which is
+// 1): the caller's floor on r_i (logit_store.py) keeps every row whose sum could feel it off
+// this path.
+class FlushSubnormals {
+ public:
+#if defined(__SSE2__)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
+
+inline float load(const float* p) { return *p; }
+inline double load(const double* p) { return *p; }
+// bfloat16 is the upper half of a float32: widened exactly by a shift (vectorisable)
+inline float load(const c10::BFloat16* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof(h));
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// One block of rows: the block's column sums (into acc, work dtype) and least row mass. Inlined
+// into one function per (store, work) dtype pair, which x86-64 compilers clone for AVX2 + FMA
+// (x86-64-v3) beside the baseline build and pick at load time (GCC / Clang target_clones): the
+// loops vectorise 8 floats wide where the CPU has it, and the package still runs on any x86-64.
+template <typename store_t, typename work_t>
+static inline __attribute__((always_inline)) work_t row_block(const store_t* e, const work_t* b,
+                                                              int64_t i0, int64_t i1, int64_t C,
+                                                              work_t* acc, work_t* row) {
+  work_t lo = std::numeric_limits<work_t>::infinity();
+  for (int64_t j = 0; j < C; ++j) acc[j] = work_t(0);
+  for (int64_t i = i0; i < i1; ++i) {
+    const store_t* ei = e + i * C;
+    work_t r = 0;
+#pragma omp simd reduction(+ : r)
+    for (int64_t j = 0; j < C; ++j) {
+      row[j] = load(ei + j);
+      r += row[j] * b[j];
+    }
+    lo = std::min(lo, r);
+    const work_t inv = work_t(1) / r;   // r = 0: inf / NaN, caught by rmin below the floor
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) acc[j] += row[j] * inv;
+  }
+  return lo;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define INMAP_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define INMAP_CLONES
+#endif
+
+INMAP_CLONES float block_bf16(const c10::BFloat16* e, const float* b, int64_t i0, int64_t i1,
+                              int64_t C, float* acc, float* row) {
+  return row_block(e, b, i0, i1, C, acc, row);
+}
+INMAP_CLONES float block_f32(const float* e, const float* b, int64_t i0, int64_t i1, int64_t C,
+                             float* acc, float* row) {
+  return row_block(e, b, i0, i1, C, acc, row);
+}
+INMAP_CLONES double block_f64(const double* e, const double* b, int64_t i0, int64_t i1,
+                              int64_t C, double* acc, double* row) {
+  return row_block(e, b, i0, i1, C, acc, row);
+}
+
+inline float block(const c10::BFloat16* e, const float* b, int64_t i0, int64_t i1, int64_t C,
+                   float* acc, float* row) {
+  return block_bf16(e, b, i0, i1, C, acc, row);
+}
+inline float block(const float* e, const float* b, int64_t i0, int64_t i1, int64_t C, float* acc,
+                   float* row) {
+  return block_f32(e, b, i0, i1, C, acc, row);
+}
+inline double block(const double* e, const double* b, int64_t i0, int64_t i1, int64_t C,
+                    double* acc, double* row) {
+  return block_f64(e, b, i0, i1, C, acc, row);
+}
+
+template <typename store_t, typename work_t>
+void column_sums(const store_t* e, const work_t* b, int64_t rows, int64_t C, double* col,
+                 work_t* rmin) {
+  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+  std::vector<double> part(static_cast<size_t>(blocks * C), 0.0);
+  std::vector<work_t> bmin(static_cast<size_t>(blocks), std::numeric_limits<work_t>::infinity());
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    FlushSubnormals flush;
+    std::vector<work_t> acc(static_cast<size_t>(C));
+    std::vector<work_t> row(static_cast<size_t>(C));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i1 = std::min(rows, (blk + 1) * kRowBlock);
+      bmin[blk] = block(e, b, blk * kRowBlock, i1, C, acc.data(), row.data());
+      double* p = part.data() + blk * C;
+      for (int64_t j = 0; j < C; ++j) p[j] = static_cast<double>(acc[j]);
+    }
+  });
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const double* p = part.data() + blk * C;
+    for (int64_t j = 0; j < C; ++j) col[j] += p[j];
+    *rmin = std::min(*rmin, bmin[blk]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> stored_column_sums_cpu(const at::Tensor& e,
+                                                          const at::Tensor& b) {
+  const char* op = "stored_column_sums";
+  TORCH_CHECK(e.dim() == 2, op, ": e must be 2-D (rows x C), got ", e.dim(), "-D");
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == e.size(1), op, ": b must be a vector of length C=",
+              e.size(1), ", got shape ", b.sizes());
+  TORCH_CHECK(e.device().is_cpu() && b.device().is_cpu(), op, ": expected CPU tensors");
+  const auto st = e.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
+              ": e must be float64, float32 or bfloat16, got ", st);
+  const auto wt = acc_type(st);
+  TORCH_CHECK(b.scalar_type() == wt, op, ": b must be ", wt, " for an e of ", st, ", got ",
+              b.scalar_type());
+  at::Tensor ec = e.contiguous(), bc = b.contiguous();
+  const int64_t rows = ec.size(0), C = ec.size(1);
+  at::Tensor col64 = at::zeros({C}, b.options().dtype(at::kDouble));
+  at::Tensor rmin = at::full({}, std::numeric_limits<double>::infinity(), b.options());
+  if (rows > 0 && C > 0) {
+    double* col = col64.data_ptr<double>();
+    if (st == at::kDouble) {
+      column_sums(ec.data_ptr<double>(), bc.data_ptr<double>(), rows, C, col,
+                  rmin.data_ptr<double>());
+    } else if (st == at::kFloat) {
+      column_sums(ec.data_ptr<float>(), bc.data_ptr<float>(), rows, C, col,
+                  rmin.data_ptr<float>());
+    } else {
+      column_sums(ec.data_ptr<c10::BFloat16>(), bc.data_ptr<float>(), rows, C, col,
+                  rmin.data_ptr<float>());
+    }
+  }
+  return {col64.to(wt), rmin};
+}
+
+// stored_row_scores: per row i and candidate k, the mass r_ik = sum_j e_ij b_kj and the class
+// argmax_j e_ij b_kj (the first of equal ones, as torch.argmax). Rows are independent: any
+// thread count gives the same result.
+template <typename store_t, typename work_t>
+static inline __attribute__((always_inline)) void score_rows(const store_t* e, const work_t* b,
+                                                             int64_t i0, int64_t i1, int64_t C,
+                                                             int64_t K, work_t* mass,
+                                                             int64_t* top, work_t* row) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const store_t* ei = e + i * C;
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) row[j] = load(ei + j);
+    for (int64_t k = 0; k < K; ++k) {
+      const work_t* bk = b + k * C;
+      work_t r = 0;
+#pragma omp simd reduction(+ : r)
+      for (int64_t j = 0; j < C; ++j) r += row[j] * bk[j];
+      work_t best = -std::numeric_limits<work_t>::infinity();
+      int64_t arg = 0;
+      for (int64_t j = 0; j < C; ++j) {
+        const work_t v = row[j] * bk[j];
+        if (v > best) {
+          best = v;
+          arg = j;
+        }
+      }
+      mass[i * K + k] = r;
+      top[i * K + k] = arg;
+    }
+  }
+}
+
+INMAP_CLONES void scores_bf16(const c10::BFloat16* e, const float* b, int64_t i0, int64_t i1,
+                              int64_t C, int64_t K, float* mass, int64_t* top, float* row) {
+  score_rows(e, b, i0, i1, C, K, mass, top, row);
+}
+INMAP_CLONES void scores_f32(const float* e, const float* b, int64_t i0, int64_t i1, int64_t C,
+                             int64_t K, float* mass, int64_t* top, float* row) {
+  score_rows(e, b, i0, i1, C, K, mass, top, row);
+}
+INMAP_CLONES void scores_f64(const double* e, const double* b, int64_t i0, int64_t i1, int64_t C,
+                             int64_t K, double* mass, int64_t* top, double* row) {
+  score_rows(e, b, i0, i1, C, K, mass, top, row);
+}
+
+inline void scores(const c10::BFloat16* e, const float* b, int64_t i0, int64_t i1, int64_t C,
+                   int64_t K, float* mass, int64_t* top, float* row) {
+  scores_bf16(e, b, i0, i1, C, K, mass, top, row);
+}
+inline void scores(const float* e, const float* b, int64_t i0, int64_t i1, int64_t C, int64_t K,
+                   float* mass, int64_t* top, float* row) {
+  scores_f32(e, b, i0, i1, C, K, mass, top, row);
+}
+inline void scores(const double* e, const double* b, int64_t i0, int64_t i1, int64_t C,
+                   int64_t K, double* mass, int64_t* top, double* row) {
+  scores_f64(e, b, i0, i1, C, K, mass, top, row);
+}
+
+std::tuple<at::Tensor, at::Tensor> stored_row_scores_cpu(const at::Tensor& e,
+                                                         const at::Tensor& b) {
+  const char* op = "stored_row_scores";
+  TORCH_CHECK(e.dim() == 2, op, ": e must be 2-D (rows x C), got ", e.dim(), "-D");
+  TORCH_CHECK(b.dim() == 2 && b.size(1) == e.size(1), op, ": b must be K x C with C=",
+              e.size(1), ", got shape ", b.sizes());
+  TORCH_CHECK(e.device().is_cpu() && b.device().is_cpu(), op, ": expected CPU tensors");
+  const auto st = e.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
+              ": e must be float64, float32 or bfloat16, got ", st);
+  const auto wt = acc_type(st);
+  TORCH_CHECK(b.scalar_type() == wt, op, ": b must be ", wt, " for an e of ", st, ", got ",
+              b.scalar_type());
+  at::Tensor ec = e.contiguous(), bc = b.contiguous();
+  const int64_t rows = ec.size(0), C = ec.size(1), K = bc.size(0);
+  at::Tensor mass = at::empty({rows, K}, b.options());
+  at::Tensor top = at::empty({rows, K}, b.options().dtype(at::kLong));
+  if (rows == 0 || K == 0) return {mass, top};
+  at::parallel_for(0, rows, 64, [&](int64_t i0, int64_t i1) {
+    FlushSubnormals flush;
+    if (st == at::kDouble) {
+      std::vector<double> row(static_cast<size_t>(C));
+      scores(ec.data_ptr<double>(), bc.data_ptr<double>(), i0, i1, C, K,
+             mass.data_ptr<double>(), top.data_ptr<int64_t>(), row.data());
+    } else {
+      std::vector<float> row(static_cast<size_t>(C));
+      if (st == at::kFloat) {
+        scores(ec.data_ptr<float>(), bc.data_ptr<float>(), i0, i1, C, K, mass.data_ptr<float>(),
+               top.data_ptr<int64_t>(), row.data());
+      } else {
+        scores(ec.data_ptr<c10::BFloat16>(), bc.data_ptr<float>(), i0, i1, C, K,
+               mass.data_ptr<float>(), top.data_ptr<int64_t>(), row.data());
+      }
+    }
+  });
+  return {mass, top};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(inmap_ext, CPU, m) {
+  m.impl("stored_column_sums", &stored_column_sums_cpu);
+  m.impl("stored_row_scores", &stored_row_scores_cpu);
+}
+
+}  // namespace cpu
+}  // namespace inmap
