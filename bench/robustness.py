@@ -22,7 +22,7 @@ from its stored rows, without fitting.
 least 2k images (batches excluded), ``--draws`` random samples of k images get their labels and
 ``class_prior="auto"`` chooses by them (labeled.py: uniform left out where the labels' classes
 are likelier under CLIP's class shares, then the candidates' pseudo labels scored on the sample,
-ties to the unlabeled rule's choice); the summary gives, per k, the mean and worst gain against
+ties to the unlabeled rule's choice, a switch confirmed by the two candidates' fits); the summary gives, per k, the mean and worst gain against
 zero-shot (per draw and per set's mean over its draws), the draws more than a point below
 zero-shot and the mean regret against the best prior of each set (chosen with hindsight).
 """
@@ -79,10 +79,12 @@ def batches(y: np.ndarray, C: int, seed: int, count: int, classes=4, per=4) -> l
     return out
 
 
-def labeled_choices(xs, T, ys, ks, draws, seed):
+def labeled_choices(xs, T, ys, ks, draws, seed, preds):
     """{k: [candidate chosen with k labeled images, one per draw]}: the candidates' log-biases
     are computed once (class_prior.choose, as auto does), then each draw is scored by
-    labeled.decide, the rule fit_vision_proxy(labeled=...) runs."""
+    labeled.decide and, where it favours another candidate than the one it would keep, judged
+    by the two candidates' fits (``preds``: each fixed prior's predictions, the fits
+    fit_vision_proxy(labeled=...) makes), as labeled.confirm does."""
     from inmap_ext import class_prior as cp
     from inmap_ext import labeled as lab
     from inmap_ext.functional import Runner
@@ -100,7 +102,7 @@ def labeled_choices(xs, T, ys, ks, draws, seed):
 
     lab.right_per_candidate = keep
     try:
-        _, prior = cp.choose(runner, x, t, "auto", 0.01, 20, 0.0, n,
+        _, prior, _ = cp.choose(runner, x, t, "auto", 0.01, 20, 0.0, n,
                              labeled=(torch.zeros(1, dtype=torch.long), ys[:1].cpu()))
     finally:
         lab.right_per_candidate = real
@@ -116,7 +118,12 @@ def labeled_choices(xs, T, ys, ks, draws, seed):
             idx = torch.from_numpy(g.choice(n, k, replace=False))
             R, M, kk, L = real(runner, x, t, 100.0, seen["betas"], seen["log_q"],
                                (idx, ys[idx].cpu()))
-            out[k].append(lab.decide(cp.CANDIDATES, R, M, kk, auto, allowed, L)[0])
+            chosen, _, _, kept = lab.decide(cp.CANDIDATES, R, M, kk, auto, allowed, L)
+            if chosen != kept:
+                yi = ys[idx]
+                right = {c: int((preds[c][idx] == yi).sum()) for c in (chosen, kept)}
+                chosen = chosen if right[chosen] > right[kept] else kept
+            out[k].append(chosen)
     return out
 
 
@@ -133,11 +140,13 @@ def score(X, T, y, idx, device, ks=(), draws=0, seed=0):
     ys = torch.from_numpy(y[idx]).to(X.device)
     row = {"zero_shot": 100 * float((inmap_ext.zero_shot_topk(xs, T)[1][:, 0] == ys)
                                     .float().mean())}
+    preds = {}
     for prior in PRIORS:
         t0 = time.perf_counter()
         r = inmap_ext.fit_vision_proxy(xs, T, class_prior=prior)
         row[f"{prior}_s"] = time.perf_counter() - t0
-        row[prior] = 100 * float((r.predict(xs) == ys).float().mean())
+        preds[prior] = r.predict(xs)
+        row[prior] = 100 * float((preds[prior] == ys).float().mean())
         if prior == "auto":
             row["auto_chose"] = r.class_prior.chosen
             row["auto_stats"] = r.class_prior.stats
@@ -146,7 +155,7 @@ def score(X, T, y, idx, device, ks=(), draws=0, seed=0):
             row["auto_timings"] = r.timings
     if ks:
         row["labeled"] = {str(k): v for k, v in labeled_choices(xs, T, ys, ks, draws,
-                                                                 seed).items()}
+                                                                 seed, preds).items()}
     return row
 
 

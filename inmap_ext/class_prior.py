@@ -174,9 +174,11 @@ def check_class_prior(class_prior, num_classes: int):
 
 def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t: float,
            sinkhorn_iters: int, gamma: float, n: int, store: bool = True, labeled=None
-           ) -> Tuple[Optional[Tensor], ClassPrior]:
-    """The Sinkhorn log-bias beta of the pseudo labels (None: not balanced) and the record of
-    what was targeted. ``class_prior`` as returned by ``check_class_prior``. ``store``: read the
+           ) -> Tuple[Optional[Tensor], ClassPrior, Optional[tuple]]:
+    """The Sinkhorn log-bias beta of the pseudo labels (None: not balanced), the record of
+    what was targeted and, where labeled images favour another candidate than the one they
+    would keep, that kept candidate's (beta, record) for the fit to judge both fits by
+    (labeled.confirm; else None). ``class_prior`` as returned by ``check_class_prior``. ``store``: read the
     zero-shot logits from one pass kept in memory (logit_store.py, within its budget) instead
     of a pass over the features per read (False: ``mode="paper"``, the published arithmetic).
     ``labeled``: (indices, labels) of a few labeled rows (labeled.py) that settle ``auto``."""
@@ -190,7 +192,8 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
         from .labeled import right_per_candidate
 
         judge = functools.partial(right_per_candidate, runner, x, t, inv_tau, labeled=labeled)
-    beta, prior = _choose(source, runner, t, class_prior, sinkhorn_iters, gamma, n, judge)
+    beta, prior, alternative = _choose(source, runner, t, class_prior, sinkhorn_iters, gamma, n,
+                                       judge)
     if source.stored:
         prior.stats["logits"] = (f"stored once ({str(source.dtype).replace('torch.', '')}, "
                                  f"{source.nbytes / 2**20:.1f} MiB)")
@@ -199,7 +202,7 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
                                       "range made with passes")
     else:
         prior.stats["logits"] = "a pass over the features per read"
-    return beta, prior
+    return beta, prior, alternative
 
 
 def _choose(source, runner, t, class_prior, sinkhorn_iters, gamma, n, judge=None):
@@ -216,24 +219,26 @@ def _choose(source, runner, t, class_prior, sinkhorn_iters, gamma, n, judge=None
     requested = "given" if isinstance(class_prior, torch.Tensor) else class_prior
     if requested == "none" or sinkhorn_iters == 0:
         why = "sinkhorn_iters=0" if sinkhorn_iters == 0 else "class_prior='none'"
-        return None, record("none", f"no balancing ({why})")
+        return None, record("none", f"no balancing ({why})"), None
 
     def balance(log_q):
         return sinkhorn(source.column_lse, sinkhorn_iters, log_q, n, log_zs)
 
     if requested == "given":
         log_q = torch.log(class_prior).to(device=t.device, dtype=dt)
-        return balance(log_q), record("given", "class proportions given by the caller", log_q)
+        return balance(log_q), record("given", "class proportions given by the caller",
+                                      log_q), None
     if requested == "uniform":
         log_q = uniform_log_target(log_zs, gamma)
         return balance(log_q), record("uniform", "the published target (class_prior='uniform')",
-                                      log_q)
+                                      log_q), None
     if requested == "estimate":
         log_pi = estimate_log_proportions(source, C, n, dt, t.device)
         return balance(log_pi), record("estimate", "class proportions estimated by EM "
-                                       "(class_prior='estimate')", log_pi, _proportions(log_pi))
+                                       "(class_prior='estimate')", log_pi,
+                                       _proportions(log_pi)), None
     if C == 1:
-        return None, record("none", "a single class: nothing to balance")
+        return None, record("none", "a single class: nothing to balance"), None
     return _auto(source, runner, t, n, stats, balance, uniform_log_target(log_zs, gamma),
                  record, judge, log_zs)
 
@@ -268,21 +273,32 @@ def _auto(source, runner, t, n, stats, balance, log_u, record, judge=None, log_z
               f"; the estimate was left out: its predictions keep {kept:.0%} (< "
               f"{KEPT_CLASSES:.0%}) of the classes the zero-shot predictions span (EM "
               "collapsed onto a few classes)"))
+    alternative = None
     if judge is not None:
         from .labeled import decide, uniform_vetoed
 
         R, Mr, k, L = judge(list(betas.values()), (log_zs, log_u))
         unlabeled_choice = chosen
-        chosen, stats["labeled"], how = decide(CANDIDATES, R, Mr, k, chosen, allowed, L)
+        chosen, stats["labeled"], how, kept = decide(CANDIDATES, R, Mr, k, chosen, allowed, L)
         stats["labeled_balance"] = {"log_likelihood_zero_shot_shares": round(float(L[0]), 3),
                                     "log_likelihood_uniform": round(float(L[1]), 3),
                                     "uniform_left_out": uniform_vetoed(L)}
+        stats["unlabeled_choice"] = unlabeled_choice
         stats["decided_by"] = ("unlabeled rule" if chosen == unlabeled_choice
                                else "labeled images")
+        if chosen != kept:        # fit.py judges both candidates' fits (labeled.confirm)
+            alternative = _candidate(kept, f"{how}; unlabeled rule: {why}", betas, log_u,
+                                     log_pi, estimate, record)
         why = f"{how}; unlabeled rule: {why}"
-    if chosen == "none":
+    beta, prior = _candidate(chosen, why, betas, log_u, log_pi, estimate, record)
+    return beta, prior, alternative
+
+
+def _candidate(name, why, betas, log_u, log_pi, estimate, record):
+    """(beta, ClassPrior) of the auto candidate ``name``."""
+    if name == "none":
         return None, record("none", f"no balancing ({why})", estimate=estimate)
-    if chosen == "uniform":
+    if name == "uniform":
         return betas["uniform"], record("uniform", f"balanced to the uniform prior ({why})",
                                         log_u, estimate)
     return betas["estimate"], record("estimate", f"balanced to the class proportions "

@@ -14,7 +14,7 @@ from .class_prior import check_class_prior
 from .class_prior import choose as choose_class_prior
 from .functional import Runner
 from .hyper import check_balancing, check_hyper
-from .labeled import check_labeled
+from .labeled import check_labeled, confirm, right_of_proxies
 from .reference import acc_dtype
 from .result import VisionProxyResult
 from .solver import SOLVERS, STOP_RULES, solve
@@ -248,24 +248,41 @@ def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, to
     # confident rows one-hot.
     t0 = _now(device)
     runner.phase = "decision"
-    beta, prior = choose_class_prior(runner, x, t, class_prior, tau_t, sinkhorn_iters, gamma, n,
-                                     store=mode != "paper", labeled=labeled)
+    beta, prior, alternative = choose_class_prior(runner, x, t, class_prior, tau_t,
+                                                  sinkhorn_iters, gamma, n,
+                                                  store=mode != "paper", labeled=labeled)
     timings["sinkhorn_s"] = _now(device) - t0
-    # Step 4: B = X^T P.
-    t0 = _now(device)
-    runner.phase = "pseudo_labels"
-    B, mass, counts, n_confident = runner.pseudo_labels(x, t, beta, 1.0 / tau_t, alpha)
-    timings["pseudo_labels_s"] = _now(device) - t0
 
-    # Step 5: minimise the cross-entropy to the pseudo labels over unit-norm W from W = T
-    # (solver.py: the published descent in mode="paper", every step; the default fit's
-    # Riemannian L-BFGS, lbfgs.py, until the objective has settled).
-    t0 = _now(device)
-    runner.phase = "descent"
-    d = solve(runner, x, t, B, tau_i, iters, lr, n, solver=solver, stop=stop, tol=tol,
-              progress=progress)
+    def learn(beta):
+        # Step 4: B = X^T P.
+        t0 = _now(device)
+        runner.phase = "pseudo_labels"
+        B, mass, counts, n_confident = runner.pseudo_labels(x, t, beta, 1.0 / tau_t, alpha)
+        timings["pseudo_labels_s"] = timings.get("pseudo_labels_s", 0.0) + _now(device) - t0
+        # Step 5: minimise the cross-entropy to the pseudo labels over unit-norm W from W = T
+        # (solver.py: the published descent in mode="paper", every step; the default fit's
+        # Riemannian L-BFGS, lbfgs.py, until the objective has settled).
+        t0 = _now(device)
+        runner.phase = "descent"
+        d = solve(runner, x, t, B, tau_i, iters, lr, n, solver=solver, stop=stop, tol=tol,
+                  progress=progress)
+        timings["descent_s"] = timings.get("descent_s", 0.0) + _now(device) - t0
+        return d, mass, counts, n_confident
+
+    fit = learn(beta)
+    if alternative is not None:
+        # labeled images favoured prior.chosen over the candidate they would keep: both fits
+        # are judged on them, the challenger kept only with strictly more right (labeled.py)
+        beta_kept, prior_kept = alternative
+        fit_kept = learn(beta_kept)
+        right, right_kept = right_of_proxies(runner, x, labeled, [fit[0].proxy,
+                                                                  fit_kept[0].proxy])
+        k = int(runner.sum_(torch.tensor(float(labeled[0].numel()), device=device)).item())
+        prior = confirm(prior, prior_kept, right, right_kept, k)
+        if prior is prior_kept:
+            beta, fit = beta_kept, fit_kept
+    d, mass, counts, n_confident = fit
     W = d.proxy
-    timings["descent_s"] = _now(device) - t0
     if not bool(torch.isfinite(W).all()):  # never hand back garbage silently
         raise FloatingPointError(
             "fit_vision_proxy produced a non-finite proxy; inputs were finite, so this is a bug "

@@ -18,21 +18,47 @@ def test_labels_choose_the_candidate_they_favour_and_record_why():
     g = torch.Generator().manual_seed(1)
     idx = torch.randperm(len(y), generator=g)[:300]
     lab = inmap_ext.fit_vision_proxy(X, T, labeled=(idx, y[idx]))
-    st = lab.class_prior.stats["labeled"]
+    cp = lab.class_prior
+    st = cp.stats["labeled"]
     assert set(st) >= {"none", "uniform"}
-    best = max(st.values(), key=lambda v: v["right"])["right"]
-    assert st[lab.class_prior.chosen]["right"] == best
     assert all(0 <= v["accuracy"] <= 1 and v["se_vs_chosen"] >= 0 for v in st.values())
-    assert st[lab.class_prior.chosen]["se_vs_chosen"] == 0
-    # the candidates' pseudo labels, scored directly, give the same counts
-    from inmap_ext.class_prior import CANDIDATES
-    if lab.class_prior.chosen != free.class_prior.chosen:
-        assert lab.class_prior.stats["decided_by"] == "labeled images"
-        assert st[lab.class_prior.chosen]["right"] > st[free.class_prior.chosen]["right"]
-    assert lab.class_prior.chosen in CANDIDATES
+    assert cp.stats["unlabeled_choice"] == free.class_prior.chosen
+    # here the labels favour another candidate than the unlabeled rule's: both fits were made
+    # and judged on the labeled images; the one standing has strictly more right, or is kept
+    fits = cp.stats["labeled_fits"]
+    assert len(fits) == 2 and free.class_prior.chosen in fits and cp.chosen in fits
+    challenger = max(st, key=lambda c: st[c]["right"])
+    assert challenger in fits
+    other = next(c for c in fits if c != challenger)
+    assert cp.chosen == (challenger if fits[challenger] > fits[other] else other)
+    assert "judged by its fit" in cp.reason
+    assert cp.stats["decided_by"] == ("unlabeled rule" if cp.chosen == free.class_prior.chosen
+                                      else "labeled images")
+    # two fits were paid for: two pseudo-label passes, both solvers' passes
+    assert lab.passes["pseudo_labels"] == 2 and lab.passes["descent"] > free.passes["descent"]
+    pred = lab.predict(X[idx])
+    assert int((pred == y[idx]).sum()) == fits[cp.chosen]
     # no label enters the fit: the same candidate chosen without labels gives the same proxy
-    same = inmap_ext.fit_vision_proxy(X, T, class_prior=lab.class_prior.chosen)
+    same = inmap_ext.fit_vision_proxy(X, T, class_prior=cp.chosen)
     torch.testing.assert_close(lab.proxy, same.proxy)
+
+
+def test_the_fits_decide_a_switch_and_a_tie_keeps_the_kept():
+    from inmap_ext.class_prior import ClassPrior
+    from inmap_ext.labeled import confirm
+
+    def pair():
+        stats = {"unlabeled_choice": "none"}
+        zs = torch.full((3,), 1 / 3)
+        return (ClassPrior("auto", "uniform", "u", zs, zs, None, stats),
+                ClassPrior("auto", "none", "n", None, zs, None, stats))
+
+    c, k = pair()
+    assert confirm(c, k, 7, 7, 10) is k and k.stats["decided_by"] == "unlabeled rule"
+    assert "not more than none's 7: none kept" in k.reason
+    c, k = pair()
+    assert confirm(c, k, 8, 7, 10) is c and c.stats["decided_by"] == "labeled images"
+    assert c.stats["labeled_fits"] == {"uniform": 8, "none": 7}
 
 
 def test_a_tie_keeps_the_unlabeled_rule():
@@ -40,13 +66,14 @@ def test_a_tie_keeps_the_unlabeled_rule():
 
     R = torch.tensor([5.0, 5.0, 3.0])
     M = torch.diag(R)
-    chosen, stats, why = decide(("none", "uniform", "estimate"), R, M, 10, "uniform", [0, 1, 2])
-    assert chosen == "uniform" and "tie keeps it" in why
-    chosen, _, why = decide(("none", "uniform", "estimate"), torch.tensor([6.0, 5.0, 3.0]), M,
-                            10, "uniform", [0, 1])
-    assert chosen == "none" and "the most" in why
+    chosen, stats, why, kept = decide(("none", "uniform", "estimate"), R, M, 10, "uniform",
+                                      [0, 1, 2])
+    assert chosen == kept == "uniform" and "tie keeps it" in why
+    chosen, _, why, kept = decide(("none", "uniform", "estimate"), torch.tensor([6.0, 5.0, 3.0]),
+                                  M, 10, "uniform", [0, 1])
+    assert chosen == "none" and kept == "uniform" and "the most" in why
     # a candidate the collapse guard left out is never chosen
-    chosen, stats, _ = decide(("none", "uniform", "estimate"), torch.tensor([1.0, 2.0, 9.0]), M,
+    chosen, stats, _, _ = decide(("none", "uniform", "estimate"), torch.tensor([1.0, 2.0, 9.0]), M,
                               10, "uniform", [0, 1])
     assert chosen == "uniform" and "estimate" not in stats
 
@@ -60,10 +87,12 @@ def test_labels_classes_leave_uniform_out_when_the_set_is_not_balanced():
     # with the most right; auto's choice (uniform) is replaced by the best of the rest
     L = torch.tensor([-20.0, -23.0])
     assert uniform_vetoed(L)
-    chosen, stats, why = decide(names, R, M, 10, "uniform", [0, 1, 2], L)
-    assert chosen == "estimate" and "uniform" not in stats and "uniform left out" in why
-    chosen, _, why = decide(names, torch.tensor([5.0, 6.0, 5.0]), M, 10, "uniform", [0, 1], L)
-    assert chosen == "none" and "did not favour another candidate over none" in why
+    chosen, stats, why, kept = decide(names, R, M, 10, "uniform", [0, 1, 2], L)
+    assert chosen == "estimate" and kept == "none" and "uniform" not in stats and \
+        "uniform left out" in why
+    chosen, _, why, kept = decide(names, torch.tensor([5.0, 6.0, 5.0]), M, 10, "uniform", [0, 1],
+                                  L)
+    assert chosen == kept == "none" and "did not favour another candidate over none" in why
     # likelier under 1/C (or as likely): uniform stays and wins on its count
     for L in (torch.tensor([-23.0, -20.0]), torch.tensor([-20.0, -20.0])):
         assert not uniform_vetoed(L)
@@ -87,7 +116,8 @@ def test_paired_standard_error():
     from inmap_ext.labeled import decide
 
     right = torch.tensor([[1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 1]], dtype=torch.float64)
-    chosen, stats, _ = decide(("none", "uniform"), right.sum(1), right @ right.T, 6, "none", [0, 1])
+    chosen, stats, _, _ = decide(("none", "uniform"), right.sum(1), right @ right.T, 6, "none",
+                                 [0, 1])
     assert chosen == "uniform"
     d = right[1] - right[0]
     want = float((d.var(unbiased=False) / 6).sqrt())
