@@ -178,9 +178,10 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
     """The Sinkhorn log-bias beta of the pseudo labels (None: not balanced), the record of
     what was targeted and, where labeled images favour another candidate than the one they
     would keep, that kept candidate's (beta, record) for the fit to judge both fits by
-    (labeled.confirm; else None). ``class_prior`` as returned by ``check_class_prior``. ``store``: read the
-    zero-shot logits from one pass kept in memory (logit_store.py, within its budget) instead
-    of a pass over the features per read (False: ``mode="paper"``, the published arithmetic).
+    (labeled.confirm; else None). ``class_prior`` as returned by ``check_class_prior``.
+    ``store``: read the zero-shot logits from one pass kept in memory (logit_store.py, within
+    its budget) instead of a pass over the features per read (False: ``mode="paper"``, the
+    published arithmetic).
     ``labeled``: (indices, labels) of a few labeled rows (labeled.py) that settle ``auto``."""
     from .logit_store import PassSource, StoredLogits
 

@@ -19,12 +19,12 @@ candidates because the fit follows its pseudo labels (measured in docs/class_pri
 When the labeled images cannot tell the candidates apart, auto's own rule decides: that is the
 case when no candidate has strictly more labeled images right than the one auto's rule chose
 (a tie keeps auto's choice). When the pseudo labels do favour another candidate, the fit makes
-both candidates' fits and keeps the challenger only if its fit gets strictly more of the labeled
-images right (measured: with 100 labels the draws more than a point below zero-shot fall from 47
-to 11 of 5400, for 1.35 fits on average; docs/class_prior.md). Each candidate's labeled accuracy is reported with the paired
-standard error of its difference to the chosen one's (sqrt of the variance of the per-image
-differences over k). No label enters the pseudo labels or the descent: the fit stays an
-unlabeled fit, judged by a handful of labels.
+both candidates' fits and keeps the challenger only if its fit gets strictly more of the
+labeled images right (``confirm``; measured: with 100 labels the draws more than a point below
+zero-shot fall from 47 to 11 of 5400, for 1.35 fits on average; docs/class_prior.md). Each
+candidate's labeled accuracy is reported with the paired standard error of its difference to
+the chosen one's (sqrt of the variance of the per-image differences over k). No label enters
+the pseudo labels or the descent: the fit stays an unlabeled fit, judged by a handful of labels.
 """
 from __future__ import annotations
 
@@ -154,10 +154,10 @@ def confirm(prior, kept_prior, right: int, right_kept: int, k: int):
     out = prior if wins else kept_prior
     scores = {prior.chosen: right, kept_prior.chosen: right_kept}
     out.stats["labeled_fits"] = scores
-    out.stats["decided_by"] = ("unlabeled rule" if out.chosen == out.stats.get("unlabeled_choice")
-                               else "labeled images")
-    verdict = (f"its fit got {right} of {k} labeled images right, {kept_prior.chosen}'s {right_kept}"
-               if wins else
+    unlabeled = out.stats.get("unlabeled_choice")
+    out.stats["decided_by"] = "unlabeled rule" if out.chosen == unlabeled else "labeled images"
+    verdict = (f"its fit got {right} of {k} labeled images right, {kept_prior.chosen}'s "
+               f"{right_kept}" if wins else
                f"but its fit got {right} of {k} labeled images right, not more than "
                f"{kept_prior.chosen}'s {right_kept}: {kept_prior.chosen} kept")
     out.reason = f"{out.reason}; {prior.chosen} judged by its fit: {verdict}"
