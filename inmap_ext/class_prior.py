@@ -312,8 +312,8 @@ def expected_accuracies(runner, source, C: int, betas) -> Tuple[Tensor, Tensor, 
     the rows of every rank), the argmax counts of every candidate (K x C) and the second moments
     M = sum_i v_i v_i^T (K^2 x K^2) of the per-image vectors v_i[c * K + h] = P_h(argmax P_c | x_i),
     from which the standard error of any comparison of candidates follows
-    (``_margins``). Pure torch on row chunks: a chunk x C logit block at a time, never N x C
-    beyond what the source stores."""
+    (``_margins``). A chunk x C block at a time, never N x C beyond what the source stores: a
+    stored block by one read (``stored_row_scores``), a pass's logits in torch."""
     K = len(betas)
     dt = acc_dtype(runner.dtype)
     B = torch.stack([b.to(device=runner.device, dtype=dt) for b in betas])
@@ -321,13 +321,14 @@ def expected_accuracies(runner, source, C: int, betas) -> Tuple[Tensor, Tensor, 
     M = torch.zeros(K * K, K * K, dtype=torch.float64, device=runner.device)  # a variance comes
                                                   # from it by a difference: summed in float64
     counts = torch.zeros(K, C, dtype=torch.int64, device=runner.device)
-    Bx = torch.exp(B - B.amax(dim=1, keepdim=True))        # b_k = exp(beta_k - max beta_k)
     for kind, z in source.scoring_chunks(betas):
         v, top = None, None
         if kind == "exp":                            # z = E = exp(Z - row max): no exp or log
-            v, top = _judged_exp(z, Bx.to(source.work), K, source.r_floor, source.row_scores)
+            work = source.work                       # b_k = exp(beta_k - max beta_k)
+            Bx = torch.exp((B - B.amax(dim=1, keepdim=True)).to(work))
+            v, top = _judged_exp(z, Bx, K, source.r_floor, source.row_scores)
         if v is None:                                # z = Z - row max (or E out of its range)
-            v, top = _judged_log(z if kind == "log" else torch.log(z.to(dt)), B, K)
+            v, top = _judged_log(z if kind == "log" else torch.log(z.to(source.work)), B, K)
         for c in range(K):
             counts[c].index_add_(0, top[c], torch.ones_like(top[c]))   # no host sync
         A += v.sum(0)

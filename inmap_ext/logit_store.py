@@ -4,8 +4,9 @@ The decision (class_prior.py: EM, the Sinkhorn balancings, the scoring pass) rea
 logits again and again, and they never change during it. ``StoredLogits`` computes them in one
 pass over the features and keeps them, per row shifted by its maximum and exponentiated,
 E = exp(Z - max_row Z) in [0, 1], as row chunks on the compute device. Every later read is then
-N x C arithmetic instead of an N x D x C GEMM, and a Sinkhorn or EM iteration is two
-matrix-vector products without an exponential:
+N x C arithmetic instead of an N x D x C GEMM, and a Sinkhorn or EM iteration is one read of
+the store (the two matrix-vector products below, fused by the compiled CPU op
+``stored_column_sums``; its torch twin elsewhere) without an exponential:
 
     softmax(Z + beta)_ij = E_ij b_j / r_i,   b = exp(beta - max beta),  r = E b,
     log colsum_j = log b_j + log sum_i E_ij / r_i.
@@ -127,13 +128,21 @@ class StoredLogits:
         self.runner, self.dtype = runner, dtype
         self.acc = acc_dtype(runner.dtype)                 # the decision's dtype
         self.work = torch.float64 if dtype == torch.float64 else self.acc   # the reads'
-        self.safe_range = safe_bias_range(dtype, self.work, t.shape[1])
+        # the exponentials are taken in the logits' dtype (acc) and stored in ``dtype``: what
+        # can be lost is set by whichever of the two has the smaller range
+        self.range = max(dtype, self.acc, key=lambda d: torch.finfo(d).tiny)
+        self.safe_range = safe_bias_range(self.range, self.work, t.shape[1])
         self.fallback = PassSource(runner, x, t, inv_tau)  # for a read out of the store's range
         self.reads_on_passes = 0
         # the ops of the reads (stored_column_sums, stored_row_scores: compiled on the CPU and
-        # verified on first use against their torch twins, the twins elsewhere); resolved here, on every rank, since
-        # a rank without rows never reads but takes part in the ranks' agreement on the backend
+        # verified on first use against their torch twins, the twins elsewhere); resolved here,
+        # on every rank, since a rank without rows never reads but takes part in the ranks'
+        # agreement on the backend. The compiled reads compute in the store's own work dtype
+        # (float64 for float64, else float32); a float64 fit over a float32 or bfloat16 store
+        # reads in float64 with the twins.
         backend = _ops.store_backend(runner.backend, runner.device)
+        if self.work != acc_dtype(dtype):
+            backend = "torch"
         ops = {}
         for name in _ops.CPU_ONLY_OPS:
             ops[name], record = verify.resolve(name, backend, runner.device, dtype, runner.group)
@@ -147,15 +156,17 @@ class StoredLogits:
         depth = torch.zeros((), dtype=self.acc, device=runner.device)
         for xc in runner.row_chunks(x):
             z = _logits(xc, runner._w(t, xc), inv_tau, None)
-            self.top[z.argmax(dim=1)] = True
-            z = z - z.amax(dim=1, keepdim=True)
-            depth = torch.minimum(depth, z.min()) if z.numel() else depth
-            self.chunks.append(torch.exp(z).to(dtype))
+            if z.numel():
+                zmax, top = z.max(dim=1)       # one sweep: each row's largest and where it is
+                self.top[top] = True
+                depth = torch.minimum(depth, (z.amin(dim=1) - zmax).min())
+                z.sub_(zmax[:, None]).exp_()   # in place: E = exp(Z - row max)
+            self.chunks.append(z.to(dtype))
         # every stored entry at least C tiny of the store's dtype: nothing was lost, and every
         # read is exact to its arithmetic's rounding whatever the bias (on real CLIP features
         # a row's logits span far less than the 80 of float32's range at tau_t = 0.01)
         self.depth = float(depth)            # this rank's; every rank agrees on ``exact``
-        lost = torch.tensor(float(self.depth <= math.log(kept_floor(dtype, self.c))),
+        lost = torch.tensor(float(self.depth <= math.log(kept_floor(self.range, self.c))),
                             device=runner.device)
         self.exact = float(runner.sum_(lost)) == 0
         # a row whose biased mass r_i falls below C tiny / eps of the arithmetic could be missing
@@ -201,8 +212,8 @@ class StoredLogits:
         return bias - top
 
     def column_lse(self, bias: Optional[Tensor]) -> Tensor:
-        """log of the column sums of softmax(Z + bias) over the rows of every rank: two
-        matrix-vector products per chunk; a bias out of the store's range is read with a pass
+        """log of the column sums of softmax(Z + bias) over the rows of every rank: one read of
+        each chunk (``stored_column_sums``); a bias out of the store's range is read with a pass
         over the features instead (counted in ``reads_on_passes``). Every rank takes the same
         branch (the bias is the same on every rank; a row without mass on one rank sends every
         rank to the pass)."""

@@ -167,3 +167,60 @@ def test_few_images_many_classes_stored_equals_passes(monkeypatch):
         if stored.log_bias is not None:
             assert torch.isfinite(stored.log_bias).all()
             torch.testing.assert_close(stored.log_bias, passes.log_bias, rtol=1e-9, atol=1e-7)
+
+
+@pytest.mark.parametrize("fit_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("store", [torch.float64, torch.float32, torch.bfloat16])
+def test_compiled_reads_equal_the_pass_for_every_fit_and_store_dtype(fit_dtype, store):
+    # the compiled reads (CPU, backend "ext") in real use: every read and the scoring against
+    # a pass, for a float64 fit over a 16- or 32-bit store too (read in float64 by the twins)
+    skip_if_no_ext("cpu")
+    from inmap_ext.class_prior import expected_accuracies
+
+    X, T, _ = clip_like(301, 24, 17, seed=8)
+    X, T = X.to(fit_dtype), T.to(fit_dtype)
+    runner = Runner("cpu", "ext", 41, 301, 17, fit_dtype)
+    stored = StoredLogits(runner, X, T, 100.0, store)
+    passes = PassSource(runner, X, T, 100.0)
+    tol = {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 5e-3}[store]
+    bias = torch.randn(17, generator=torch.Generator().manual_seed(2), dtype=fit_dtype) * 3
+    torch.testing.assert_close(stored.column_lse(bias), passes.column_lse(bias), rtol=tol,
+                               atol=tol)
+    betas = [torch.zeros(17, dtype=fit_dtype), bias]
+    A, counts, M = expected_accuracies(runner, stored, 17, betas)
+    A2, counts2, M2 = expected_accuracies(runner, passes, 17, betas)
+    torch.testing.assert_close(A, A2, rtol=max(tol, 1e-4), atol=max(tol, 1e-4))
+    if store != torch.bfloat16:         # a bfloat16 store may move a near-tie's argmax
+        assert torch.equal(counts, counts2)
+    assert stored.reads_on_passes == 0
+    ran = runner.ran["stored_column_sums"]["ran"] if "stored_column_sums" in runner.ran else \
+        "torch"
+    assert ran == ("ext" if stored.work == (torch.float64 if store == torch.float64
+                                            else torch.float32) else "torch")
+
+
+def test_a_float64_store_of_float32_exponentials_knows_what_they_lost():
+    # a float32 fit exponentiates its float32 logits before storing them in float64: entries
+    # below float32's range are lost whatever the store's dtype, and the store says so
+    X, T, _ = clip_like(30, 16, 40, seed=5)
+    runner = Runner("cpu", "torch", 8, 30, 40, torch.float32)
+    stored = StoredLogits(runner, X.float(), T.float(), 1000.0, torch.float64)
+    assert stored.depth < -104 and not stored.exact
+    assert stored.safe_range == pytest.approx(safe_bias_range(torch.float32, torch.float64, 40))
+    held = stored.top.nonzero()[:, 0]
+    b = torch.zeros(40, dtype=torch.float32)
+    b[held] = -(stored.safe_range + 5)
+    got = stored.column_lse(b)
+    assert stored.reads_on_passes == 1
+    want = PassSource(runner, X.float(), T.float(), 1000.0).column_lse(b)
+    torch.testing.assert_close(got, want)
+
+
+def test_a_float64_fit_over_a_float32_store_runs(monkeypatch):
+    X, T, _ = clip_like(400, 24, 9, seed=6)
+    monkeypatch.setenv("INMAP_LOGIT_STORE_DTYPE", "float32")
+    got = inmap_ext.fit_vision_proxy(X.double(), T.double())
+    monkeypatch.setenv("INMAP_LOGIT_STORE_DTYPE", "float64")
+    want = inmap_ext.fit_vision_proxy(X.double(), T.double())
+    assert got.class_prior.chosen == want.class_prior.chosen
+    assert "float32" in got.class_prior.stats["logits"]

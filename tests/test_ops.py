@@ -160,6 +160,19 @@ def test_stored_row_scores(store, rows, c, k):
                        torch.zeros(2, 1, dtype=torch.int64))
 
 
+def test_stored_reads_let_a_nan_through_as_their_twins_do():
+    skip_if_no_ext("cpu")
+    e = torch.rand(300, 9)
+    e[123, 4] = float("nan")
+    b = torch.rand(9)
+    col, rmin = _ext("stored_column_sums")(e, b)
+    assert math.isnan(float(rmin)) and math.isnan(float(reference.stored_column_sums(e, b)[1]))
+    mass, top = _ext("stored_row_scores")(e, b[None])
+    want_mass, want_top = reference.stored_row_scores(e, b[None])
+    assert torch.equal(top, want_top) and int(top[123, 0]) == 4
+    assert torch.equal(torch.isnan(mass), torch.isnan(want_mass))
+
+
 def test_stored_column_sums_refuses_bad_arguments():
     skip_if_no_ext("cpu")
     f = _ext("stored_column_sums")

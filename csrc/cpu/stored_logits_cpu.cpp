@@ -64,8 +64,21 @@ inline float load(const c10::BFloat16* p) {
 // into one function per (store, work) dtype pair, which x86-64 compilers clone for AVX2 + FMA
 // (x86-64-v3) beside the baseline build and pick at load time (GCC / Clang target_clones): the
 // loops vectorise 8 floats wide where the CPU has it, and the package still runs on any x86-64.
+#if defined(__GNUC__) || defined(__clang__)
+#define INMAP_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define INMAP_ALWAYS_INLINE inline
+#endif
+
+// The lesser of a and b, NaN if either is (std::min would skip a NaN on one side): a row
+// whose mass is NaN must reach the caller's check, as torch's min does.
+template <typename T>
+inline T min_nan(T a, T b) {
+  return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::min(a, b);
+}
+
 template <typename store_t, typename work_t>
-static inline __attribute__((always_inline)) work_t row_block(const store_t* e, const work_t* b,
+static INMAP_ALWAYS_INLINE work_t row_block(const store_t* e, const work_t* b,
                                                               int64_t i0, int64_t i1, int64_t C,
                                                               work_t* acc, work_t* row) {
   work_t lo = std::numeric_limits<work_t>::infinity();
@@ -78,15 +91,16 @@ static inline __attribute__((always_inline)) work_t row_block(const store_t* e, 
       row[j] = load(ei + j);
       r += row[j] * b[j];
     }
-    lo = std::min(lo, r);
-    const work_t inv = work_t(1) / r;   // r = 0: inf / NaN, caught by rmin below the floor
+    lo = min_nan(lo, r);
+    const work_t inv = work_t(1) / r;   // r = 0 or NaN: caught by rmin below the floor
 #pragma omp simd
     for (int64_t j = 0; j < C; ++j) acc[j] += row[j] * inv;
   }
   return lo;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// target_clones needs the loader's ifunc support: ELF platforms (Linux); elsewhere one build.
+#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
 #define INMAP_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define INMAP_CLONES
@@ -138,7 +152,7 @@ void column_sums(const store_t* e, const work_t* b, int64_t rows, int64_t C, dou
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const double* p = part.data() + blk * C;
     for (int64_t j = 0; j < C; ++j) col[j] += p[j];
-    *rmin = std::min(*rmin, bmin[blk]);
+    *rmin = min_nan(*rmin, bmin[blk]);
   }
 }
 
@@ -179,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> stored_column_sums_cpu(const at::Tensor& e,
 // argmax_j e_ij b_kj (the first of equal ones, as torch.argmax). Rows are independent: any
 // thread count gives the same result.
 template <typename store_t, typename work_t>
-static inline __attribute__((always_inline)) void score_rows(const store_t* e, const work_t* b,
+static INMAP_ALWAYS_INLINE void score_rows(const store_t* e, const work_t* b,
                                                              int64_t i0, int64_t i1, int64_t C,
                                                              int64_t K, work_t* mass,
                                                              int64_t* top, work_t* row) {
@@ -196,7 +210,7 @@ static inline __attribute__((always_inline)) void score_rows(const store_t* e, c
       int64_t arg = 0;
       for (int64_t j = 0; j < C; ++j) {
         const work_t v = row[j] * bk[j];
-        if (v > best) {
+        if (v > best || (v != v && best == best)) {   // a NaN wins, as in torch.argmax
           best = v;
           arg = j;
         }
