@@ -113,6 +113,13 @@ class Runner:
             _collective(torch.distributed.all_reduce, t, group=self.group)
         return t
 
+    def max_(self, t: Tensor) -> Tensor:
+        """The largest value across ranks (in place)."""
+        if self.group is not None:
+            _collective(torch.distributed.all_reduce, t, op=torch.distributed.ReduceOp.MAX,
+                        group=self.group)
+        return t
+
     def lse_(self, t: Tensor) -> Tensor:
         """log-sum-exp across ranks of per-rank log-sums (in place)."""
         if self.group is not None:

@@ -185,7 +185,10 @@ class StoredLogits:
                 raise ValueError(f"{DTYPE_ENV} must be float64, float32 or bfloat16, got "
                                  f"{forced!r}")
             dtype = getattr(torch, forced)
-        dtype = dtype or store_dtype(x.shape[0], t.shape[1], budget)
+        # every rank decides on its largest shard: all store (in the same dtype) or none reads
+        # with passes, so that the ranks' collectives stay in step
+        rows = int(runner.max_(torch.tensor(float(x.shape[0]), device=runner.device)).item())
+        dtype = dtype or store_dtype(rows, t.shape[1], budget)
         if dtype is None:
             return PassSource(runner, x, t, inv_tau)
         return cls(runner, x, t, inv_tau, dtype)

@@ -39,6 +39,22 @@ def test_sharded_equals_single_process_float64(tmp_path, sizes, backend):
         assert o["n"] == sum(sizes)
 
 
+def test_uneven_shards_agree_on_the_logit_store(tmp_path, monkeypatch):
+    # a budget the largest shard's store does not fit and a smaller one's does: every rank
+    # follows the largest (here: no store, every read a pass), as the single process does
+    monkeypatch.setenv("INMAP_LOGIT_STORE_BYTES", "2000")
+    sizes = [200, 0, 101]
+    kw = dict(iters=60, sinkhorn_iters=10, gamma=0.5)
+    _spawn(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw, "torch")
+    errs = [p for p in os.listdir(tmp_path) if p.endswith(".err")]
+    assert not errs, (tmp_path / errs[0]).read_text()
+    X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
+    single = inmap_ext.fit_vision_proxy(X, T, backend="torch", **kw)
+    for r in range(len(sizes)):
+        o = torch.load(tmp_path / f"rank{r}.pt")
+        torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
+
+
 def test_sharded_float32_predictions_agree(tmp_path):
     sizes = [700, 500, 800]
     _spawn(dist_workers.fit_worker, 3, tmp_path, sizes, torch.float32, dict(iters=200), "auto")
