@@ -73,16 +73,21 @@ def right_per_candidate(runner, x: Tensor, t: Tensor, inv_tau: float, betas: Seq
     c's pseudo label gets right, M[c, c'] those both c and c' get right (K x K: the paired
     differences' second moments), k the labeled images, L[q] the labels' log-likelihood
     sum_j log_q[q][y_j] under each class distribution of ``log_q``."""
-    idx, lab = labeled
-    rows = x[idx.to(x.device)]
-    rows = torch.nn.functional.normalize(rows.to(device=runner.device, dtype=t.dtype), dim=1)
+    rows, lab = _labeled_rows(runner, x, labeled, t.dtype)
     z = (rows @ runner._w(t, rows)) * inv_tau
-    lab = lab.to(z.device)
     right = torch.stack([((z + b.to(z)).argmax(dim=1) == lab).to(torch.float64) for b in betas])
-    k = runner.sum_(torch.tensor(float(idx.numel()), dtype=torch.float64, device=z.device))
+    k = runner.sum_(torch.tensor(float(lab.numel()), dtype=torch.float64, device=z.device))
     L = torch.stack([q.to(device=z.device, dtype=torch.float64)[lab].sum() for q in log_q])
     return (runner.sum_(right.sum(dim=1)), runner.sum_(right @ right.T), int(k.item()),
             runner.sum_(L))
+
+
+def _labeled_rows(runner, x: Tensor, labeled: Tuple[Tensor, Tensor], dtype):
+    """The labeled rows of x, unit-normalised on the compute device, and their labels."""
+    idx, lab = labeled
+    rows = x[idx.to(x.device)]
+    rows = torch.nn.functional.normalize(rows.to(device=runner.device, dtype=dtype), dim=1)
+    return rows, lab.to(rows.device)
 
 
 def uniform_vetoed(L: Tensor) -> bool:
@@ -135,11 +140,7 @@ def decide(names: Sequence[str], R: Tensor, M: Tensor, k: int, auto_choice: str,
 def right_of_proxies(runner, x: Tensor, labeled: Tuple[Tensor, Tensor], proxies) -> list:
     """The labeled images each proxy (D x C) classifies right, summed over the rows of every
     rank."""
-    idx, lab = labeled
-    rows = x[idx.to(x.device)]
-    rows = torch.nn.functional.normalize(rows.to(device=runner.device,
-                                                 dtype=proxies[0].dtype), dim=1)
-    lab = lab.to(rows.device)
+    rows, lab = _labeled_rows(runner, x, labeled, proxies[0].dtype)
     right = torch.stack([((rows @ runner._w(W, rows)).argmax(dim=1) == lab).sum()
                          for W in proxies]).to(torch.float64)
     return [int(v) for v in runner.sum_(right).tolist()]

@@ -25,6 +25,8 @@ def test_labels_choose_the_candidate_they_favour_and_record_why():
     assert cp.stats["unlabeled_choice"] == free.class_prior.chosen
     # here the labels favour another candidate than the unlabeled rule's: both fits were made
     # and judged on the labeled images; the one standing has strictly more right, or is kept
+    assert "labeled_fits" in cp.stats, ("this set is built so that the labels favour another "
+                                        "candidate than the unlabeled rule: both fits are judged")
     fits = cp.stats["labeled_fits"]
     assert len(fits) == 2 and free.class_prior.chosen in fits and cp.chosen in fits
     challenger = max(st, key=lambda c: st[c]["right"])
