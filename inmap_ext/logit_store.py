@@ -18,7 +18,8 @@ bfloat16 when N x C x 2 bytes fit (a relative error of at most 2^-9 per probabil
 log-probabilities within 0.004; its effect on the decision is measured in docs/class_prior.md),
 else no store: ``PassSource`` reads the logits with a pass over the
 features each time, as the decision always did. At N = 400k, C = 1000 the bfloat16 store takes
-0.8 GB. In a sharded fit each rank stores its own rows (the budget is per rank).
+0.8 GB. In a sharded fit each rank stores its own rows (the budget is per rank, and every
+rank picks the dtype the largest shard fits, so that all store alike or none does).
 
 Exponentials underflow below e^-87 (float32 and bfloat16 alike; e^-708 in float64). On CLIP
 features a row's logits span far less than that at tau_t = 0.01 (cosines within 0.87 of the
