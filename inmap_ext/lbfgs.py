@@ -39,7 +39,11 @@ docs/method.md ("The default solver"). ``stop="none"`` runs until ``max_passes``
 
 Every quantity the steps depend on comes out of ``Runner.xt_softmax``, which sums over the rows
 of every rank (sharded fits) and over the streamed chunks, so every rank takes the same steps and
-a sharded or streamed fit equals the in-memory one.
+a sharded or streamed fit equals the in-memory one. The solver's own D x C arithmetic runs on
+every rank; its direction and the scalars its branches read (objective, slope, curvature
+products, step cap) are agreed across ranks (``_agreed``), so that ranks whose arithmetic rounds
+differently (different CPUs or GPUs) still take the same steps: one more all-reduce of D x C
+and a few scalars per iteration.
 """
 from __future__ import annotations
 
@@ -82,6 +86,20 @@ def _dot(a: Tensor, b: Tensor) -> float:
     return v
 
 
+def _agreed(runner, *values: float):
+    """``values`` as every rank of a sharded fit sees them: the ranks' largest. Each rank
+    computes the solver's D x C arithmetic itself from the same all-reduced quantities, so the
+    values agree to the last bit where the ranks' arithmetic is the same; on ranks whose
+    arithmetic rounds differently (different CPU or GPU kernels) they could differ by a
+    rounding and send the ranks down different branches, and so to different collectives (a
+    hang). The identity in one process."""
+    if runner.group is None:
+        return values if len(values) > 1 else values[0]
+    t = runner.max_(torch.tensor(values, dtype=torch.float64, device=runner.device))
+    out = tuple(float(v) for v in t.tolist())
+    return out if len(out) > 1 else out[0]
+
+
 def _retract(W: Tensor, t: float, d: Tensor) -> Tensor:
     return torch.nn.functional.normalize(W + t * d, dim=0, eps=1e-12)
 
@@ -111,7 +129,7 @@ class _Evaluator:
         self.passes += 1
         if self.bar is not None:
             self.bar.update(1)
-        return float(f), G / (self.n * self.tau_i)
+        return _agreed(self.runner, float(f)), G / (self.n * self.tau_i)
 
 
 def start(B: Tensor, text: Tensor) -> Tensor:
@@ -138,15 +156,18 @@ def minimize(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, n: int, *,
     fs = [f]                       # objective at every accepted iterate
     while not ev.spent:
         d, first = _direction(g, pairs), not pairs
-        slope = _dot(d, g)
+        if runner.group is not None:                 # one direction on every rank (_agreed)
+            d = runner.max_(d)
+        slope = _agreed(runner, _dot(d, g))
         if not (slope < 0 and math.isfinite(slope)):   # not a descent direction: restart
             pairs.clear()
             d, first = -g, True
-            slope = _dot(d, g)
+            slope = _agreed(runner, _dot(d, g))
         if not slope < 0:
             return _out(W, ev, True, "the Riemannian gradient vanished (a stationary point)")
         t = lr if first else 1.0
-        t = min(t, STEP_CAP / max(float(torch.linalg.vector_norm(d, dim=0).max()), 1e-300))
+        longest = _agreed(runner, float(torch.linalg.vector_norm(d, dim=0).max()))
+        t = min(t, STEP_CAP / max(longest, 1e-300))
         while True:
             W_t = _retract(W, t, d)
             f_t, E_t = ev(W_t, t)
@@ -163,13 +184,13 @@ def minimize(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, n: int, *,
         g_t = _tangent(W_t, E_t)
         s = _tangent(W_t, W_t - W)
         y = g_t - _tangent(W_t, g)
-        sy, yy = _dot(s, y), _dot(y, y)
-        if math.isfinite(sy) and yy > 0 and sy > 1e-10 * math.sqrt(_dot(s, s) * yy):
+        sy, yy, ss = _agreed(runner, _dot(s, y), _dot(y, y), _dot(s, s))
+        if math.isfinite(sy) and yy > 0 and sy > 1e-10 * math.sqrt(ss * yy):
             pairs.append((s, y))
         for s_i, y_i in pairs:                       # transport the history to W_t
             _project_(W_t, s_i)
             _project_(W_t, y_i)
-        change = (float(torch.linalg.vector_norm(W_t - W, dim=0).max())
+        change = (_agreed(runner, float(torch.linalg.vector_norm(W_t - W, dim=0).max()))
                   if tol is not None else None)
         W, f, g = W_t, f_t, g_t
         fs.append(f)

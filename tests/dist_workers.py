@@ -137,3 +137,24 @@ def verify_worker(rank, world, init_file, out_dir, bad_rank):
                     "verification": res.verification,
                     "warnings": [str(w.message) for w in caught]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def rounding_worker(rank, world, init_file, out_dir, sizes):
+    """A sharded default (L-BFGS) fit where rank 1's inner products round differently, as on a
+    different CPU: the ranks must still take the same steps (lbfgs._agreed)."""
+    import inmap_ext
+    from inmap_ext import lbfgs
+    from testing import clip_like
+
+    torch.set_num_threads(1)
+    with _rank_guard(rank, out_dir):
+        _init(rank, world, init_file)
+        if rank == 1:
+            real = lbfgs._dot
+            lbfgs._dot = lambda a, b: real(a, b) * (1 + 3e-7)
+        X, T, _ = clip_like(sum(sizes), 24, 7, seed=13, dtype=torch.float32)
+        start = sum(sizes[:rank])
+        res = inmap_ext.fit_vision_proxy(X[start:start + sizes[rank]], T if rank == 0 else None,
+                                         process_group=dist.group.WORLD)
+        torch.save({"proxy": res.proxy, "passes": res.passes},
+                   os.path.join(out_dir, f"rank{rank}.pt"))

@@ -55,6 +55,16 @@ def test_uneven_shards_agree_on_the_logit_store(tmp_path, monkeypatch):
         torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
 
 
+def test_ranks_whose_arithmetic_rounds_differently_take_the_same_steps(tmp_path):
+    sizes = [150, 151]
+    _spawn(dist_workers.rounding_worker, 2, tmp_path, sizes)
+    errs = [p for p in os.listdir(tmp_path) if p.endswith(".err")]
+    assert not errs, (tmp_path / errs[0]).read_text()
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert torch.equal(outs[0]["proxy"], outs[1]["proxy"])
+    assert outs[0]["passes"] == outs[1]["passes"]
+
+
 def test_sharded_float32_predictions_agree(tmp_path):
     sizes = [700, 500, 800]
     _spawn(dist_workers.fit_worker, 3, tmp_path, sizes, torch.float32, dict(iters=200), "auto")
