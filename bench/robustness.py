@@ -84,7 +84,7 @@ def labeled_choices(xs, T, ys, ks, draws, seed, preds):
     are computed once (class_prior.choose, as auto does), then each draw is scored by
     labeled.decide and, where it favours another candidate than the one it would keep, judged
     by the two candidates' fits (``preds``: each fixed prior's predictions, the fits
-    fit_vision_proxy(labeled=...) makes), as labeled.confirm does."""
+    fit_vision_proxy(labeled=...) makes) by the rule labeled.confirm applies."""
     from inmap_ext import class_prior as cp
     from inmap_ext import labeled as lab
     from inmap_ext.functional import Runner
@@ -122,7 +122,8 @@ def labeled_choices(xs, T, ys, ks, draws, seed, preds):
             if chosen != kept:
                 yi = ys[idx]
                 right = {c: int((preds[c][idx] == yi).sum()) for c in (chosen, kept)}
-                chosen = chosen if right[chosen] > right[kept] else kept
+                if not lab.challenger_stands(right[chosen], right[kept]):
+                    chosen = kept
             out[k].append(chosen)
     return out
 

@@ -321,11 +321,11 @@ def expected_accuracies(runner, source, C: int, betas) -> Tuple[Tensor, Tensor, 
     M = torch.zeros(K * K, K * K, dtype=torch.float64, device=runner.device)  # a variance comes
                                                   # from it by a difference: summed in float64
     counts = torch.zeros(K, C, dtype=torch.int64, device=runner.device)
+    Bx = (torch.exp((B - B.amax(dim=1, keepdim=True)).to(source.work)) if source.stored
+          else None)                                 # b_k = exp(beta_k - max beta_k)
     for kind, z in source.scoring_chunks(betas):
         v, top = None, None
         if kind == "exp":                            # z = E = exp(Z - row max): no exp or log
-            work = source.work                       # b_k = exp(beta_k - max beta_k)
-            Bx = torch.exp((B - B.amax(dim=1, keepdim=True)).to(work))
             v, top = _judged_exp(z, Bx, K, source.r_floor, source.row_scores)
         if v is None:                                # z = Z - row max (or E out of its range)
             v, top = _judged_log(z if kind == "log" else torch.log(z.to(source.work)), B, K)

@@ -275,9 +275,8 @@ def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, to
         # are judged on them, the challenger kept only with strictly more right (labeled.py)
         beta_kept, prior_kept = alternative
         fit_kept = learn(beta_kept)
-        right, right_kept = right_of_proxies(runner, x, labeled, [fit[0].proxy,
-                                                                  fit_kept[0].proxy])
-        k = int(runner.sum_(torch.tensor(float(labeled[0].numel()), device=device)).item())
+        (right, right_kept), k = right_of_proxies(runner, x, labeled,
+                                                  [fit[0].proxy, fit_kept[0].proxy])
         prior = confirm(prior, prior_kept, right, right_kept, k)
         if prior is prior_kept:
             beta, fit = beta_kept, fit_kept

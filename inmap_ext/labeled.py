@@ -137,13 +137,21 @@ def decide(names: Sequence[str], R: Tensor, M: Tensor, k: int, auto_choice: str,
     return names[chosen], stats, why, names[a]
 
 
-def right_of_proxies(runner, x: Tensor, labeled: Tuple[Tensor, Tensor], proxies) -> list:
-    """The labeled images each proxy (D x C) classifies right, summed over the rows of every
-    rank."""
+def right_of_proxies(runner, x: Tensor, labeled: Tuple[Tensor, Tensor],
+                     proxies) -> Tuple[list, int]:
+    """(the labeled images each proxy (D x C) classifies right, the labeled images), summed over
+    the rows of every rank in one reduction."""
     rows, lab = _labeled_rows(runner, x, labeled, proxies[0].dtype)
-    right = torch.stack([((rows @ runner._w(W, rows)).argmax(dim=1) == lab).sum()
-                         for W in proxies]).to(torch.float64)
-    return [int(v) for v in runner.sum_(right).tolist()]
+    counts = [((rows @ runner._w(W, rows)).argmax(dim=1) == lab).sum() for W in proxies]
+    counts.append(torch.tensor(lab.numel(), device=rows.device))
+    *right, k = (int(v) for v in runner.sum_(torch.stack(counts).to(torch.float64)).tolist())
+    return right, k
+
+
+def challenger_stands(right: int, right_kept: int) -> bool:
+    """A switch the pseudo labels proposed stands only if the challenger's fit gets strictly
+    more labeled images right than the kept candidate's fit (a tie keeps the kept one)."""
+    return right > right_kept
 
 
 def confirm(prior, kept_prior, right: int, right_kept: int, k: int):
@@ -151,7 +159,7 @@ def confirm(prior, kept_prior, right: int, right_kept: int, k: int):
     challenger (``prior``) only with strictly more right than ``kept_prior``'s fit. The reason
     and ``stats["labeled_fits"]`` say what the fits scored; ``stats["decided_by"]`` whether the
     outcome differs from the unlabeled rule's choice."""
-    wins = right > right_kept
+    wins = challenger_stands(right, right_kept)
     out = prior if wins else kept_prior
     scores = {prior.chosen: right, kept_prior.chosen: right_kept}
     out.stats["labeled_fits"] = scores

@@ -101,12 +101,13 @@ def probe_inputs(device, dtype, p=PROBE) -> Tuple[torch.Tensor, torch.Tensor, to
 
 def probe_calls(x, w, bias, p=PROBE) -> Dict[str, tuple]:
     """Each op's arguments on the probe ``p``."""
+    stored = stored_probe(x, w, bias, p["inv_tau_t"])
     return {"softmax_column_lse": (x, w, bias, p["inv_tau_t"], p["chunk"]),
             "pseudo_label_reduce": (x, w, bias, p["inv_tau_t"], p["alpha"], p["chunk"]),
             "xt_softmax": (x, w, p["inv_tau_i"], p["chunk"]),
             "topk_scores": (x, w, p["k"], p["chunk"]),
-            "stored_column_sums": stored_probe(x, w, bias, p["inv_tau_t"]),
-            "stored_row_scores": stored_scores_probe(x, w, bias, p["inv_tau_t"])}
+            "stored_column_sums": stored,
+            "stored_row_scores": stored_scores_probe(*stored)}
 
 
 def stored_probe(x, w, bias, inv_tau: float) -> tuple:
@@ -118,10 +119,9 @@ def stored_probe(x, w, bias, inv_tau: float) -> tuple:
     return e, torch.exp(bias - bias[torch.isfinite(bias)].max()).to(acc)
 
 
-def stored_scores_probe(x, w, bias, inv_tau: float) -> tuple:
-    """(e, B) of stored_row_scores: ``stored_probe``'s e against three class-weight vectors
+def stored_scores_probe(e, b) -> tuple:
+    """(e, B) of stored_row_scores from ``stored_probe``'s (e, b): three class-weight vectors
     (the probe's bias, none, and the bias reversed)."""
-    e, b = stored_probe(x, w, bias, inv_tau)
     return e, torch.stack([b, torch.ones_like(b), b.flip(0)])
 
 

@@ -17,6 +17,15 @@ def _spawn(fn, world, tmp_path, *args):
                        join=True, start_method="spawn")
 
 
+def _spawn_ok(fn, world, tmp_path, *args) -> list:
+    """``_spawn``, then every rank's saved output; a rank's error fails the test with its
+    traceback."""
+    _spawn(fn, world, tmp_path, *args)
+    errs = [p for p in os.listdir(tmp_path) if p.endswith(".err")]
+    assert not errs, (tmp_path / errs[0]).read_text()
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
 @pytest.mark.parametrize("sizes", [[301], [150, 151], [200, 0, 101], [1, 299, 1]],
                          ids=["world1", "world2", "world3-empty", "world3-tiny"])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -24,12 +33,10 @@ def test_sharded_equals_single_process_float64(tmp_path, sizes, backend):
     if backend == "ext":
         skip_if_no_ext("cpu")
     kw = dict(iters=150, sinkhorn_iters=10, gamma=0.5)
-    _spawn(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw, backend)
-    errs = [p for p in os.listdir(tmp_path) if p.endswith(".err")]
-    assert not errs, (tmp_path / errs[0]).read_text()
+    outs = _spawn_ok(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw,
+                     backend)
     X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
     single = inmap_ext.fit_vision_proxy(X, T, backend=backend, **kw)
-    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
     for o in outs:
         assert torch.equal(o["proxy"], outs[0]["proxy"])           # every rank, same proxy
         torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
@@ -45,33 +52,28 @@ def test_uneven_shards_agree_on_the_logit_store(tmp_path, monkeypatch):
     monkeypatch.setenv("INMAP_LOGIT_STORE_BYTES", "2000")
     sizes = [200, 0, 101]
     kw = dict(iters=60, sinkhorn_iters=10, gamma=0.5)
-    _spawn(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw, "torch")
-    errs = [p for p in os.listdir(tmp_path) if p.endswith(".err")]
-    assert not errs, (tmp_path / errs[0]).read_text()
+    outs = _spawn_ok(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw,
+                     "torch")
     X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
     single = inmap_ext.fit_vision_proxy(X, T, backend="torch", **kw)
-    for r in range(len(sizes)):
-        o = torch.load(tmp_path / f"rank{r}.pt")
+    for o in outs:
         torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
 
 
 def test_ranks_whose_arithmetic_rounds_differently_take_the_same_steps(tmp_path):
     sizes = [150, 151]
-    _spawn(dist_workers.rounding_worker, 2, tmp_path, sizes)
-    errs = [p for p in os.listdir(tmp_path) if p.endswith(".err")]
-    assert not errs, (tmp_path / errs[0]).read_text()
-    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    outs = _spawn_ok(dist_workers.rounding_worker, 2, tmp_path, sizes)
     assert torch.equal(outs[0]["proxy"], outs[1]["proxy"])
     assert outs[0]["passes"] == outs[1]["passes"]
 
 
 def test_sharded_float32_predictions_agree(tmp_path):
     sizes = [700, 500, 800]
-    _spawn(dist_workers.fit_worker, 3, tmp_path, sizes, torch.float32, dict(iters=200), "auto")
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".err")]
+    outs = _spawn_ok(dist_workers.fit_worker, 3, tmp_path, sizes, torch.float32,
+                     dict(iters=200), "auto")
     X, T, _ = clip_like(sum(sizes), 24, 7, seed=13, dtype=torch.float32)
     single = inmap_ext.fit_vision_proxy(X, T, iters=200)
-    proxy = torch.load(tmp_path / "rank2.pt")["proxy"]
+    proxy = outs[2]["proxy"]
     agree = ((X @ proxy).argmax(1) == single.predict(X)).double().mean()
     # float32: the ranks' sums round differently from the single process's, and L-BFGS carries
     # rounding along the objective's flat directions (test_streaming.py); float64 sharded fits
@@ -121,13 +123,10 @@ def test_dead_rank_gives_a_clear_error_not_a_hang(tmp_path):
 
 def test_sharded_and_streamed(tmp_path):
     sizes = [180, 0, 121]
-    _spawn(dist_workers.stream_worker, 3, tmp_path, sizes)
-    errs = [p for p in os.listdir(tmp_path) if p.endswith(".err")]
-    assert not errs, (tmp_path / errs[0]).read_text()
+    outs = _spawn_ok(dist_workers.stream_worker, 3, tmp_path, sizes)
     X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
     single = inmap_ext.fit_vision_proxy(X, T, iters=120)
-    for r in range(3):
-        o = torch.load(tmp_path / f"rank{r}.pt")
+    for o in outs:
         assert o["streamed"]
         torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
 
@@ -140,13 +139,11 @@ def test_sharded_class_priors_equal_single_process(tmp_path, prior):
     sizes = [150, 0, 151]
     cp = torch.tensor([2.0, 0, 1, 1, 0, 3, 1], dtype=torch.float64) if prior == "given" else prior
     kw = dict(iters=60, class_prior=cp)
-    _spawn(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw, "torch")
-    errs = [p for p in os.listdir(tmp_path) if p.endswith(".err")]
-    assert not errs, (tmp_path / errs[0]).read_text()
+    outs = _spawn_ok(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw,
+                     "torch")
     X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
     single = inmap_ext.fit_vision_proxy(X, T, backend="torch", **kw)
-    for r in range(len(sizes)):
-        o = torch.load(tmp_path / f"rank{r}.pt")
+    for o in outs:
         torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
         assert torch.equal(o["counts"], single.class_counts)
     if prior == "given":

@@ -156,12 +156,18 @@ void column_sums(const store_t* e, const work_t* b, int64_t rows, int64_t C, dou
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> stored_column_sums_cpu(const at::Tensor& e,
-                                                          const at::Tensor& b) {
-  const char* op = "stored_column_sums";
+// The arguments of both reads: e (rows x C) a store's block in float64, float32 or bfloat16
+// on the CPU, b its class weights in e's work dtype: a vector of C, or K x C (``per_candidate``).
+void check_store_read(const at::Tensor& e, const at::Tensor& b, bool per_candidate,
+                      const char* op) {
   TORCH_CHECK(e.dim() == 2, op, ": e must be 2-D (rows x C), got ", e.dim(), "-D");
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == e.size(1), op, ": b must be a vector of length C=",
-              e.size(1), ", got shape ", b.sizes());
+  if (per_candidate) {
+    TORCH_CHECK(b.dim() == 2 && b.size(1) == e.size(1), op, ": b must be K x C with C=",
+                e.size(1), ", got shape ", b.sizes());
+  } else {
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == e.size(1), op,
+                ": b must be a vector of length C=", e.size(1), ", got shape ", b.sizes());
+  }
   TORCH_CHECK(e.device().is_cpu() && b.device().is_cpu(), op, ": expected CPU tensors");
   const auto st = e.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
@@ -169,6 +175,13 @@ std::tuple<at::Tensor, at::Tensor> stored_column_sums_cpu(const at::Tensor& e,
   const auto wt = acc_type(st);
   TORCH_CHECK(b.scalar_type() == wt, op, ": b must be ", wt, " for an e of ", st, ", got ",
               b.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> stored_column_sums_cpu(const at::Tensor& e,
+                                                          const at::Tensor& b) {
+  const auto st = e.scalar_type();
+  check_store_read(e, b, false, "stored_column_sums");
+  const auto wt = acc_type(st);
   at::Tensor ec = e.contiguous(), bc = b.contiguous();
   const int64_t rows = ec.size(0), C = ec.size(1);
   at::Tensor col64 = at::zeros({C}, b.options().dtype(at::kDouble));
@@ -249,17 +262,8 @@ inline void scores(const double* e, const double* b, int64_t i0, int64_t i1, int
 
 std::tuple<at::Tensor, at::Tensor> stored_row_scores_cpu(const at::Tensor& e,
                                                          const at::Tensor& b) {
-  const char* op = "stored_row_scores";
-  TORCH_CHECK(e.dim() == 2, op, ": e must be 2-D (rows x C), got ", e.dim(), "-D");
-  TORCH_CHECK(b.dim() == 2 && b.size(1) == e.size(1), op, ": b must be K x C with C=",
-              e.size(1), ", got shape ", b.sizes());
-  TORCH_CHECK(e.device().is_cpu() && b.device().is_cpu(), op, ": expected CPU tensors");
   const auto st = e.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
-              ": e must be float64, float32 or bfloat16, got ", st);
-  const auto wt = acc_type(st);
-  TORCH_CHECK(b.scalar_type() == wt, op, ": b must be ", wt, " for an e of ", st, ", got ",
-              b.scalar_type());
+  check_store_read(e, b, true, "stored_row_scores");
   at::Tensor ec = e.contiguous(), bc = b.contiguous();
   const int64_t rows = ec.size(0), C = ec.size(1), K = bc.size(0);
   at::Tensor mass = at::empty({rows, K}, b.options());
