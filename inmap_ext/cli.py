@@ -23,7 +23,7 @@ ALL = "\0all"   # `inmap cache --clear` without a key
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 # The library's choices, here so that option errors need no torch import (tests/test_cli_*.py
-# check them against _ops.BACKENDS, fit.PRECISIONS, fit.MODES, class_prior.CLASS_PRIORS,
+# check them against _ops.BACKENDS, rows.PRECISIONS, fit.MODES, class_prior.CLASS_PRIORS,
 # solver.STOP_RULES and solver.SOLVERS).
 BACKENDS = ("auto", "ext", "torch", "triton")
 PRECISIONS = ("auto", "fp64", "fp32", "tf32", "fp16", "bf16")

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from . import validation
+from .collective import collective as _collective
+from .reference import acc_dtype
 
 
 def init_from_env(backend: Optional[str] = None, timeout_s: float = 300.0):
@@ -42,13 +44,13 @@ def rank_and_world(group=None):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def check_shard(image_features, text_proxies, group, stream_chunk=None, device=None):
+def check_shard(image_features, text_proxies, group, device=None):
     """Validate this rank's shard and agree on the problem across ranks.
 
     Returns (x, t, row_scale): this rank's rows (possibly zero), rank 0's text proxies
-    (broadcast) and, when streaming (``stream_chunk`` rows per chunk, compute ``device``), the
-    rows' 1/norm for per-chunk normalisation (x then stays where it is, unnormalised); in memory
-    x comes back L2-normalised and row_scale is None. Any rank's bad input raises the same
+    (broadcast) and, when streaming (``device``: the compute device the rows are streamed to),
+    the rows' 1/norm for per-chunk normalisation (x then stays where it is, unnormalised); in
+    memory x comes back L2-normalised and row_scale is None. Any rank's bad input raises the same
     ValueError on every rank."""
     if not dist.is_initialized():
         raise ValueError("process_group was given but torch.distributed is not initialised")
@@ -59,12 +61,10 @@ def check_shard(image_features, text_proxies, group, stream_chunk=None, device=N
             raise ValueError("image_features must be a 2-D tensor (N x D)")
         if image_features.dtype not in validation.FLOAT_DTYPES:
             raise TypeError(f"image_features must be a floating tensor, got {image_features.dtype}")
-        if stream_chunk is not None:
-            from .streaming import check_host_features
-
+        if device is not None:
             x = image_features
             if x.shape[0]:
-                scale = check_host_features(x, stream_chunk)
+                scale = validation.check_host_features(x)
             compute = torch.device(device)
         else:
             x = validation.cpu_upcast(image_features)
@@ -83,8 +83,6 @@ def check_shard(image_features, text_proxies, group, stream_chunk=None, device=N
             meta["C"] = text_proxies.shape[1]
     except (ValueError, TypeError) as e:
         meta["error"] = f"rank {rank}: {e}"
-    from .collective import collective as _collective
-
     metas = [None] * dist.get_world_size(group)
     _collective(dist.all_gather_object, metas, meta, group=group)
     errors = [m["error"] for m in metas if "error" in m]
@@ -101,8 +99,6 @@ def check_shard(image_features, text_proxies, group, stream_chunk=None, device=N
                              f"{ref['C']}; every rank must use the same class list")
     if sum(m["N"] for m in metas) == 0:
         raise ValueError("sharded fit: image_features is empty on every rank")
-    from .reference import acc_dtype
-
     t_dtype = acc_dtype(x.dtype)      # proxies are never rounded to 16 bits on the way
     if rank == 0:
         t = t.to(device=compute, dtype=t_dtype).contiguous()

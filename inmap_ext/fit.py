@@ -1,7 +1,9 @@
 """The InMaP method (DESIGN.md, "The algorithm, exactly"): pseudo labels from the text proxies,
-Sinkhorn balancing in the log domain, the confidence threshold, then full-batch gradient descent
-on the vision proxy. Heavy work goes through ``functional.Runner`` (compiled ops or pure torch);
-this module holds only the method's arithmetic on D x C and C-sized tensors."""
+Sinkhorn balancing in the log domain, the confidence threshold, then the vision proxy that fits
+them. The features reach the method by one route (rows.py: in memory, sharded or streamed,
+checked once) and every pass over them goes through its ``functional.Runner`` (compiled ops or
+pure torch); the method's pieces have their own modules (class_prior.py, labeled.py,
+solver.py, lbfgs.py); this module states the steps in order."""
 from __future__ import annotations
 
 import time
@@ -9,14 +11,13 @@ from typing import Optional
 
 import torch
 
-from . import _ops, validation
+from . import _ops
 from .class_prior import check_class_prior
 from .class_prior import choose as choose_class_prior
-from .functional import Runner
 from .hyper import check_balancing, check_hyper
 from .labeled import check_labeled, confirm, right_of_proxies
-from .reference import acc_dtype
 from .result import VisionProxyResult
+from .rows import Rows, open_rows
 from .solver import SOLVERS, STOP_RULES, solve
 
 Tensor = torch.Tensor
@@ -140,33 +141,17 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     given = isinstance(class_prior, torch.Tensor)
     check_balancing(sinkhorn_iters, given or class_prior == "estimate",
                     "given proportions" if given else repr(class_prior))
-    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}: no CUDA device is available here (torch "
-                         f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
-    streaming = stream or (device is not None and isinstance(image_features, torch.Tensor)
-                           and torch.device(device) != image_features.device)
-    if streaming:
-        runner, x, t, tf32 = _streaming_setup(image_features, text_proxies, device, backend,
-                                              chunk_size, precision, process_group)
-    else:
-        if process_group is None:
-            x, t = validation.check_features_and_proxies(image_features, text_proxies)
-        else:
-            from .distributed import check_shard
-
-            x, t, _ = check_shard(image_features, text_proxies, process_group)
-        dtype, tf32 = _compute_dtype(precision, x.dtype, x.device)
-        x = x.to(dtype)
-        runner = Runner(x.device, backend, chunk_size, x.shape[0], t.shape[1], x.dtype,
-                        process_group)
-    class_prior = check_class_prior(class_prior, t.shape[1])
+    rows = open_rows(image_features, text_proxies, device=device, stream=stream,
+                     process_group=process_group, backend=backend, chunk_size=chunk_size,
+                     precision=precision)
+    class_prior = check_class_prior(class_prior, rows.classes)
     if labeled is not None and not (isinstance(class_prior, str) and class_prior == "auto"):
         raise ValueError("labeled images settle class_prior='auto' among its candidates; with "
                          f"class_prior={class_prior if isinstance(class_prior, str) else 'given'!r}"
                          " there is nothing to choose (drop labeled, or use class_prior='auto')")
-    labeled = check_labeled(labeled, x.shape[0], t.shape[1])
-    with _ops.allow_tf32(tf32):
-        return _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
+    labeled = check_labeled(labeled, rows.x.shape[0], rows.classes)
+    with _ops.allow_tf32(rows.tf32):
+        return _fit(rows, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
                     progress, precision, class_prior, mode, stop, solver, labeled)
 
 
@@ -196,51 +181,10 @@ def _check_mode(mode, class_prior, tol, stop, solver):
     return ("auto" if class_prior is None else class_prior), (stop or "auto"), (solver or "lbfgs")
 
 
-def _streaming_setup(features, text_proxies, device, backend, chunk_size, precision, group):
-    from .streaming import VALIDATION_CHUNK, StreamingRunner, check_host_features
-
-    device = torch.device(device if device is not None else features.device)
-    if group is not None:
-        from .distributed import check_shard
-
-        x, t, scale = check_shard(features, text_proxies, group, VALIDATION_CHUNK, device)
-    else:
-        x, t = validation.check_shapes(features, text_proxies)
-        t = t.to(device)
-        t = validation.normalise(t, validation.check_finite(t, "text_proxies", 0), 0)
-        scale = check_host_features(x, VALIDATION_CHUNK)
-    dtype, tf32 = _compute_dtype(precision, x.dtype, device)
-    runner = StreamingRunner(device, backend, chunk_size, x.shape[0], t.shape[1], dtype, group,
-                             scale)
-    return runner, x, t, tf32
-
-
-PRECISIONS = ("auto", "fp64", "fp32", "tf32", "fp16", "bf16")
-_PRECISION_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch.float32,
-                     "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _compute_dtype(precision: str, dtype: torch.dtype, device: torch.device):
-    """(compute dtype of the features, TF32 switch: True/False, or None = leave torch's)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision in ("fp16", "bf16") and device.type != "cuda":
-        raise ValueError(f"precision={precision!r} needs CUDA tensors (16-bit tensor-core "
-                         f"GEMMs); on {device.type} use 'fp32' or 'fp64'")
-    dtype = _PRECISION_DTYPES.get(precision, dtype)
-    if device.type != "cuda" and dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32          # "auto" on the CPU: its kernels compute in float32
-    return dtype, {"fp32": False, "tf32": True}.get(precision)
-
-
-def _fit(x, t, runner, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, progress,
+def _fit(rows: Rows, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, progress,
          precision, class_prior, mode, stop, solver, labeled=None) -> VisionProxyResult:
+    runner, x, t, n = rows.runner, rows.x, rows.text, rows.n
     device = runner.device
-    dt = acc_dtype(runner.dtype)
-    t = t.to(device=device, dtype=dt)
-    if not runner.streams:
-        x = runner.own_features(x)     # any copy the kernels would make per call, made once
-    n = int(runner.sum_(torch.tensor(x.shape[0], device=device)).item())
     timings = {}
 
     # Steps 1-3: pseudo labels (never stored), Sinkhorn-balanced to the class prior

@@ -69,12 +69,13 @@ STEP_CAP = 1e3          # the longest trial step along any column (tangent lengt
 
 def _tangent(W: Tensor, E: Tensor) -> Tensor:
     """Project E (D x C) on the tangent space of the unit sphere at every column of W."""
-    return E - W * (W * E).sum(0, keepdim=True)
+    return torch.addcmul(E, W, torch.linalg.vecdot(W, E, dim=0), value=-1)
 
 
 def _project_(W: Tensor, E: Tensor) -> None:
-    """``_tangent`` in place."""
-    E.sub_(W * (W * E).sum(0, keepdim=True))
+    """``_tangent`` in place (no D x C temporary: the transport of the history is most of the
+    solver's own memory traffic)."""
+    E.addcmul_(W, torch.linalg.vecdot(W, E, dim=0), value=-1)
 
 
 def _dot(a: Tensor, b: Tensor) -> float:

@@ -15,28 +15,10 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import validation
 from .functional import Runner
 from .reference import acc_dtype
 
 Tensor = torch.Tensor
-
-VALIDATION_CHUNK = 65536   # rows per streamed validation pass
-
-
-def check_host_features(x, chunk: int):
-    """Validate a host N x D feature array by streaming over it; returns 1/row-norm (float32, or
-    float64 for float64 features; None when every row is already unit) without copying the
-    array."""
-    x = validation.check_matrix(x, "image_features", "N x D: one row per image")
-    scales, unit = [], True
-    for s in range(0, x.shape[0], chunk):
-        norms = validation.check_finite(x[s:s + chunk], "image_features", 1)
-        if not bool(((norms - 1).abs() <= validation.UNIT_NORM_ATOL[x.dtype]).all()):
-            unit = False
-        scales.append(1.0 / norms.to(acc_dtype(x.dtype)))
-    return None if unit else torch.cat(scales)
-
 
 class StreamingRunner(Runner):
     """A Runner whose ``x`` lives in host memory; ops run on ``device`` one chunk at a time."""

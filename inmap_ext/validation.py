@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .hyper import count, in_unit_interval, non_negative, positive  # noqa: F401
+from .reference import acc_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -121,3 +122,21 @@ def cpu_upcast(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
         return t.float()
     return t
+
+
+VALIDATION_CHUNK = 65536   # rows per chunk of the streamed check below
+
+
+def check_host_features(x, chunk: int = VALIDATION_CHUNK):
+    """Validate an N x D feature array that stays where it is (host memory, a memory map: the
+    streamed fits) chunk by chunk; returns 1/row-norm (float32, or
+    float64 for float64 features; None when every row is already unit) without copying the
+    array."""
+    x = check_matrix(x, "image_features", "N x D: one row per image")
+    scales, unit = [], True
+    for s in range(0, x.shape[0], chunk):
+        norms = check_finite(x[s:s + chunk], "image_features", 1)
+        if not bool(((norms - 1).abs() <= UNIT_NORM_ATOL[x.dtype]).all()):
+            unit = False
+        scales.append(1.0 / norms.to(acc_dtype(x.dtype)))
+    return None if unit else torch.cat(scales)

@@ -187,7 +187,8 @@ def test_cli_choices_mirror_the_library():
     from inmap_ext import cli
     from inmap_ext._ops import BACKENDS
     from inmap_ext.class_prior import CLASS_PRIORS
-    from inmap_ext.fit import MODES, PRECISIONS
+    from inmap_ext.fit import MODES
+    from inmap_ext.rows import PRECISIONS
     from inmap_ext.solver import SOLVERS, STOP_RULES
 
     assert (cli.BACKENDS, cli.PRECISIONS, cli.MODES, cli.CLASS_PRIORS, cli.STOP_RULES,

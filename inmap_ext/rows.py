@@ -1,0 +1,105 @@
+"""The image features as a fit reads them: one source of feature rows for the three routes.
+
+Features reach ``fit_vision_proxy`` by one of three routes:
+
+- **in memory**, one process: checked (shape, dtype, NaN/Inf, zero rows) and L2-normalised once
+  (``validation.check_features_and_proxies``);
+- **sharded** (``process_group``): each rank passes its own rows; the shards are checked to agree
+  (D, dtype, device, class count) and rank 0's text proxies are broadcast
+  (``distributed.check_shard``); the passes sum over every rank's rows;
+- **streamed** (``device`` other than the features', or ``stream=True``): the rows stay where
+  they are (host memory, a memory map) and are checked chunk by chunk without a copy
+  (``validation.check_host_features``), then copied to the compute device a chunk at a time on
+  every pass and normalised there (``streaming.StreamingRunner``); sharded or not.
+
+``open_rows`` picks the route, checks everything before any expensive work and returns
+``Rows``: the rows as the ops read them, the text proxies, the number of rows over every rank
+and the ``Runner`` that owns the ops' backend, the chunking and the reductions across ranks.
+Everything after it (the class-prior decision, the pseudo labels, the solver) reads the rows
+only through ``Rows.runner``: the method is one code path for the three routes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import validation
+from .distributed import check_shard
+from .functional import Runner
+from .reference import acc_dtype
+from .streaming import StreamingRunner
+
+Tensor = torch.Tensor
+
+PRECISIONS = ("auto", "fp64", "fp32", "tf32", "fp16", "bf16")
+_PRECISION_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch.float32,
+                     "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Rows:
+    runner: Runner              # backend, chunking, reductions over ranks (StreamingRunner: streams)
+    x: Tensor                   # this rank's rows as the ops read them (streamed: where they live)
+    text: Tensor                # D x C text proxies, unit columns, compute device, float32/64
+    n: int                      # rows over every rank
+    tf32: Optional[bool]        # the TF32 switch the fit runs under (None: leave torch's)
+
+    @property
+    def classes(self) -> int:
+        return self.text.shape[1]
+
+
+def open_rows(image_features, text_proxies, *, device=None, stream: bool = False,
+              process_group=None, backend: str = "auto", chunk_size: Optional[int] = None,
+              precision: str = "auto") -> Rows:
+    """Check the features and the text proxies on the route the arguments name (module
+    docstring) and return the ``Rows`` every later step reads."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if (device is not None and torch.device(device).type == "cuda"
+            and not torch.cuda.is_available()):
+        raise ValueError(f"device={device!r}: no CUDA device is available here (torch "
+                         f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    streaming = stream or (device is not None and isinstance(image_features, torch.Tensor)
+                           and torch.device(device) != image_features.device)
+    if isinstance(image_features, torch.Tensor):    # the cheap refusal before the checks
+        compute_dtype(precision, image_features.dtype,
+                      torch.device(device if device is not None else image_features.device))
+    if streaming:
+        compute = torch.device(device if device is not None else image_features.device)
+        if process_group is not None:
+            x, t, scale = check_shard(image_features, text_proxies, process_group, compute)
+        else:
+            x, t = validation.check_shapes(image_features, text_proxies)
+            t = t.to(compute)
+            t = validation.normalise(t, validation.check_finite(t, "text_proxies", 0), 0)
+            scale = validation.check_host_features(x)
+        dtype, tf32 = compute_dtype(precision, x.dtype, compute)
+        runner = StreamingRunner(compute, backend, chunk_size, x.shape[0], t.shape[1], dtype,
+                                 process_group, scale)
+    else:
+        if process_group is None:
+            x, t = validation.check_features_and_proxies(image_features, text_proxies)
+        else:
+            x, t, _ = check_shard(image_features, text_proxies, process_group)
+        dtype, tf32 = compute_dtype(precision, x.dtype, x.device)
+        x = x.to(dtype)
+        runner = Runner(x.device, backend, chunk_size, x.shape[0], t.shape[1], dtype,
+                        process_group)
+        x = runner.own_features(x)     # any copy the kernels would make per call, made once
+    t = t.to(device=runner.device, dtype=acc_dtype(runner.dtype))
+    n = int(runner.sum_(torch.tensor(x.shape[0], device=runner.device)).item())
+    return Rows(runner, x, t, n, tf32)
+
+
+def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device):
+    """(compute dtype of the features, TF32 switch: True/False, or None = leave torch's)."""
+    if precision in ("fp16", "bf16") and device.type != "cuda":
+        raise ValueError(f"precision={precision!r} needs CUDA tensors (16-bit tensor-core "
+                         f"GEMMs); on {device.type} use 'fp32' or 'fp64'")
+    dtype = _PRECISION_DTYPES.get(precision, dtype)
+    if device.type != "cuda" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32          # "auto" on the CPU: its kernels compute in float32
+    return dtype, {"fp32": False, "tf32": True}.get(precision)
