@@ -198,7 +198,7 @@ if extension_loaded():
 
     @torch.library.register_fake("inmap_ext::stored_column_sums")
     def _(e, b):
-        return b.new_empty(b.shape), b.new_empty(())
+        return b.new_empty(b.shape), b.new_empty(b.shape[:-1])
 
     @torch.library.register_fake("inmap_ext::stored_row_scores")
     def _(e, b):

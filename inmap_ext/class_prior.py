@@ -43,9 +43,12 @@ an estimate that removes more than half of what the classifier itself sees has s
 describing the set and describes the classifier's hubs.
 
 Cost: the EM estimate (at most ``EM_ITERS`` column log-sum-exp reads, usually far fewer), two
-Sinkhorn balancings (``sinkhorn_iters`` passes each) and one scoring pass (``expected_accuracies``,
-a chunked pass in torch that also counts the argmax classes). No N x C matrix; every backend,
-sharded (every rank reduces the same sums, so every rank decides the same) and streamed fits.
+Sinkhorn balancings (``sinkhorn_iters`` reads each, the first shared; run in lockstep, so that a
+read of stored logits serves both: ``sinkhorn_iters - 1`` reads for the two) and one scoring read
+(``expected_accuracies``, which also counts the argmax classes). The reads are of the logits
+stored once (logit_store.py) within a memory budget, else passes over the features. No N x C
+matrix beyond that budget; every backend, sharded (every rank reduces the same sums, so every
+rank decides the same) and streamed fits.
 """
 from __future__ import annotations
 
@@ -252,8 +255,10 @@ def _auto(source, runner, t, n, stats, balance, log_u, record, judge=None, log_z
     under the equal mixture of the candidates' posterior models; the estimate only if it does
     not collapse."""
     log_pi = estimate_log_proportions(source, t.shape[1], n, t.dtype, t.device)
-    betas = {"none": torch.zeros_like(log_u), "uniform": balance(log_u),
-             "estimate": balance(log_pi)}
+    # the two balancings in lockstep: one read of stored logits per iteration serves both
+    # (each gets what its own balancing gives; logit_store.StoredLogits.column_lse)
+    beta_u, beta_pi = balance(torch.stack([log_u, log_pi]))
+    betas = {"none": torch.zeros_like(log_u), "uniform": beta_u, "estimate": beta_pi}
     A, counts, M = expected_accuracies(runner, source, t.shape[1], list(betas.values()))
     A, M = A / n, M / n
     kept = _effective(counts[2].cpu()) / max(_effective(counts[0].cpu()), 1e-12)

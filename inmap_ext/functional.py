@@ -159,7 +159,9 @@ def sinkhorn(column_lse, iters: int, log_q: Tensor, n_total: int,
     ``column_lse(beta)`` gives the log column sums of that softmax over every row (a pass over
     the features, or a read of stored logits: logit_store.py). ``log_colsum``: the first
     pass's log column shares (beta = 0), when already computed. A class with log_q = -inf (known
-    absent) gets beta = -inf: exactly zero mass."""
+    absent) gets beta = -inf: exactly zero mass. ``log_q`` K x C runs K balancings in lockstep
+    (``column_lse`` then takes and returns K x C); each row of the result is what its own
+    balancing gives."""
     absent = torch.isneginf(log_q)
     beta = torch.zeros_like(log_q)
     for i in range(iters):

@@ -95,6 +95,20 @@ def store_dtype(rows: int, c: int, budget: int) -> Optional[torch.dtype]:
     return None
 
 
+# Rows of the storing pass's blocks on the CPU: its logits block (rows x C in the decision's
+# dtype) stays within this many bytes, about a core's share of the last-level cache, so that the
+# row max, the exponential and the conversion into the store read what the GEMM just wrote from
+# cache instead of memory (measured at N = 400k, C = 1000: docs/method.md). On CUDA one block
+# per chunk.
+STORE_BLOCK_BYTES = 1 << 21
+
+
+def _store_block(rows: int, c: int, dtype: torch.dtype, device: torch.device) -> int:
+    if device.type != "cpu":
+        return max(rows, 1)
+    return max(1, STORE_BLOCK_BYTES // (max(c, 1) * torch.finfo(dtype).bits // 8))
+
+
 class PassSource:
     """The logits read with a pass over the features every time (no memory beyond a chunk)."""
 
@@ -105,7 +119,10 @@ class PassSource:
         self.runner, self.x, self.t, self.inv_tau = runner, x, t, inv_tau
 
     def column_lse(self, bias: Optional[Tensor]) -> Tensor:
-        """log of the column sums of softmax(Z + bias) over the rows of every rank."""
+        """log of the column sums of softmax(Z + bias) over the rows of every rank; a K x C
+        bias (balancings in lockstep) gives K x C, a pass per row of it."""
+        if bias is not None and bias.dim() == 2:
+            return torch.stack([self.column_lse(b) for b in bias])
         return self.runner.column_lse(self.x, self.t, bias, self.inv_tau)
 
     def logit_chunks(self, betas=()) -> Iterator[Tensor]:
@@ -156,13 +173,17 @@ class StoredLogits:
         self.top = torch.zeros(self.c, dtype=torch.bool, device=runner.device)  # some row's max
         depth = torch.zeros((), dtype=self.acc, device=runner.device)
         for xc in runner.row_chunks(x):
-            z = _logits(xc, runner._w(t, xc), inv_tau, None)
-            if z.numel():
+            w = runner._w(t, xc)
+            block = _store_block(xc.shape[0], self.c, self.acc, runner.device)
+            out = torch.empty(xc.shape[0], self.c, dtype=dtype, device=runner.device)
+            for s in range(0, xc.shape[0], block):
+                z = _logits(xc[s:s + block], w, inv_tau, None)
                 zmax, top = z.max(dim=1)       # one sweep: each row's largest and where it is
                 self.top[top] = True
                 depth = torch.minimum(depth, (z.amin(dim=1) - zmax).min())
                 z.sub_(zmax[:, None]).exp_()   # in place: E = exp(Z - row max)
-            self.chunks.append(z.to(dtype))
+                out[s:s + block] = z
+            self.chunks.append(out)
         # every stored entry at least C tiny of the store's dtype: nothing was lost, and every
         # read is exact to its arithmetic's rounding whatever the bias (on real CLIP features
         # a row's logits span far less than the 80 of float32's range at tau_t = 0.01)
@@ -220,28 +241,33 @@ class StoredLogits:
         each chunk (``stored_column_sums``); a bias out of the store's range is read with a pass
         over the features instead (counted in ``reads_on_passes``). Every rank takes the same
         branch (the bias is the same on every rank; a row without mass on one rank sends every
-        rank to the pass)."""
+        rank to the pass). A K x C bias (K balancings in lockstep) gives K x C from one read of
+        each chunk, each row what that row of the bias alone gives; if one of them is out of
+        range, each is read on its own."""
         try:
             out = self._column_lse(bias)
             bad = torch.zeros((), device=out.device)
         except OutOfRange:
             out, bad = None, torch.ones((), device=self.runner.device)
         if float(self.runner.sum_(bad)) > 0:
+            if bias is not None and bias.dim() == 2:
+                return torch.stack([self.column_lse(b) for b in bias])
             self.reads_on_passes += 1
             return self.fallback.column_lse(bias)
         return self.runner.lse_(out).to(self.acc)
 
     def _column_lse(self, bias: Optional[Tensor]) -> Tensor:
-        shift = self._shift(bias)
+        many = bias is not None and bias.dim() == 2
+        shift = torch.stack([self._shift(b) for b in bias]) if many else self._shift(bias)
         b = torch.exp(shift)           # a class far below the top may underflow to 0 here: its
-        col = torch.zeros(self.c, dtype=self.work, device=b.device)   # log b is kept exact
+        col = torch.zeros(shift.shape, dtype=self.work, device=b.device)  # log b is kept exact
         # a bfloat16 store is read in float32 arithmetic (the compiled CPU op widens each entry
         # in registers; the torch twin converts chunk by chunk): bfloat16 matrix-vector products
         # round every sum to 2^-9, and moved one decision of the robustness bench's 66 across the
         # collapse guard (docs/class_prior.md)
         for e in self.chunks:
             col_c, rmin = self._read(e, b)
-            if not float(rmin) >= self.r_floor:
+            if not bool((rmin >= self.r_floor).all()):
                 raise OutOfRange("a row has almost no mass left under the log-bias (its "
                                  "underflowed terms could matter)")
             col += col_c

@@ -106,7 +106,11 @@ def stored_column_sums(e: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     """One read of stored logits (logit_store.py): e = exp(Z - row max) (rows x C, float64,
     float32 or bfloat16) and class weights b (C, the work dtype: float64 for a float64 e, else
     float32). Returns (col, rmin) in b's dtype: col_j = sum_i e_ij / r_i with r_i = sum_j e_ij b_j,
-    and rmin = min_i r_i (inf for no rows)."""
+    and rmin = min_i r_i (inf for no rows). b K x C: col K x C and rmin K, row k for b[k]."""
+    if b.dim() == 2:
+        outs = [stored_column_sums(e, bk) for bk in b]
+        return (torch.stack([o[0] for o in outs]) if outs else b.new_zeros(b.shape),
+                torch.stack([o[1] for o in outs]) if outs else b.new_zeros(0))
     ef = e.to(b.dtype)
     r = ef @ b
     rmin = r.min() if r.numel() else torch.tensor(float("inf"), dtype=b.dtype, device=b.device)

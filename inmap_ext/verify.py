@@ -111,17 +111,21 @@ def probe_calls(x, w, bias, p=PROBE) -> Dict[str, tuple]:
 
 
 def stored_probe(x, w, bias, inv_tau: float) -> tuple:
-    """(e, b) of stored_column_sums from a probe: e = exp(Z - row max) in x's dtype (the store
-    of logit_store.py), b = exp(bias - max bias) with the -inf column as 0."""
+    """(e, B) of stored_column_sums from a probe: e = exp(Z - row max) in x's dtype (the store
+    of logit_store.py); B two class-weight vectors, as two balancings read in lockstep: b =
+    exp(bias - max bias) with the -inf column as 0, and b reversed (a single vector is the same
+    kernel with one of them)."""
     acc = reference.acc_dtype(x.dtype)
     z = (x.to(acc) @ w.to(acc)) * inv_tau
     e = torch.exp(z - z.amax(dim=1, keepdim=True)).to(x.dtype)
-    return e, torch.exp(bias - bias[torch.isfinite(bias)].max()).to(acc)
+    b = torch.exp(bias - bias[torch.isfinite(bias)].max()).to(acc)
+    return e, torch.stack([b, b.flip(0)])
 
 
-def stored_scores_probe(e, b) -> tuple:
-    """(e, B) of stored_row_scores from ``stored_probe``'s (e, b): three class-weight vectors
+def stored_scores_probe(e, B) -> tuple:
+    """(e, B) of stored_row_scores from ``stored_probe``'s (e, B): three class-weight vectors
     (the probe's bias, none, and the bias reversed)."""
+    b = B[0]
     return e, torch.stack([b, torch.ones_like(b), b.flip(0)])
 
 

@@ -224,3 +224,102 @@ def test_a_float64_fit_over_a_float32_store_runs(monkeypatch):
     want = inmap_ext.fit_vision_proxy(X.double(), T.double())
     assert got.class_prior.chosen == want.class_prior.chosen
     assert "float32" in got.class_prior.stats["logits"]
+
+
+@pytest.mark.parametrize("store", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_storing_pass_in_cache_sized_blocks_stores_the_same(store, monkeypatch):
+    # the storing pass computes each chunk in blocks of rows (logit_store.STORE_BLOCK_BYTES) so
+    # that its elementwise sweeps read from cache: ragged blocks (7 rows of a 41-row chunk) give
+    # the store of one block per chunk, the same rows' maxima and depth, and reads equal to a pass
+    from inmap_ext import logit_store
+
+    X, T, _ = clip_like(301, 24, 17, seed=5)
+    X32, T32 = X.float(), T.float()
+    runner = Runner("cpu", "torch", 41, X.shape[0], 17, torch.float32)
+    monkeypatch.setattr(logit_store, "STORE_BLOCK_BYTES", 7 * 17 * 4)
+    assert logit_store._store_block(41, 17, torch.float32, torch.device("cpu")) == 7
+    blocked = StoredLogits(runner, X32, T32, 100.0, store)
+    monkeypatch.setattr(logit_store, "STORE_BLOCK_BYTES", 1 << 40)
+    whole = StoredLogits(runner, X32, T32, 100.0, store)
+    assert [c.shape for c in blocked.chunks] == [c.shape for c in whole.chunks]
+    assert all(c.dtype == store for c in blocked.chunks)
+    tol = {torch.float64: 1e-6, torch.float32: 1e-6, torch.bfloat16: 8e-3}[store]
+    for a, b in zip(blocked.chunks, whole.chunks):
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=1e-30)
+    assert torch.equal(blocked.top, whole.top)
+    assert blocked.depth == pytest.approx(whole.depth, rel=1e-5)
+    assert blocked.exact and whole.exact
+    bias = torch.randn(17) * 2
+    torch.testing.assert_close(blocked.column_lse(bias),
+                               PassSource(runner, X32, T32, 100.0).column_lse(bias),
+                               rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("store", [torch.float64, torch.float32, torch.bfloat16])
+def test_balancings_in_lockstep_read_the_store_once_for_all(store, monkeypatch):
+    # a K x C bias: one read of each chunk for the K of them, each row what its own read gives
+    # (bit for bit: the decision does not change); a row out of the store's range sends each to
+    # its own read (that one on a pass)
+    X, T, _ = clip_like(301, 24, 17, seed=9)
+    runner = Runner("cpu", "auto", 41, X.shape[0], 17, torch.float64)
+    stored = StoredLogits(runner, X, T, 100.0, store)
+    reads = []
+    real = stored._read
+    stored._read = lambda e, b: (reads.append(tuple(b.shape)), real(e, b))[1]
+    biases = torch.stack([torch.randn(17, dtype=torch.float64) * 2,
+                          torch.cat([torch.tensor([-math.inf]),
+                                     torch.randn(16, dtype=torch.float64)])])
+    together = stored.column_lse(biases)
+    assert reads == [(2, 17)] * len(stored.chunks)
+    alone = torch.stack([stored.column_lse(b) for b in biases])
+    assert torch.equal(together, alone)
+    # sinkhorn in lockstep equals the two balancings one after the other, bit for bit
+    from inmap_ext.functional import sinkhorn
+
+    n = X.shape[0]
+    log_zs = stored.column_lse(None) - math.log(n)
+    targets = torch.stack([torch.full((17,), -math.log(17), dtype=torch.float64),
+                           torch.log_softmax(torch.randn(17, dtype=torch.float64), 0)])
+    lock = sinkhorn(stored.column_lse, 20, targets, n, log_zs)
+    for q, got in zip(targets, lock):
+        assert torch.equal(got, sinkhorn(stored.column_lse, 20, q, n, log_zs))
+    # out of range for one of them: each read alone, the wide one on a pass
+    stored.exact, stored.safe_range = False, 1.0
+    wide = biases.clone()
+    wide[1] = torch.where(stored.top, torch.zeros(17, dtype=torch.float64),
+                          torch.full((17,), 5.0, dtype=torch.float64))
+    wide[0] = 0.0
+    before = stored.reads_on_passes
+    got = stored.column_lse(wide)
+    assert stored.reads_on_passes == before + 1
+    pass_read = PassSource(runner, X, T, 100.0).column_lse(wide[1])
+    torch.testing.assert_close(got[1], pass_read, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[0], stored.column_lse(wide[0]))
+
+
+def test_the_decision_balances_its_two_candidates_in_lockstep(monkeypatch):
+    # class_prior="auto": the zero-shot read, EM's reads and sinkhorn_iters - 1 reads for both
+    # balancings together (not 2 x (sinkhorn_iters - 1))
+    from inmap_ext import class_prior as cp
+
+    X, T, _ = clip_like(400, 24, 13, seed=2)
+    n = X.shape[0]
+    runner = Runner("cpu", "auto", None, n, 13, torch.float64)
+    stored = StoredLogits(runner, X, T, 100.0, torch.float64)
+    shapes = []
+    real = stored._read
+    stored._read = lambda e, b: (shapes.append(tuple(b.shape)), real(e, b))[1]
+    em = []
+    real_em = cp.estimate_log_proportions
+
+    def counted(source, *a):
+        k = len(shapes)
+        out = real_em(source, *a)
+        em.append(len(shapes) - k)
+        return out
+
+    monkeypatch.setattr(cp, "estimate_log_proportions", counted)
+    cp._choose(stored, runner, T, "auto", 20, 0.0, n)
+    assert em and em[0] >= 1
+    assert shapes.count((2, 13)) == 19
+    assert len(shapes) == 1 + em[0] + 19

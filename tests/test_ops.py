@@ -136,6 +136,43 @@ def test_stored_column_sums(store, rows, c, spread):
     assert torch.equal(one, col)
 
 
+# K class-weight vectors at once (K balancings in lockstep, class_prior.py): each row of the
+# result has the bits of that vector read alone, whatever the thread count, and the twin's.
+@pytest.mark.parametrize("store", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, c, k", [(0, 4, 2), (1, 1, 1), (3, 7, 3), (300, 133, 2),
+                                        (513, 40, 4), (2000, 1000, 2), (5, 6, 0)])
+def test_stored_column_sums_of_several_weight_vectors(store, rows, c, k):
+    skip_if_no_ext("cpu")
+    g = torch.Generator().manual_seed(rows * 7 + c + k)
+    work = reference.acc_dtype(store)
+    z = torch.randn(rows, c, generator=g, dtype=torch.float64) * 20
+    e = torch.exp(z - z.amax(dim=1, keepdim=True)).to(store) if rows else \
+        torch.empty(0, c, dtype=store)
+    beta = torch.randn(k, c, generator=g, dtype=torch.float64) * 5
+    b = torch.exp(beta - beta.amax(dim=1, keepdim=True)).to(work) if k else \
+        torch.empty(0, c, dtype=work)
+    if c > 2 and k:
+        b[0, 1] = 0.0                                # a class known absent in one of them
+    f = _ext("stored_column_sums")
+    threads = torch.get_num_threads()
+    for n_threads in (1, 2):
+        torch.set_num_threads(n_threads)
+        try:
+            col, rmin = f(e, b)
+        finally:
+            torch.set_num_threads(threads)
+        assert col.shape == (k, c) and rmin.shape == (k,) and col.dtype == rmin.dtype == work
+        for i in range(k):
+            one, one_min = f(e, b[i].contiguous())
+            assert torch.equal(col[i], one) and torch.equal(rmin[i], one_min)
+    want, wmin = reference.stored_column_sums(e, b)
+    assert want.shape == (k, c) and wmin.shape == (k,)
+    tol = 1e-10 if store == torch.float64 else 2e-5
+    torch.testing.assert_close(col * b, want * b, rtol=tol,
+                               atol=max(rows, 1) * torch.finfo(work).eps / c)
+    torch.testing.assert_close(rmin, wmin, rtol=tol, atol=0)
+
+
 @pytest.mark.parametrize("store", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, c, k", [(0, 4, 3), (1, 1, 1), (3, 7, 3), (300, 133, 3),
                                         (2000, 1000, 2)])
@@ -177,8 +214,12 @@ def test_stored_column_sums_refuses_bad_arguments():
     skip_if_no_ext("cpu")
     f = _ext("stored_column_sums")
     e = torch.rand(4, 3)
-    with pytest.raises(RuntimeError, match="b must be a vector of length C=3"):
+    with pytest.raises(RuntimeError, match="b must be a vector of length C=3 or K x C"):
         f(e, torch.rand(4))
+    with pytest.raises(RuntimeError, match="b must be a vector of length C=3 or K x C"):
+        f(e, torch.rand(2, 4))
+    with pytest.raises(RuntimeError, match="b must be a vector of length C=3 or K x C"):
+        f(e, torch.rand(2, 2, 3))
     with pytest.raises(RuntimeError, match="b must be Float"):
         f(e, torch.rand(3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="e must be 2-D"):

@@ -3,7 +3,9 @@
 //
 // One read of a stored block e (rows x C: exp(Z - row max) in float64, float32 or bfloat16,
 // inmap_ext/logit_store.py) against class weights b: r_i = sum_j e_ij b_j, then
-// col_j = sum_i e_ij / r_i. Each row is read once from memory and used twice from cache, with
+// col_j = sum_i e_ij / r_i; for K weight vectors at once (b K x C: several Sinkhorn balancings
+// in lockstep) the same for each k, from one read of e (the reads are memory-bound: K
+// balancings cost about one read). Each row is read once from memory and used from cache, with
 // every stored entry converted to the work dtype in registers: the torch twin converts the block
 // to a float32 copy and makes two matrix-vector products (five times the memory traffic of a
 // bfloat16 block). The arithmetic is the work dtype's (float32, or float64 for a float64 block)
@@ -77,26 +79,50 @@ inline T min_nan(T a, T b) {
   return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::min(a, b);
 }
 
+// sum_j a_j b_j with kLanes independent partial sums, added in a fixed order at the end. A
+// single accumulator (an `omp simd` reduction) chains every fused multiply-add on the one
+// before it, and a read then runs at the adder's latency instead of its throughput (measured:
+// the dot products were most of a read's time). The order depends only on C, never on the
+// thread count or on K.
+constexpr int kLanes = 32;
+
+template <typename T>
+static INMAP_ALWAYS_INLINE T dot(const T* a, const T* b, int64_t C) {
+  T s[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= C; j += kLanes) {
+    for (int u = 0; u < kLanes; ++u) s[u] += a[j + u] * b[j + u];
+  }
+  T tail = 0;
+  for (; j < C; ++j) tail += a[j] * b[j];
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int u = 0; u < w; ++u) s[u] += s[u + w];
+  }
+  return s[0] + tail;
+}
+
+// One block of rows against K weight vectors: each k's column sums (into acc, K x C, work
+// dtype) and least row mass (into lo, K). The same arithmetic for every K: a read of K vectors
+// gives, for each, the bits of a read of that vector alone.
 template <typename store_t, typename work_t>
-static INMAP_ALWAYS_INLINE work_t row_block(const store_t* e, const work_t* b,
-                                                              int64_t i0, int64_t i1, int64_t C,
-                                                              work_t* acc, work_t* row) {
-  work_t lo = std::numeric_limits<work_t>::infinity();
-  for (int64_t j = 0; j < C; ++j) acc[j] = work_t(0);
+static INMAP_ALWAYS_INLINE void row_block(const store_t* e, const work_t* b, int64_t i0,
+                                          int64_t i1, int64_t C, int64_t K, work_t* acc,
+                                          work_t* lo, work_t* row) {
+  for (int64_t j = 0; j < K * C; ++j) acc[j] = work_t(0);
+  for (int64_t k = 0; k < K; ++k) lo[k] = std::numeric_limits<work_t>::infinity();
   for (int64_t i = i0; i < i1; ++i) {
     const store_t* ei = e + i * C;
-    work_t r = 0;
-#pragma omp simd reduction(+ : r)
-    for (int64_t j = 0; j < C; ++j) {
-      row[j] = load(ei + j);
-      r += row[j] * b[j];
-    }
-    lo = min_nan(lo, r);
-    const work_t inv = work_t(1) / r;   // r = 0 or NaN: caught by rmin below the floor
 #pragma omp simd
-    for (int64_t j = 0; j < C; ++j) acc[j] += row[j] * inv;
+    for (int64_t j = 0; j < C; ++j) row[j] = load(ei + j);
+    for (int64_t k = 0; k < K; ++k) {
+      const work_t r = dot(row, b + k * C, C);
+      lo[k] = min_nan(lo[k], r);
+      const work_t inv = work_t(1) / r;   // r = 0 or NaN: caught by rmin below the floor
+      work_t* ak = acc + k * C;
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) ak[j] += row[j] * inv;
+    }
   }
-  return lo;
 }
 
 // target_clones needs the loader's ifunc support: ELF platforms (Linux); elsewhere one build.
@@ -106,58 +132,61 @@ static INMAP_ALWAYS_INLINE work_t row_block(const store_t* e, const work_t* b,
 #define INMAP_CLONES
 #endif
 
-INMAP_CLONES float block_bf16(const c10::BFloat16* e, const float* b, int64_t i0, int64_t i1,
-                              int64_t C, float* acc, float* row) {
-  return row_block(e, b, i0, i1, C, acc, row);
+INMAP_CLONES void block_bf16(const c10::BFloat16* e, const float* b, int64_t i0, int64_t i1,
+                             int64_t C, int64_t K, float* acc, float* lo, float* row) {
+  row_block(e, b, i0, i1, C, K, acc, lo, row);
 }
-INMAP_CLONES float block_f32(const float* e, const float* b, int64_t i0, int64_t i1, int64_t C,
-                             float* acc, float* row) {
-  return row_block(e, b, i0, i1, C, acc, row);
+INMAP_CLONES void block_f32(const float* e, const float* b, int64_t i0, int64_t i1, int64_t C,
+                            int64_t K, float* acc, float* lo, float* row) {
+  row_block(e, b, i0, i1, C, K, acc, lo, row);
 }
-INMAP_CLONES double block_f64(const double* e, const double* b, int64_t i0, int64_t i1,
-                              int64_t C, double* acc, double* row) {
-  return row_block(e, b, i0, i1, C, acc, row);
+INMAP_CLONES void block_f64(const double* e, const double* b, int64_t i0, int64_t i1, int64_t C,
+                            int64_t K, double* acc, double* lo, double* row) {
+  row_block(e, b, i0, i1, C, K, acc, lo, row);
 }
 
-inline float block(const c10::BFloat16* e, const float* b, int64_t i0, int64_t i1, int64_t C,
-                   float* acc, float* row) {
-  return block_bf16(e, b, i0, i1, C, acc, row);
+inline void block(const c10::BFloat16* e, const float* b, int64_t i0, int64_t i1, int64_t C,
+                  int64_t K, float* acc, float* lo, float* row) {
+  block_bf16(e, b, i0, i1, C, K, acc, lo, row);
 }
-inline float block(const float* e, const float* b, int64_t i0, int64_t i1, int64_t C, float* acc,
-                   float* row) {
-  return block_f32(e, b, i0, i1, C, acc, row);
+inline void block(const float* e, const float* b, int64_t i0, int64_t i1, int64_t C, int64_t K,
+                  float* acc, float* lo, float* row) {
+  block_f32(e, b, i0, i1, C, K, acc, lo, row);
 }
-inline double block(const double* e, const double* b, int64_t i0, int64_t i1, int64_t C,
-                    double* acc, double* row) {
-  return block_f64(e, b, i0, i1, C, acc, row);
+inline void block(const double* e, const double* b, int64_t i0, int64_t i1, int64_t C, int64_t K,
+                  double* acc, double* lo, double* row) {
+  block_f64(e, b, i0, i1, C, K, acc, lo, row);
 }
 
 template <typename store_t, typename work_t>
-void column_sums(const store_t* e, const work_t* b, int64_t rows, int64_t C, double* col,
-                 work_t* rmin) {
+void column_sums(const store_t* e, const work_t* b, int64_t rows, int64_t C, int64_t K,
+                 double* col, work_t* rmin) {
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
-  std::vector<double> part(static_cast<size_t>(blocks * C), 0.0);
-  std::vector<work_t> bmin(static_cast<size_t>(blocks), std::numeric_limits<work_t>::infinity());
+  const int64_t KC = K * C;
+  std::vector<double> part(static_cast<size_t>(blocks * KC), 0.0);
+  std::vector<work_t> bmin(static_cast<size_t>(blocks * K),
+                           std::numeric_limits<work_t>::infinity());
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     FlushSubnormals flush;
-    std::vector<work_t> acc(static_cast<size_t>(C));
+    std::vector<work_t> acc(static_cast<size_t>(KC));
     std::vector<work_t> row(static_cast<size_t>(C));
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t i1 = std::min(rows, (blk + 1) * kRowBlock);
-      bmin[blk] = block(e, b, blk * kRowBlock, i1, C, acc.data(), row.data());
-      double* p = part.data() + blk * C;
-      for (int64_t j = 0; j < C; ++j) p[j] = static_cast<double>(acc[j]);
+      block(e, b, blk * kRowBlock, i1, C, K, acc.data(), bmin.data() + blk * K, row.data());
+      double* p = part.data() + blk * KC;
+      for (int64_t j = 0; j < KC; ++j) p[j] = static_cast<double>(acc[j]);
     }
   });
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    const double* p = part.data() + blk * C;
-    for (int64_t j = 0; j < C; ++j) col[j] += p[j];
-    *rmin = min_nan(*rmin, bmin[blk]);
+    const double* p = part.data() + blk * KC;
+    for (int64_t j = 0; j < KC; ++j) col[j] += p[j];
+    for (int64_t k = 0; k < K; ++k) rmin[k] = min_nan(rmin[k], bmin[blk * K + k]);
   }
 }
 
 // The arguments of both reads: e (rows x C) a store's block in float64, float32 or bfloat16
-// on the CPU, b its class weights in e's work dtype: a vector of C, or K x C (``per_candidate``).
+// on the CPU, b its class weights in e's work dtype: K x C (``per_candidate``: the scoring
+// read), or a vector of C or K x C (the column sums).
 void check_store_read(const at::Tensor& e, const at::Tensor& b, bool per_candidate,
                       const char* op) {
   TORCH_CHECK(e.dim() == 2, op, ": e must be 2-D (rows x C), got ", e.dim(), "-D");
@@ -165,8 +194,9 @@ void check_store_read(const at::Tensor& e, const at::Tensor& b, bool per_candida
     TORCH_CHECK(b.dim() == 2 && b.size(1) == e.size(1), op, ": b must be K x C with C=",
                 e.size(1), ", got shape ", b.sizes());
   } else {
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == e.size(1), op,
-                ": b must be a vector of length C=", e.size(1), ", got shape ", b.sizes());
+    TORCH_CHECK((b.dim() == 1 || b.dim() == 2) && b.size(-1) == e.size(1), op,
+                ": b must be a vector of length C=", e.size(1), " or K x C, got shape ",
+                b.sizes());
   }
   TORCH_CHECK(e.device().is_cpu() && b.device().is_cpu(), op, ": expected CPU tensors");
   const auto st = e.scalar_type();
@@ -183,19 +213,21 @@ std::tuple<at::Tensor, at::Tensor> stored_column_sums_cpu(const at::Tensor& e,
   check_store_read(e, b, false, "stored_column_sums");
   const auto wt = acc_type(st);
   at::Tensor ec = e.contiguous(), bc = b.contiguous();
-  const int64_t rows = ec.size(0), C = ec.size(1);
-  at::Tensor col64 = at::zeros({C}, b.options().dtype(at::kDouble));
-  at::Tensor rmin = at::full({}, std::numeric_limits<double>::infinity(), b.options());
-  if (rows > 0 && C > 0) {
+  const int64_t rows = ec.size(0), C = ec.size(1), K = b.dim() == 2 ? b.size(0) : 1;
+  at::Tensor col64 = at::zeros(b.sizes(), b.options().dtype(at::kDouble));
+  at::Tensor rmin = b.dim() == 2
+                        ? at::full({K}, std::numeric_limits<double>::infinity(), b.options())
+                        : at::full({}, std::numeric_limits<double>::infinity(), b.options());
+  if (rows > 0 && C > 0 && K > 0) {
     double* col = col64.data_ptr<double>();
     if (st == at::kDouble) {
-      column_sums(ec.data_ptr<double>(), bc.data_ptr<double>(), rows, C, col,
+      column_sums(ec.data_ptr<double>(), bc.data_ptr<double>(), rows, C, K, col,
                   rmin.data_ptr<double>());
     } else if (st == at::kFloat) {
-      column_sums(ec.data_ptr<float>(), bc.data_ptr<float>(), rows, C, col,
+      column_sums(ec.data_ptr<float>(), bc.data_ptr<float>(), rows, C, K, col,
                   rmin.data_ptr<float>());
     } else {
-      column_sums(ec.data_ptr<c10::BFloat16>(), bc.data_ptr<float>(), rows, C, col,
+      column_sums(ec.data_ptr<c10::BFloat16>(), bc.data_ptr<float>(), rows, C, K, col,
                   rmin.data_ptr<float>());
     }
   }
