@@ -55,7 +55,7 @@ def _cases(device: torch.device):
                      "xt_softmax": (x, w, 25.0, chunk),
                      "topk_scores": (x, w, min(5, c), chunk)}
             if device.type == "cpu":         # the CPU-only reads (_ops.CPU_ONLY_OPS)
-                stored = verify.stored_probe(x, w, bias, 100.0)
+                stored = verify.stored_probe(x, w, bias, 100.0, weights=2)   # in lockstep
                 calls.update(stored_column_sums=stored,
                              stored_row_scores=verify.stored_scores_probe(*stored))
             yield "x".join(map(str, (n, d, c))), dt, calls, False

@@ -17,7 +17,7 @@ from .class_prior import choose as choose_class_prior
 from .hyper import check_balancing, check_hyper
 from .labeled import check_labeled, confirm, right_of_proxies
 from .result import VisionProxyResult
-from .rows import Rows, open_rows
+from .rows import Rows, check_rows
 from .solver import SOLVERS, STOP_RULES, solve
 
 Tensor = torch.Tensor
@@ -141,17 +141,17 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     given = isinstance(class_prior, torch.Tensor)
     check_balancing(sinkhorn_iters, given or class_prior == "estimate",
                     "given proportions" if given else repr(class_prior))
-    rows = open_rows(image_features, text_proxies, device=device, stream=stream,
-                     process_group=process_group, backend=backend, chunk_size=chunk_size,
-                     precision=precision)
+    rows = check_rows(image_features, text_proxies, device=device, stream=stream,
+                      process_group=process_group, backend=backend, chunk_size=chunk_size,
+                      precision=precision)
     class_prior = check_class_prior(class_prior, rows.classes)
     if labeled is not None and not (isinstance(class_prior, str) and class_prior == "auto"):
         raise ValueError("labeled images settle class_prior='auto' among its candidates; with "
                          f"class_prior={class_prior if isinstance(class_prior, str) else 'given'!r}"
                          " there is nothing to choose (drop labeled, or use class_prior='auto')")
-    labeled = check_labeled(labeled, rows.x.shape[0], rows.classes)
+    labeled = check_labeled(labeled, rows.local_rows, rows.classes)
     with _ops.allow_tf32(rows.tf32):
-        return _fit(rows, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
+        return _fit(rows.open(), tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
                     progress, precision, class_prior, mode, stop, solver, labeled)
 
 

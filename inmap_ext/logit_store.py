@@ -98,8 +98,10 @@ def store_dtype(rows: int, c: int, budget: int) -> Optional[torch.dtype]:
 # Rows of the storing pass's blocks on the CPU: its logits block (rows x C in the decision's
 # dtype) stays within this many bytes, about a core's share of the last-level cache, so that the
 # row max, the exponential and the conversion into the store read what the GEMM just wrote from
-# cache instead of memory (measured at N = 400k, C = 1000: docs/method.md). On CUDA one block
-# per chunk.
+# cache instead of memory (measured at N = 400k, C = 1000: docs/method.md). The store is the
+# same up to the GEMM's rounding (a BLAS may round a block's rows differently from the whole
+# chunk's: within float32 rounding; on the real files and a 50k synthetic set, bit for bit).
+# On CUDA one block per chunk.
 STORE_BLOCK_BYTES = 1 << 21
 
 
@@ -174,15 +176,20 @@ class StoredLogits:
         depth = torch.zeros((), dtype=self.acc, device=runner.device)
         for xc in runner.row_chunks(x):
             w = runner._w(t, xc)
-            block = _store_block(xc.shape[0], self.c, self.acc, runner.device)
-            out = torch.empty(xc.shape[0], self.c, dtype=dtype, device=runner.device)
-            for s in range(0, xc.shape[0], block):
+            rows = xc.shape[0]
+            block = _store_block(rows, self.c, self.acc, runner.device)
+            out = None if block >= rows else \
+                torch.empty(rows, self.c, dtype=dtype, device=runner.device)
+            for s in range(0, rows, block):
                 z = _logits(xc[s:s + block], w, inv_tau, None)
                 zmax, top = z.max(dim=1)       # one sweep: each row's largest and where it is
                 self.top[top] = True
                 depth = torch.minimum(depth, (z.amin(dim=1) - zmax).min())
                 z.sub_(zmax[:, None]).exp_()   # in place: E = exp(Z - row max)
-                out[s:s + block] = z
+                if out is None:                # one block (CUDA, small chunks): no copy
+                    out = z.to(dtype)
+                else:
+                    out[s:s + block] = z
             self.chunks.append(out)
         # every stored entry at least C tiny of the store's dtype: nothing was lost, and every
         # read is exact to its arithmetic's rounding whatever the bias (on real CLIP features
@@ -241,9 +248,10 @@ class StoredLogits:
         each chunk (``stored_column_sums``); a bias out of the store's range is read with a pass
         over the features instead (counted in ``reads_on_passes``). Every rank takes the same
         branch (the bias is the same on every rank; a row without mass on one rank sends every
-        rank to the pass). A K x C bias (K balancings in lockstep) gives K x C from one read of
-        each chunk, each row what that row of the bias alone gives; if one of them is out of
-        range, each is read on its own."""
+        rank to the pass). A K x C bias (K balancings in lockstep) gives K x C, each row what
+        that row of the bias alone gives (in one process, bit for bit): the compiled CPU read
+        reads each chunk once for the K of them, its torch twin once per row; if one of them is
+        out of range, each is read on its own."""
         try:
             out = self._column_lse(bias)
             bad = torch.zeros((), device=out.device)

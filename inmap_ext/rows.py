@@ -12,9 +12,11 @@ Features reach ``fit_vision_proxy`` by one of three routes:
   (``validation.check_host_features``), then copied to the compute device a chunk at a time on
   every pass and normalised there (``streaming.StreamingRunner``); sharded or not.
 
-``open_rows`` picks the route, checks everything before any expensive work and returns
-``Rows``: the rows as the ops read them, the text proxies, the number of rows over every rank
-and the ``Runner`` that owns the ops' backend, the chunking and the reductions across ranks.
+``check_rows`` picks the route and checks the inputs before any expensive work (the caller
+then checks its own arguments against ``Rows.local_rows`` and ``Rows.classes``); ``Rows.open``
+makes the rows what the ops read (any copy the kernels would make per call, made once) and
+counts them over every rank. ``Rows`` holds the rows, the text proxies, the number of rows and
+the ``Runner`` that owns the ops' backend, the chunking and the reductions across ranks.
 Everything after it (the class-prior decision, the pseudo labels, the solver) reads the rows
 only through ``Rows.runner``: the method is one code path for the three routes.
 """
@@ -43,19 +45,35 @@ class Rows:
     runner: Runner              # backend, chunking, reductions over ranks (StreamingRunner: streams)
     x: Tensor                   # this rank's rows as the ops read them (streamed: where they live)
     text: Tensor                # D x C text proxies, unit columns, compute device, float32/64
-    n: int                      # rows over every rank
     tf32: Optional[bool]        # the TF32 switch the fit runs under (None: leave torch's)
+    n: Optional[int] = None     # rows over every rank (``open``)
 
     @property
     def classes(self) -> int:
         return self.text.shape[1]
 
+    @property
+    def local_rows(self) -> int:
+        """This rank's rows."""
+        return self.x.shape[0]
 
-def open_rows(image_features, text_proxies, *, device=None, stream: bool = False,
-              process_group=None, backend: str = "auto", chunk_size: Optional[int] = None,
-              precision: str = "auto") -> Rows:
+    def open(self) -> "Rows":
+        """The rows as every op of the fit will read them (``Runner.own_features``: a padded
+        copy made once where the fused CUDA kernels would make one per call) and their number
+        over every rank (an all-reduce in a sharded fit: every rank calls it)."""
+        if not self.runner.streams:
+            self.x = self.runner.own_features(self.x)
+        self.n = int(self.runner.sum_(torch.tensor(self.local_rows,
+                                                   device=self.runner.device)).item())
+        return self
+
+
+def check_rows(image_features, text_proxies, *, device=None, stream: bool = False,
+               process_group=None, backend: str = "auto", chunk_size: Optional[int] = None,
+               precision: str = "auto") -> Rows:
     """Check the features and the text proxies on the route the arguments name (module
-    docstring) and return the ``Rows`` every later step reads."""
+    docstring) and return their ``Rows`` (not yet ``open``: nothing copied, no collective
+    beyond the shards' agreement on the problem)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if (device is not None and torch.device(device).type == "cuda"
@@ -64,7 +82,9 @@ def open_rows(image_features, text_proxies, *, device=None, stream: bool = False
                          f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
     streaming = stream or (device is not None and isinstance(image_features, torch.Tensor)
                            and torch.device(device) != image_features.device)
-    if isinstance(image_features, torch.Tensor):    # the cheap refusal before the checks
+    if isinstance(image_features, torch.Tensor) and process_group is None:
+        # the cheap refusal before the checks (sharded: after check_shard, where every rank
+        # raises alike, since the ranks' devices may differ)
         compute_dtype(precision, image_features.dtype,
                       torch.device(device if device is not None else image_features.device))
     if streaming:
@@ -88,10 +108,8 @@ def open_rows(image_features, text_proxies, *, device=None, stream: bool = False
         x = x.to(dtype)
         runner = Runner(x.device, backend, chunk_size, x.shape[0], t.shape[1], dtype,
                         process_group)
-        x = runner.own_features(x)     # any copy the kernels would make per call, made once
     t = t.to(device=runner.device, dtype=acc_dtype(runner.dtype))
-    n = int(runner.sum_(torch.tensor(x.shape[0], device=runner.device)).item())
-    return Rows(runner, x, t, n, tf32)
+    return Rows(runner, x, t, tf32)
 
 
 def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device):

@@ -45,10 +45,12 @@ TF32_TOL = 2e-3
 
 # The probe: rows x dim x classes, rows per chunk, top-k, 1/tau_t, 1/tau_i, alpha, -inf column.
 PROBE = dict(n=300, d=45, c=133, chunk=128, k=3, inv_tau_t=100.0, inv_tau_i=25.0, alpha=0.6,
-             dead_class=7)
+             dead_class=7, weights=1)
 # The same probe in the layout of real CLIP features (D a multiple of 32, C of 8): there the
 # fused CUDA design reads x and w in place instead of padded copies, a code path of its own.
-PROBE_ALIGNED = dict(PROBE, d=64, c=136)
+# (``weights``: the stored reads' class weights, one vector on the first probe and two read in
+# lockstep on the second, the two forms of stored_column_sums a decision uses.)
+PROBE_ALIGNED = dict(PROBE, d=64, c=136, weights=2)
 PROBES = (PROBE, PROBE_ALIGNED)
 
 
@@ -101,7 +103,7 @@ def probe_inputs(device, dtype, p=PROBE) -> Tuple[torch.Tensor, torch.Tensor, to
 
 def probe_calls(x, w, bias, p=PROBE) -> Dict[str, tuple]:
     """Each op's arguments on the probe ``p``."""
-    stored = stored_probe(x, w, bias, p["inv_tau_t"])
+    stored = stored_probe(x, w, bias, p["inv_tau_t"], p.get("weights", 1))
     return {"softmax_column_lse": (x, w, bias, p["inv_tau_t"], p["chunk"]),
             "pseudo_label_reduce": (x, w, bias, p["inv_tau_t"], p["alpha"], p["chunk"]),
             "xt_softmax": (x, w, p["inv_tau_i"], p["chunk"]),
@@ -110,22 +112,21 @@ def probe_calls(x, w, bias, p=PROBE) -> Dict[str, tuple]:
             "stored_row_scores": stored_scores_probe(*stored)}
 
 
-def stored_probe(x, w, bias, inv_tau: float) -> tuple:
-    """(e, B) of stored_column_sums from a probe: e = exp(Z - row max) in x's dtype (the store
-    of logit_store.py); B two class-weight vectors, as two balancings read in lockstep: b =
-    exp(bias - max bias) with the -inf column as 0, and b reversed (a single vector is the same
-    kernel with one of them)."""
+def stored_probe(x, w, bias, inv_tau: float, weights: int = 1) -> tuple:
+    """(e, b) of stored_column_sums from a probe: e = exp(Z - row max) in x's dtype (the store
+    of logit_store.py), b = exp(bias - max bias) with the -inf column as 0; ``weights=2``: b and
+    b reversed as a 2 x C matrix (two balancings read in lockstep)."""
     acc = reference.acc_dtype(x.dtype)
     z = (x.to(acc) @ w.to(acc)) * inv_tau
     e = torch.exp(z - z.amax(dim=1, keepdim=True)).to(x.dtype)
     b = torch.exp(bias - bias[torch.isfinite(bias)].max()).to(acc)
-    return e, torch.stack([b, b.flip(0)])
+    return (e, b) if weights == 1 else (e, torch.stack([b, b.flip(0)]))
 
 
-def stored_scores_probe(e, B) -> tuple:
-    """(e, B) of stored_row_scores from ``stored_probe``'s (e, B): three class-weight vectors
+def stored_scores_probe(e, b) -> tuple:
+    """(e, B) of stored_row_scores from ``stored_probe``'s (e, b): three class-weight vectors
     (the probe's bias, none, and the bias reversed)."""
-    b = B[0]
+    b = b if b.dim() == 1 else b[0]
     return e, torch.stack([b, torch.ones_like(b), b.flip(0)])
 
 

@@ -164,3 +164,23 @@ def test_auto_stop_obeys_both_documented_criteria():
     torch.testing.assert_close(inmap_ext.fit_vision_proxy(X, T, iters=n, **kw).proxy, r.proxy)
     changed = float((before.predict(X) != r.predict(X)).double().mean())
     assert changed <= PREDICTION_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tangent_projection_is_the_sphere_s(dtype):
+    # lbfgs._tangent / _project_ (in place, the history's transport): E - W diag(W^T E), every
+    # column orthogonal to its w afterwards
+    from inmap_ext import lbfgs
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.nn.functional.normalize(torch.randn(17, 9, generator=g, dtype=dtype), dim=0)
+    E = torch.randn(17, 9, generator=g, dtype=dtype)
+    want = E - W * (W * E).sum(0, keepdim=True)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    got = lbfgs._tangent(W, E)
+    torch.testing.assert_close(got, want, **tol)
+    assert got.dtype == dtype and got.shape == E.shape
+    inplace = E.clone()
+    lbfgs._project_(W, inplace)
+    torch.testing.assert_close(inplace, want, **tol)
+    torch.testing.assert_close((W * got).sum(0), torch.zeros(9, dtype=dtype), **tol)

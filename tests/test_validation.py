@@ -178,3 +178,26 @@ def test_near_unit_float32_rows_are_normalised():
     scale = 1 + 5e-3 * torch.linspace(-1, 1, 200)[:, None]        # fp16-rounding-sized norms
     b = inmap_ext.fit_vision_proxy(X * scale, T, **kw)
     torch.testing.assert_close(b.proxy, a.proxy, rtol=0, atol=1e-5)
+
+
+def test_cheap_refusals_come_before_any_work(monkeypatch):
+    # rows.check_rows checks before expensive work: a precision the device cannot run is
+    # refused before the streamed check of host features reads them; a class prior or labels
+    # of the wrong size before the rows are copied for the kernels (Rows.open)
+    from inmap_ext import functional, validation
+
+    X, T, _ = clip_like(64, 8, 5, seed=1)
+
+    def never(*a, **k):
+        raise AssertionError("expensive work before a cheap refusal")
+
+    monkeypatch.setattr(validation, "check_host_features", never)
+    with pytest.raises(ValueError, match="precision='fp16' needs CUDA"):
+        inmap_ext.fit_vision_proxy(X.float(), T.float(), stream=True, precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        inmap_ext.fit_vision_proxy(X.float(), T.float(), stream=True, precision="fp8")
+    monkeypatch.setattr(functional.Runner, "own_features", never)
+    with pytest.raises(ValueError, match="class_prior"):
+        inmap_ext.fit_vision_proxy(X, T, class_prior=torch.ones(4))
+    with pytest.raises(ValueError, match="labeled"):
+        inmap_ext.fit_vision_proxy(X, T, labeled=(torch.tensor([0, 99]), torch.tensor([0, 1])))
