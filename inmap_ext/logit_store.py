@@ -257,12 +257,19 @@ class StoredLogits:
             bad = torch.zeros((), device=out.device)
         except OutOfRange:
             out, bad = None, torch.ones((), device=self.runner.device)
-        if float(self.runner.sum_(bad)) > 0:
-            if bias is not None and bias.dim() == 2:
-                return torch.stack([self.column_lse(b) for b in bias])
-            self.reads_on_passes += 1
-            return self.fallback.column_lse(bias)
-        return self.runner.lse_(out).to(self.acc)
+        if float(self.runner.sum_(bad)) == 0:
+            out = self.runner.lse_(out)
+            # a class with a finite bias whose every stored entry underflowed, on every rank
+            # (a rank without rows, or whose rows' entries of a class underflowed, adds
+            # nothing; judged on the all-reduced sums, so every rank takes the same branch)
+            possible = torch.ones_like(out, dtype=torch.bool) if bias is None else \
+                torch.isfinite(bias.to(out.device))
+            if bool(torch.isfinite(out[possible]).all()):
+                return out.to(self.acc)
+        if bias is not None and bias.dim() == 2:
+            return torch.stack([self.column_lse(b) for b in bias])
+        self.reads_on_passes += 1
+        return self.fallback.column_lse(bias)
 
     def _column_lse(self, bias: Optional[Tensor]) -> Tensor:
         many = bias is not None and bias.dim() == 2
@@ -279,9 +286,7 @@ class StoredLogits:
                 raise OutOfRange("a row has almost no mass left under the log-bias (its "
                                  "underflowed terms could matter)")
             col += col_c
-        if not bool((col[torch.isfinite(shift)] > 0).all()):
-            raise OutOfRange("every stored entry of a class underflowed")
-        return torch.log(col) + shift
+        return torch.log(col) + shift      # -inf where this rank's entries add nothing
 
     def scoring_chunks(self, betas=()) -> Iterator[Tuple[str, Tensor]]:
         """("exp", E) a stored chunk at a time, in the store's dtype (no pass over the features;

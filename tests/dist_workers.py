@@ -158,3 +158,31 @@ def rounding_worker(rank, world, init_file, out_dir, sizes):
                                          process_group=dist.group.WORLD)
         torch.save({"proxy": res.proxy, "passes": res.passes},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def lockstep_worker(rank, world, init_file, out_dir, sizes):
+    """Balancings in lockstep on a sharded store: a K x C bias out of range on one rank only
+    sends every rank to the per-bias reads (the same collectives everywhere, no hang)."""
+    from inmap_ext.functional import Runner
+    from inmap_ext.logit_store import StoredLogits
+    from testing import clip_like
+
+    torch.set_num_threads(1)
+    with _rank_guard(rank, out_dir):
+        _init(rank, world, init_file)
+        X, T, _ = clip_like(sum(sizes), 24, 17, seed=21)
+        start = sum(sizes[:rank])
+        shard = X[start:start + sizes[rank]]
+        runner = Runner("cpu", "auto", 41, shard.shape[0], 17, torch.float64, dist.group.WORLD)
+        stored = StoredLogits(runner, shard, T, 100.0, torch.float32)
+        g = torch.Generator().manual_seed(5)
+        biases = torch.randn(2, 17, generator=g, dtype=torch.float64)
+        together = stored.column_lse(biases)
+        if rank == 1:            # only this rank's store claims a narrow range
+            stored.exact, stored.safe_range = False, 1.0
+        wide = torch.stack([torch.zeros(17, dtype=torch.float64),
+                            torch.randn(17, generator=g, dtype=torch.float64) * 4])
+        mixed = stored.column_lse(wide)
+        torch.save({"together": together, "mixed": mixed, "biases": biases, "wide": wide,
+                    "on_passes": stored.reads_on_passes},
+                   os.path.join(out_dir, f"rank{rank}.pt"))

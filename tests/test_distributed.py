@@ -148,3 +148,30 @@ def test_sharded_class_priors_equal_single_process(tmp_path, prior):
         assert torch.equal(o["counts"], single.class_counts)
     if prior == "given":
         assert single.class_counts[[1, 4]].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("sizes, on_passes", [([50, 40, 41], 1), ([50, 0, 81], 0)],
+                         ids=["rank1-narrow", "rank1-empty"])
+def test_lockstep_reads_of_a_sharded_store(tmp_path, sizes, on_passes):
+    # two balancings read in lockstep on every rank's store equal the dense column log-sums of
+    # all rows; one rank finding a bias out of its store's range sends every rank to the
+    # per-bias reads (that one on a pass), and every rank ends with the same result. A rank
+    # without rows reads nothing and sends no read to a pass.
+    import math
+
+    from testing import clip_like
+
+    outs = _spawn_ok(dist_workers.lockstep_worker, len(sizes), tmp_path, sizes)
+    X, T, _ = clip_like(sum(sizes), 24, 17, seed=21)
+    dense = X @ T * 100.0
+
+    def want(b):
+        return torch.logsumexp(torch.log_softmax(dense + b, 1), 0)
+
+    for o in outs:
+        assert o["on_passes"] == on_passes
+        for key, biases in (("together", o["biases"]), ("mixed", o["wide"])):
+            assert torch.equal(o[key], outs[0][key])
+            for got, b in zip(o[key], biases):
+                torch.testing.assert_close(got, want(b), rtol=1e-5, atol=1e-5)
+    assert not math.isnan(float(outs[0]["mixed"].sum()))

@@ -82,6 +82,16 @@ def test_a_read_out_of_range_is_made_with_a_pass_and_counted():
     want = torch.logsumexp(torch.log_softmax(X2.double() @ T2.double() * 100.0
                                              + torch.tensor([-200.0, 0.0]).double(), 1), 0)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+    # a class whose every stored entry underflowed (logits [0, -200] in float32): its column
+    # sum would be 0 (log -inf) where the true one is e^-200: read with a pass
+    T3 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    gone = StoredLogits(Runner("cpu", "torch", 8, 1, 2, torch.float32), X2, T3, 200.0,
+                        torch.float32)
+    assert not gone.exact and float(gone.chunks[0][0, 1]) == 0.0
+    got = gone.column_lse(torch.zeros(2))
+    assert gone.reads_on_passes == 1 and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.double(), torch.tensor([0.0, -200.0], dtype=torch.float64),
+                               rtol=1e-4, atol=1e-3)
 
 
 def test_budget_and_dtype_ladder(monkeypatch):
