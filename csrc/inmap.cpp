@@ -30,8 +30,9 @@ TORCH_LIBRARY(inmap_ext, m) {
   // float64, float32 or bfloat16, and class weights b (C, float64 for a float64 e, else
   // float32). Returns (col [C]: sum_i e_ij / r_i with r_i = sum_j e_ij b_j, rmin []: min_i r_i),
   // in b's dtype. b K x C (several balancings in lockstep): col [K x C] and rmin [K], each row
-  // k what b[k] alone gives, from one read of e. CPU kernel only: on CUDA the torch twin (a conversion and two cuBLAS
-  // matrix-vector products, at the GPU's memory bandwidth) runs.
+  // k what b[k] alone gives, from one read of e. CPU kernel only: on CUDA the torch twin (a
+  // conversion and two cuBLAS matrix-vector products per vector, at the GPU's memory
+  // bandwidth) runs.
   m.def("stored_column_sums(Tensor e, Tensor b) -> (Tensor, Tensor)");
   // The scoring read of the same store against K class-weight vectors b (K x C): per row i and
   // candidate k, (mass [rows x K]: sum_j e_ij b_kj, top [rows x K] int64: argmax_j e_ij b_kj,

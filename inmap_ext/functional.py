@@ -123,13 +123,9 @@ class Runner:
     def lse_(self, t: Tensor) -> Tensor:
         """log-sum-exp across ranks of per-rank log-sums (in place)."""
         if self.group is not None:
-            m = t.clone()
-            _collective(torch.distributed.all_reduce, m, op=torch.distributed.ReduceOp.MAX,
-                        group=self.group)
+            m = self.max_(t.clone())
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            s = torch.exp(t - m)
-            _collective(torch.distributed.all_reduce, s, group=self.group)
-            t.copy_(m + torch.log(s))
+            t.copy_(m + torch.log(self.sum_(torch.exp(t - m))))
         return t
 
     # -- the ops -----------------------------------------------------------------------------

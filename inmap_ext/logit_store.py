@@ -276,8 +276,8 @@ class StoredLogits:
         shift = torch.stack([self._shift(b) for b in bias]) if many else self._shift(bias)
         b = torch.exp(shift)           # a class far below the top may underflow to 0 here: its
         col = torch.zeros(shift.shape, dtype=self.work, device=b.device)  # log b is kept exact
-        # a bfloat16 store is read in float32 arithmetic (the compiled CPU op widens each entry
-        # in registers; the torch twin converts chunk by chunk): bfloat16 matrix-vector products
+        # a bfloat16 store is read in float32 arithmetic (the compiled CPU op widens each row
+        # as it reads it; the torch twin converts chunk by chunk): bfloat16 matrix-vector products
         # round every sum to 2^-9, and moved one decision of the robustness bench's 66 across the
         # collapse guard (docs/class_prior.md)
         for e in self.chunks:

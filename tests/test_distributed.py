@@ -26,6 +26,14 @@ def _spawn_ok(fn, world, tmp_path, *args) -> list:
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
+def _sharded_and_single(tmp_path, sizes, kw, backend, dtype=torch.float64):
+    """Every rank's output of ``fit_worker`` on shards of sizes ``sizes``, the single-process
+    fit of the same rows and those rows (the worker's problem: clip_like(N, 24, 7, seed=13))."""
+    outs = _spawn_ok(dist_workers.fit_worker, len(sizes), tmp_path, sizes, dtype, kw, backend)
+    X, T, _ = clip_like(sum(sizes), 24, 7, seed=13, dtype=dtype)
+    return outs, inmap_ext.fit_vision_proxy(X, T, backend=backend, **kw), X
+
+
 @pytest.mark.parametrize("sizes", [[301], [150, 151], [200, 0, 101], [1, 299, 1]],
                          ids=["world1", "world2", "world3-empty", "world3-tiny"])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -33,10 +41,7 @@ def test_sharded_equals_single_process_float64(tmp_path, sizes, backend):
     if backend == "ext":
         skip_if_no_ext("cpu")
     kw = dict(iters=150, sinkhorn_iters=10, gamma=0.5)
-    outs = _spawn_ok(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw,
-                     backend)
-    X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
-    single = inmap_ext.fit_vision_proxy(X, T, backend=backend, **kw)
+    outs, single, _ = _sharded_and_single(tmp_path, sizes, kw, backend)
     for o in outs:
         assert torch.equal(o["proxy"], outs[0]["proxy"])           # every rank, same proxy
         torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
@@ -52,10 +57,7 @@ def test_uneven_shards_agree_on_the_logit_store(tmp_path, monkeypatch):
     monkeypatch.setenv("INMAP_LOGIT_STORE_BYTES", "2000")
     sizes = [200, 0, 101]
     kw = dict(iters=60, sinkhorn_iters=10, gamma=0.5)
-    outs = _spawn_ok(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw,
-                     "torch")
-    X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
-    single = inmap_ext.fit_vision_proxy(X, T, backend="torch", **kw)
+    outs, single, _ = _sharded_and_single(tmp_path, sizes, kw, "torch")
     for o in outs:
         torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
 
@@ -69,10 +71,8 @@ def test_ranks_whose_arithmetic_rounds_differently_take_the_same_steps(tmp_path)
 
 def test_sharded_float32_predictions_agree(tmp_path):
     sizes = [700, 500, 800]
-    outs = _spawn_ok(dist_workers.fit_worker, 3, tmp_path, sizes, torch.float32,
-                     dict(iters=200), "auto")
-    X, T, _ = clip_like(sum(sizes), 24, 7, seed=13, dtype=torch.float32)
-    single = inmap_ext.fit_vision_proxy(X, T, iters=200)
+    outs, single, X = _sharded_and_single(tmp_path, sizes, dict(iters=200), "auto",
+                                          torch.float32)
     proxy = outs[2]["proxy"]
     agree = ((X @ proxy).argmax(1) == single.predict(X)).double().mean()
     # float32: the ranks' sums round differently from the single process's, and L-BFGS carries
@@ -139,10 +139,7 @@ def test_sharded_class_priors_equal_single_process(tmp_path, prior):
     sizes = [150, 0, 151]
     cp = torch.tensor([2.0, 0, 1, 1, 0, 3, 1], dtype=torch.float64) if prior == "given" else prior
     kw = dict(iters=60, class_prior=cp)
-    outs = _spawn_ok(dist_workers.fit_worker, len(sizes), tmp_path, sizes, torch.float64, kw,
-                     "torch")
-    X, T, _ = clip_like(sum(sizes), 24, 7, seed=13)
-    single = inmap_ext.fit_vision_proxy(X, T, backend="torch", **kw)
+    outs, single, _ = _sharded_and_single(tmp_path, sizes, kw, "torch")
     for o in outs:
         torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
         assert torch.equal(o["counts"], single.class_counts)
