@@ -74,45 +74,19 @@ inline float softmax_exp(float v) {
 }
 
 // In place on a rows x C row-major block: z <- softmax(z * inv_tau + bias) per row, or its log
-// (kLog) — the max-subtracted form, so no row overflows. Each row is reduced in a fixed order
-// (vector lanes then lanes combined), independent of the thread count.
-// row_lse (optional, kLog = false): each row's log-sum-exp, log sum_j exp(z_j * inv_tau + bias_j).
+// (log = true) — the max-subtracted form, so no row overflows. row_lse (optional, log = false):
+// each row's log-sum-exp, log sum_j exp(z_j * inv_tau + bias_j). Rows are independent, so the
+// result does not depend on the number of threads (softmax_rows_cpu.cpp: float32 built per ISA,
+// clones.h).
+void softmax_rows(float* z, int64_t rows, int64_t C, float inv_tau, const float* bias,
+                  float* row_lse, bool log);
+void softmax_rows(double* z, int64_t rows, int64_t C, double inv_tau, const double* bias,
+                  double* row_lse, bool log);
+
 template <typename scalar_t, bool kLog>
-void softmax_rows_(scalar_t* z, int64_t rows, int64_t C, scalar_t inv_tau, const scalar_t* bias,
-                   scalar_t* row_lse = nullptr) {
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      scalar_t* r = z + i * C;
-      scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
-      if (bias) {
-#pragma omp simd
-        for (int64_t j = 0; j < C; ++j) r[j] = r[j] * inv_tau + bias[j];
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < C; ++j) r[j] *= inv_tau;
-      }
-#pragma omp simd reduction(max : mx)
-      for (int64_t j = 0; j < C; ++j) mx = r[j] > mx ? r[j] : mx;
-      scalar_t s = 0;
-      if (kLog) {
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < C; ++j) s += softmax_exp(r[j] - mx);
-        const scalar_t lse = mx + std::log(s);
-#pragma omp simd
-        for (int64_t j = 0; j < C; ++j) r[j] -= lse;
-      } else {
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < C; ++j) {
-          r[j] = softmax_exp(r[j] - mx);
-          s += r[j];
-        }
-        if (row_lse) row_lse[i] = mx + std::log(s);
-        const scalar_t inv_s = scalar_t(1) / s;
-#pragma omp simd
-        for (int64_t j = 0; j < C; ++j) r[j] *= inv_s;
-      }
-    }
-  });
+inline void softmax_rows_(scalar_t* z, int64_t rows, int64_t C, scalar_t inv_tau,
+                          const scalar_t* bias, scalar_t* row_lse = nullptr) {
+  softmax_rows(z, rows, C, inv_tau, bias, row_lse, kLog);
 }
 
 inline const void* bias_ptr(const at::Tensor& b) { return b.defined() ? b.data_ptr() : nullptr; }
