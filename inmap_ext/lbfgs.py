@@ -19,8 +19,9 @@ four real files (docs/method.md): 10 to 20 fewer passes than from T for the same
 The method (Absil, Mahony & Sepulchre 2008, ch. 4 and 8; Huang, Gallivan & Absil 2015):
 - Riemannian gradient: the Euclidean one projected on the tangent space of every column,
   g_j = E_j - (w_j . E_j) w_j.
-- Direction: the L-BFGS two-loop recursion over the last ``HISTORY`` pairs (s, y) = (W_t - W,
-  g_t - g), scaled by s.y / y.y (Barzilai-Borwein); the first direction is -g with the
+- Direction: d = -H g, H the L-BFGS inverse Hessian model of the last ``HISTORY`` pairs
+  (s, y) = (W_t - W, g_t - g) with H0 = (s.y / y.y) I (Barzilai-Borwein), computed in its compact
+  form (Byrd, Nocedal & Schnabel 1994; ``_History``); the first direction is -g with the
   published first step (``lr``: the first iterate equals the published descent's first step).
   The pairs are kept as computed, not transported to each new point: d = -H g is a descent
   direction whatever the pairs' tangent spaces (<d, g> = -<H g, g> < 0 for positive definite
@@ -33,8 +34,9 @@ The method (Absil, Mahony & Sepulchre 2008, ch. 4 and 8; Huang, Gallivan & Absil
 - Step length t: 1 (``lr`` on the first iteration), shortened by safeguarded quadratic
   interpolation until the Armijo condition f(W_t) <= f(W) + c1 t <g, d> holds; each trial is
   one pass, and the accepted trial's gradient is the next iterate's (no pass is repeated).
-- A pair is kept only when s.y > 0 (the curvature condition), so the two-loop stays positive
-  definite; a non-descent direction restarts from -g.
+- A pair is kept only when s.y > 0 (the curvature condition), so H stays positive definite;
+  a non-descent direction restarts from -g. The search also ends (converged to working
+  precision) once a trial's predicted decrease t |<g, d>| is below ``ROUNDING`` ulps of f.
 
 Stopping (``stop="auto"``): after an iteration, once the objective fell by at most
 ``OBJECTIVE_RTOL`` (relative) over the last ``WINDOW`` iterations, or after ``MAX_PASSES``
@@ -54,7 +56,6 @@ and a few scalars per iteration.
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import Optional
 
 import torch
@@ -68,6 +69,8 @@ OBJECTIVE_RTOL = 1e-3   # stop once the objective fell by at most this (relative
 MAX_PASSES = 80         # ... or after this many passes (stop="auto"): measured on the real files,
                         # the predictions have settled well before (docs/method.md)
 MIN_STEP = 1e-10        # a step length below this ends the search (rounding floor)
+ROUNDING = 16           # ... as does a predicted decrease t |<g, d>| below ROUNDING ulps of f:
+                        # the objective cannot show it (float32 reaches that on flat problems)
 STEP_CAP = 1e3          # the longest trial step along any column (tangent length): beyond it
                         # the normalised column is the direction itself to 1e-6 (extreme lr or
                         # tau_i would otherwise overflow float32 in the step)
@@ -155,13 +158,14 @@ def minimize(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, n: int, *,
     if capped:
         max_passes = MAX_PASSES
     ev = _Evaluator(runner, x, B, tau_i, n, max_passes, bar)
+    ulp = torch.finfo(B.dtype).eps
     W = w0.clone()
     f, E = ev(W, 0.0)
     g = _tangent(W, E)
-    pairs: deque = deque(maxlen=HISTORY)
+    pairs = _History(HISTORY)
     fs = [f]                       # objective at every accepted iterate
     while not ev.spent:
-        d, first = _direction(g, pairs), not pairs
+        d, first = pairs.direction(g), not pairs
         if runner.group is not None:                 # one direction on every rank (_agreed)
             d = runner.max_(d)
         slope = _agreed(runner, _dot(d, g))
@@ -182,7 +186,7 @@ def minimize(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, n: int, *,
             denom = 2.0 * (f_t - f - slope * t)      # quadratic through f, slope and f_t
             t_new = -slope * t * t / denom if denom > 0 and math.isfinite(denom) else 0.1 * t
             t = min(max(t_new, 0.1 * t), 0.5 * t)
-            if t < MIN_STEP:
+            if t < MIN_STEP or -t * slope <= ROUNDING * ulp * abs(f):
                 return _out(W, ev, True, "the line search found no decrease above the "
                             "rounding of the objective (converged to working precision)")
         if not f_t <= f + ARMIJO_C1 * t * slope:      # the pass budget ran out mid-search
@@ -191,8 +195,8 @@ def minimize(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, n: int, *,
         s, y = W_t - W, g_t - g
         sy, yy, ss = _agreed(runner, _dot(s, y), _dot(y, y), _dot(s, s))
         if math.isfinite(sy) and yy > 0 and sy > 1e-10 * math.sqrt(ss * yy):
-            pairs.append((s, y))
-        change = (_agreed(runner, float(torch.linalg.vector_norm(W_t - W, dim=0).max()))
+            pairs.append(s, y, sy, yy)
+        change = (_agreed(runner, float(torch.linalg.vector_norm(s, dim=0).max()))
                   if tol is not None else None)
         W, f, g = W_t, f_t, g_t
         fs.append(f)
@@ -214,22 +218,81 @@ def minimize(runner, x: Tensor, w0: Tensor, B: Tensor, tau_i: float, n: int, *,
                 "passes")
 
 
-def _direction(g: Tensor, pairs) -> Tensor:
-    """-H g by the L-BFGS two-loop recursion (H: the inverse Hessian model of the pairs)."""
-    q = g.clone()
-    rhos = [1.0 / _dot(s, y) for s, y in pairs]
-    alphas = []
-    for (s, y), rho in zip(reversed(pairs), reversed(rhos)):
-        a = rho * _dot(s, q)
-        alphas.append(a)
-        q.add_(y, alpha=-a)
-    if pairs:
-        s, y = pairs[-1]
-        q *= _dot(s, y) / _dot(y, y)
-    for (s, y), rho, a in zip(pairs, rhos, reversed(alphas)):
-        b = rho * _dot(y, q)
-        q.add_(s, alpha=a - b)
-    return q.neg_()
+class _History:
+    """The last ``m`` pairs (s, y) and their inner products, and d = -H g from them.
+
+    H is the L-BFGS inverse Hessian model with H0 = gamma I, gamma = s.y / y.y of the newest
+    pair: the matrix the two-loop recursion applies (Nocedal & Wright, alg. 7.4), here in the
+    compact form of Byrd, Nocedal & Schnabel (1994, eq. 3.1),
+
+        H g = gamma g + S R^-T ((Dg + gamma Y^T Y) R^-1 S^T g - gamma Y^T g) - gamma Y R^-1 S^T g,
+
+    S, Y the pairs as columns (oldest first), R the upper triangle of S^T Y, Dg its diagonal.
+    The pairs live in one buffer (2m rows of D x C), so that S^T g and Y^T g, and the products
+    of a new y with every pair (R's new column, Y^T Y's new row), are one matrix product: one
+    read of the pairs, and a second for the combination. The two-loop recursion reads each
+    pair twice and rewrites g 2m times (bound by memory bandwidth: ~10 ms of an iteration at
+    D x C = 512 x 1000, one thread). The m x m algebra runs in float64; R's diagonal, the
+    pairs' s.y, is positive (``minimize`` keeps a pair only then), so R is invertible. The
+    pairs are never changed once stored (no transport), so their products are computed once."""
+
+    def __init__(self, m: int):
+        self.m = m
+        self.buf: Optional[Tensor] = None   # rows [0, m): s by slot; [m, 2m): y by slot
+        self.order: list = []               # slots, oldest pair first
+        self.SY = torch.zeros(m, m, dtype=torch.float64)   # s_slot_i . y_slot_j
+        self.YY = torch.zeros(m, m, dtype=torch.float64)   # y_slot_i . y_slot_j
+        self.gamma = 1.0
+        self.pending: Optional[int] = None  # slot of the newest pair, its products not yet
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def clear(self) -> None:
+        self.order, self.pending = [], None
+
+    def append(self, s: Tensor, y: Tensor, sy: float, yy: float) -> None:
+        if self.buf is None:
+            self.buf = s.new_zeros(2 * self.m, s.numel())
+        slot = len(self.order) if len(self.order) < self.m else self.order.pop(0)
+        self.buf[slot].copy_(s.reshape(-1))
+        self.buf[self.m + slot].copy_(y.reshape(-1))
+        self.order.append(slot)
+        self.pending, self.gamma = slot, sy / yy
+
+    def direction(self, g: Tensor) -> Tensor:
+        """-H g (-g without pairs)."""
+        if not self.order:
+            return -g
+        k, m = len(self.order), self.m
+        S, Y = self.buf[:k] if k < m else self.buf[:m], self.buf[m:m + k]
+        if self.pending is None:
+            V = g.reshape(1, -1)
+        else:
+            V = torch.stack([g.reshape(-1), self.buf[m + self.pending]])
+        Sv = (V @ S.T).double().cpu()          # (g, y_new) against every stored s, by slot
+        Yv = (V @ Y.T).double().cpu()
+        if self.pending is not None:
+            j = self.pending
+            self.SY[:k, j] = Sv[1]
+            self.YY[:k, j] = Yv[1]
+            self.YY[j, :k] = Yv[1]
+            self.pending = None
+        o = torch.tensor(self.order)
+        SY, YY = self.SY[o][:, o], self.YY[o][:, o]
+        R = torch.triu(SY)
+        u, v = Sv[0][o], Yv[0][o]
+        p = torch.linalg.solve_triangular(R, u[:, None], upper=True)[:, 0]
+        w = torch.diagonal(SY) * p + self.gamma * (YY @ p) - self.gamma * v
+        c_s = torch.linalg.solve_triangular(R.T, w[:, None], upper=False)[:, 0]
+        c_y = -self.gamma * p
+        coef = torch.zeros(2 * k, dtype=torch.float64)   # by slot: S rows, then Y rows
+        coef[o] = c_s
+        coef[k + o] = c_y
+        coef = coef.to(device=g.device, dtype=g.dtype)
+        Hg = torch.addmv(g.reshape(-1), S.T, coef[:k], alpha=1.0, beta=self.gamma)
+        Hg.addmv_(Y.T, coef[k:])
+        return Hg.neg_().reshape(g.shape)
 
 
 def _out(W, ev, converged, reason):

@@ -56,7 +56,8 @@ def test_default_solver_keeps_the_accuracy_of_every_published_step(n, d, c, kw, 
     # on these shapes -0.7 to +0.7 points, agreement within 1 point of the gd stop's or above
     assert acc(fast) >= acc(full) - 0.01, (fast.n_iters, acc(fast), acc(full))
     assert agree(fast) >= agree(gd) - 0.01, (agree(fast), agree(gd))
-    assert "settled" in fast.stop_reason
+    # the rule, or a flat problem's objective at float32 rounding before the rule's window
+    assert "settled" in fast.stop_reason or "working precision" in fast.stop_reason
     assert len(fast.objective) == len(fast.grad_norm) == fast.n_iters
 
 
@@ -180,3 +181,51 @@ def test_tangent_projection_is_the_sphere_s(dtype):
     torch.testing.assert_close(got, want, **tol)
     assert got.dtype == dtype and got.shape == E.shape
     torch.testing.assert_close((W * got).sum(0), torch.zeros(9, dtype=dtype), **tol)
+
+
+def _two_loop(g, pairs):
+    """-H g by the L-BFGS two-loop recursion (Nocedal & Wright, alg. 7.4): the oracle of
+    lbfgs._History's compact form."""
+    q = g.clone()
+    alphas = []
+    for s, y in reversed(pairs):
+        a = float((s * q).sum()) / float((s * y).sum())
+        alphas.append(a)
+        q -= a * y
+    s, y = pairs[-1]
+    q *= float((s * y).sum()) / float((y * y).sum())
+    for (s, y), a in zip(pairs, reversed(alphas)):
+        b = float((y * q).sum()) / float((s * y).sum())
+        q += (a - b) * s
+    return -q
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compact_history_is_the_two_loop_recursion(dtype):
+    # pairs of a convex quadratic (y = A s, A SPD), more than HISTORY of them so that the ring
+    # buffer wraps around, and a restart (clear) halfway; after every new pair the compact form
+    # gives the two-loop's direction
+    from inmap_ext import lbfgs
+
+    g = torch.Generator().manual_seed(5)
+    D, C, m = 13, 7, 4
+    M = torch.randn(D * C, D * C, generator=g, dtype=torch.float64)
+    A = M @ M.T / (D * C) + torch.eye(D * C, dtype=torch.float64)
+    hist, kept = lbfgs._History(m), []
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-5)
+    for i in range(11):
+        if i == 6:
+            hist.clear()
+            kept = []
+        s = torch.randn(D, C, generator=g, dtype=torch.float64)
+        y = (A @ s.reshape(-1)).reshape(D, C)
+        s, y = s.to(dtype), y.to(dtype)
+        hist.append(s, y, float((s * y).sum()), float((y * y).sum()))
+        kept = (kept + [(s.double(), y.double())])[-m:]
+        grad = torch.randn(D, C, generator=g, dtype=torch.float64)
+        d = hist.direction(grad.to(dtype))
+        assert d.dtype == dtype and d.shape == (D, C) and len(hist) == len(kept)
+        torch.testing.assert_close(d.double(), _two_loop(grad, kept), **tol)
+    hist.clear()
+    grad = torch.randn(D, C, generator=g, dtype=dtype)
+    assert len(hist) == 0 and torch.equal(hist.direction(grad), -grad)
