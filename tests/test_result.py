@@ -39,7 +39,9 @@ def test_tol_stops_early_and_paper_runs_all(problem):
     full = inmap_ext.fit_vision_proxy(X, T, iters=2000, mode="paper")
     assert full.n_iters == 2000 and not full.converged
     assert full.stop_reason == "ran every one of iters=2000 steps"
-    early = inmap_ext.fit_vision_proxy(X, T, iters=2000, tol=1e-4, stop="none",
+    # tol 1e-3: at 1e-4 this float32 problem's objective reaches working precision first (after
+    # 47 passes), which ends the search too (lbfgs.ROUNDING), with the same predictions
+    early = inmap_ext.fit_vision_proxy(X, T, iters=2000, tol=1e-3, stop="none",
                                        class_prior="uniform")
     assert early.converged and early.n_iters < 2000 and "tol" in early.stop_reason
     assert len(early.grad_norm) == early.n_iters
