@@ -68,7 +68,9 @@ def test_non_unit_inputs_are_normalised():
     scale = torch.linspace(0.5, 3.0, X.shape[0])[:, None]
     a = fit(X.double(), T.double(), iters=50)
     b = fit(X.double() * scale, T.double() * 7.0, iters=50)
-    torch.testing.assert_close(a.proxy, b.proxy, rtol=0, atol=1e-12)
+    # the normalised copies differ from X, T by float64 rounding (1e-16), which 50 L-BFGS passes
+    # carry along the objective's flat directions to a few 1e-12
+    torch.testing.assert_close(a.proxy, b.proxy, rtol=0, atol=1e-10)
     assert torch.equal(X, clip_like(50, 8, 4, dtype=torch.float32)[0])  # input untouched
 
 
