@@ -230,11 +230,12 @@ class _History:
     S, Y the pairs as columns (oldest first), R the upper triangle of S^T Y, Dg its diagonal.
     The pairs live in one buffer (2m rows of D x C), so that S^T g and Y^T g, and the products
     of a new y with every pair (R's new column, Y^T Y's new row), take one read of the pairs
-    (the products of (g, y) with S and with Y), and the combination a second. The two-loop recursion reads each
-    pair twice and rewrites g 2m times (bound by memory bandwidth: ~10 ms of an iteration at
-    D x C = 512 x 1000, one thread). The m x m algebra runs in float64; R's diagonal, the
-    pairs' s.y, is positive (``minimize`` keeps a pair only then), so R is invertible. The
-    pairs are never changed once stored (no transport), so their products are computed once."""
+    (the products of (g, y) with S and with Y), and the combination a second. The two-loop
+    recursion reads each pair twice and rewrites g 2m times (bound by memory bandwidth: ~10 ms
+    of an iteration at D x C = 512 x 1000, one thread). The m x m algebra runs in float64; R's
+    diagonal, the pairs' s.y, is positive (``minimize`` keeps a pair only then), so R is
+    invertible. The pairs are never changed once stored (no transport), so their products are
+    computed once."""
 
     def __init__(self, m: int):
         self.m = m
@@ -265,7 +266,7 @@ class _History:
         if not self.order:
             return -g
         k, m = len(self.order), self.m
-        S, Y = self.buf[:k] if k < m else self.buf[:m], self.buf[m:m + k]
+        S, Y = self.buf[:k], self.buf[m:m + k]      # slots [0, k): filled in order from 0
         if self.pending is None:
             V = g.reshape(1, -1)
         else:

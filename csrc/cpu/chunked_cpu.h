@@ -83,12 +83,6 @@ void softmax_rows(float* z, int64_t rows, int64_t C, float inv_tau, const float*
 void softmax_rows(double* z, int64_t rows, int64_t C, double inv_tau, const double* bias,
                   double* row_lse, bool log);
 
-template <typename scalar_t, bool kLog>
-inline void softmax_rows_(scalar_t* z, int64_t rows, int64_t C, scalar_t inv_tau,
-                          const scalar_t* bias, scalar_t* row_lse = nullptr) {
-  softmax_rows(z, rows, C, inv_tau, bias, row_lse, kLog);
-}
-
 inline const void* bias_ptr(const at::Tensor& b) { return b.defined() ? b.data_ptr() : nullptr; }
 
 inline at::Tensor bias_as(const c10::optional<at::Tensor>& bias, const at::Tensor& x) {

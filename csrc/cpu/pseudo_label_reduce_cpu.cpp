@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_reduce_c
     std::vector<char> confident;
     for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor& xc, at::Tensor& z) {
       scalar_t* zp = z.data_ptr<scalar_t>();
-      softmax_rows_<scalar_t, false>(zp, rows, C, static_cast<scalar_t>(inv_tau), bp);
+      softmax_rows(zp, rows, C, static_cast<scalar_t>(inv_tau), bp, nullptr, /*log=*/false);
       arg.assign(rows, 0);
       confident.assign(rows, 0);
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {

@@ -24,7 +24,7 @@ at::Tensor softmax_column_lse_cpu(const at::Tensor& x, const at::Tensor& w,
     scalar_t* S = run_sum.data_ptr<scalar_t>();
     for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor&, at::Tensor& z) {
       scalar_t* zp = z.data_ptr<scalar_t>();
-      softmax_rows_<scalar_t, true>(zp, rows, C, static_cast<scalar_t>(inv_tau), bp);
+      softmax_rows(zp, rows, C, static_cast<scalar_t>(inv_tau), bp, nullptr, /*log=*/true);
       // Columns in blocks: each column is reduced over rows in order by one thread.
       at::parallel_for(0, C, kColBlock, [&](int64_t begin, int64_t end) {
         scalar_t mloc[kColBlock], sloc[kColBlock];

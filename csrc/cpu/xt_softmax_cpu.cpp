@@ -19,8 +19,8 @@ std::tuple<at::Tensor, at::Tensor> xt_softmax_cpu(const at::Tensor& x, const at:
     std::vector<scalar_t> lse;
     for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor& xc, at::Tensor& z) {
       lse.resize(rows);
-      softmax_rows_<scalar_t, false>(z.data_ptr<scalar_t>(), rows, C,
-                                     static_cast<scalar_t>(inv_tau), nullptr, lse.data());
+      softmax_rows(z.data_ptr<scalar_t>(), rows, C, static_cast<scalar_t>(inv_tau), nullptr,
+                   lse.data(), /*log=*/false);
       for (int64_t i = 0; i < rows; ++i) lse_sum += lse[i];
       G.addmm_(xc.t(), z);
     });
