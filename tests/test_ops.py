@@ -195,12 +195,16 @@ def test_stored_row_scores(store, rows, c, k):
     flat = torch.ones(2, c, dtype=store)
     assert torch.equal(_ext("stored_row_scores")(flat, b[:1] * 0 + 1)[1],
                        torch.zeros(2, 1, dtype=torch.int64))
+    if c >= 7:                                   # a tie inside the row: the first of the two
+        tied = torch.full((1, c), 0.25, dtype=store)
+        tied[0, 2] = tied[0, c - 1] = 1.0
+        assert int(_ext("stored_row_scores")(tied, b[:1] * 0 + 1)[1]) == 2
 
 
 def test_stored_reads_let_a_nan_through_as_their_twins_do():
     skip_if_no_ext("cpu")
     e = torch.rand(300, 9)
-    e[123, 4] = float("nan")
+    e[123, 4] = e[123, 7] = float("nan")        # the first NaN wins, as in torch.argmax
     b = torch.rand(9)
     col, rmin = _ext("stored_column_sums")(e, b)
     assert math.isnan(float(rmin)) and math.isnan(float(reference.stored_column_sums(e, b)[1]))

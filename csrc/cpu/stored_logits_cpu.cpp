@@ -227,6 +227,27 @@ std::tuple<at::Tensor, at::Tensor> stored_column_sums_cpu(const at::Tensor& e,
   return {col64.to(wt), rmin};
 }
 
+// argmax_j a_j b_j, the first of equal ones; a NaN product wins (the first NaN), as in
+// torch.argmax. The largest product is found in vector registers (no branch per class), then the
+// first class whose product (the same multiplication, the same bits) equals it: a scalar
+// compare-and-branch loop over the C classes was most of a scoring read's time.
+template <typename T>
+static INMAP_ALWAYS_INLINE int64_t first_argmax(const T* a, const T* b, int64_t C) {
+  T best = -std::numeric_limits<T>::infinity();
+  int nan = 0;
+#pragma omp simd reduction(max : best) reduction(| : nan)
+  for (int64_t j = 0; j < C; ++j) {
+    const T v = a[j] * b[j];
+    nan |= (v != v);
+    best = v > best ? v : best;
+  }
+  for (int64_t j = 0; j < C; ++j) {
+    const T v = a[j] * b[j];
+    if (nan ? v != v : v == best) return j;
+  }
+  return 0;   // C = 0, or every product -inf (the products are >= 0 here: not reached)
+}
+
 // stored_row_scores: per row i and candidate k, the mass r_ik = sum_j e_ij b_kj and the class
 // argmax_j e_ij b_kj (the first of equal ones, as torch.argmax). Rows are independent: any
 // thread count gives the same result.
@@ -244,17 +265,8 @@ static INMAP_ALWAYS_INLINE void score_rows(const store_t* e, const work_t* b,
       work_t r = 0;
 #pragma omp simd reduction(+ : r)
       for (int64_t j = 0; j < C; ++j) r += row[j] * bk[j];
-      work_t best = -std::numeric_limits<work_t>::infinity();
-      int64_t arg = 0;
-      for (int64_t j = 0; j < C; ++j) {
-        const work_t v = row[j] * bk[j];
-        if (v > best || (v != v && best == best)) {   // a NaN wins, as in torch.argmax
-          best = v;
-          arg = j;
-        }
-      }
       mass[i * K + k] = r;
-      top[i * K + k] = arg;
+      top[i * K + k] = first_argmax(row, bk, C);
     }
   }
 }
