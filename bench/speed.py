@@ -1,6 +1,7 @@
 """Passes and wall time of a fit, side by side in one run:
 `python bench/speed.py [DATA.npz ...] [--synthetic 4000x512x1000,400000x128x1000]
-[--device cpu] [--threads N] [--paper-max-n 20000] [--previous-max-n 20000]`.
+[--device cpu] [--threads N] [--paper-max-n 20000] [--previous-max-n 20000]
+[--baseline DIR --baseline-label NAME]`.
 
 For every set (the full set of each DATA.npz: X N x D, y N, T D x C; and synthetic CLIP-like
 sets N x D x C, balanced, gap 2, text noise 0.4), one after the other on the same machine:
@@ -9,7 +10,11 @@ sets N x D x C, balanced, gap 2, text noise 0.4), one after the other on the sam
   INMAP_LOGIT_STORE_BYTES=0);
 - "default": today's default fit (class_prior="auto");
 - "default, uniform": the default fit told the set is balanced (class_prior="uniform");
-- "paper": mode="paper", all 2000 published steps (only up to --paper-max-n images).
+- "paper": mode="paper", all 2000 published steps (only up to --paper-max-n images);
+- with ``--baseline DIR``: the default fit of another build of inmap_ext (DIR holds its
+  package, e.g. ``git worktree add /tmp/old COMMIT && pip install --no-build-isolation
+  --no-deps --target DIR /tmp/old``: the code as it was, its kernels included), run in a
+  subprocess on the same features, device and thread count (``--previous-max-n`` applies).
 Each with passes over the features by phase (result.passes: the hardware-free cost), wall
 time, top-1 and agreement of predictions with the paper fit. Writes
 bench/results/speed_<date>.{json,md}, naming machine, torch, threads, data and date.
@@ -21,7 +26,9 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -69,12 +76,58 @@ def _fit(X, T, kw, env, device):
                 os.environ[k] = v
 
 
-def measure(name, X, T, y, device, paper_max_n, previous_max_n):
+# The baseline's fit, in a fresh interpreter whose inmap_ext is the baseline's (argv: the
+# package folder, the features file, the device, the thread count); prints one JSON line.
+_BASELINE = r"""
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import inmap_ext
+X, T, y = torch.load(sys.argv[2])
+dev = torch.device(sys.argv[3])
+torch.set_num_threads(int(sys.argv[4]))
+X, T, y = X.to(dev), T.to(dev), y.to(dev)
+inmap_ext.fit_vision_proxy(X[:256], T)            # its first-use checks, as the others had
+if dev.type == "cuda":
+    torch.cuda.synchronize(dev)
+t0 = time.perf_counter()
+r = inmap_ext.fit_vision_proxy(X, T)
+if dev.type == "cuda":
+    torch.cuda.synchronize(dev)
+secs = time.perf_counter() - t0
+print(json.dumps({"seconds": secs, "top1": 100 * float((r.predict(X) == y).double().mean()),
+                  "steps": int(r.n_iters), "prior": r.class_prior.chosen,
+                  "passes": getattr(r, "passes", None) or None, "package": inmap_ext.__file__,
+                  "decision_s": r.timings.get("sinkhorn_s", 0.0),
+                  "pred": r.predict(X).tolist()}))
+"""
+
+
+def _baseline(folder, X, T, y, device):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "features.pt")
+        torch.save((X.cpu(), T.cpu(), y.cpu()), path)
+        out = subprocess.run([sys.executable, "-c", _BASELINE, folder, path, str(device),
+                              str(torch.get_num_threads())], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": ""})
+    if out.returncode != 0:
+        raise RuntimeError(f"the baseline in {folder} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(name, X, T, y, device, paper_max_n, previous_max_n, baseline=None):
     X, T, y = X.to(device), T.to(device), y.to(device)
     acc = lambda p: 100 * float((p == y).double().mean())  # noqa: E731
     row = {"set": name, "n": X.shape[0], "d": X.shape[1], "c": T.shape[1],
            "zero_shot": acc(inmap_ext.zero_shot_topk(X, T)[1][:, 0]), "runs": {}}
     preds = {}
+    if baseline is not None and X.shape[0] <= previous_max_n:
+        folder, label = baseline
+        b = _baseline(folder, X, T, y, device)
+        preds[label] = torch.tensor(b.pop("pred"), device=device)
+        row["runs"][label] = {**b, "seconds": round(b["seconds"], 3),
+                              "decision_s": round(b["decision_s"], 3), "baseline": True}
+        print(f"  {name} | {label}: {b['steps']} steps {b['seconds']:.1f}s top-1 "
+              f"{b['top1']:.2f} ({b['prior']}; {b['package']})", flush=True)
     for label, kw, env in RUNS:
         if (label == "paper" and X.shape[0] > paper_max_n) or (
                 label == "previous default" and X.shape[0] > previous_max_n):
@@ -102,10 +155,12 @@ def _table(rows):
     for r in rows:
         for label, v in r["runs"].items():
             p = v["passes"]
+            passes = (f"**{p['total']}** ({p['decision']} + {p['pseudo_labels']} + "
+                      f"{p['descent']} + {p['stopping_checks']})" if p else
+                      f"not recorded ({v['steps']} descent steps)")
             lines.append(
                 f"| {r['set']} | {r['n']}x{r['d']}x{r['c']} | {r['zero_shot']:.2f} | {label} | "
-                f"{v['prior']} | **{p['total']}** ({p['decision']} + {p['pseudo_labels']} + "
-                f"{p['descent']} + {p['stopping_checks']}) | {v['seconds']:.1f} "
+                f"{v['prior']} | {passes} | {v['seconds']:.1f} "
                 f"({v['decision_s']:.1f}) | {v['top1']:.2f} | "
                 + (f"{v['agreement_with_paper']:.2f}" if "agreement_with_paper" in v else "-")
                 + " |")
@@ -121,6 +176,10 @@ def _ratios(rows):
         if prev:
             line += (f", {cur['seconds'] / prev['seconds']:.0%} of the previous default's time "
                      f"({prev['passes']['total']} passes)")
+        for label, v in runs.items():
+            if v.get("baseline"):
+                line += (f", {cur['seconds'] / v['seconds']:.0%} of the time of the default at "
+                         f"{label} ({v['seconds']:.1f} s, top-1 {v['top1']:.2f})")
         if "paper" in runs:
             uni, pap = runs["default, uniform"], runs["paper"]
             line += (f"; default with the uniform prior: {uni['seconds'] / pap['seconds']:.1%} of "
@@ -142,23 +201,37 @@ def main(argv=None):
                     help="run mode='paper' (2000 passes) only on sets up to this many images")
     ap.add_argument("--previous-max-n", type=int, default=20000,
                     help="run the previous default (hundreds of passes) only up to this N")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="a folder holding another build of the inmap_ext package (pip install "
+                    "--target DIR): its default fit is run beside, in a subprocess")
+    ap.add_argument("--baseline-label", default="baseline",
+                    help="what the baseline is called in the results (e.g. its commit)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sets = [(os.path.basename(p), *_load(p)) for p in args.data]
+    baseline = None
+    if args.baseline:
+        if not os.path.isdir(os.path.join(args.baseline, "inmap_ext")):
+            ap.error(f"--baseline {args.baseline}: no inmap_ext package in that folder")
+        baseline = (os.path.abspath(args.baseline), args.baseline_label)
     rows = []
     for name, X, T, y in sets:
-        rows.append(measure(name, X, T, y, device, args.paper_max_n, args.previous_max_n))
+        rows.append(measure(name, X, T, y, device, args.paper_max_n, args.previous_max_n,
+                            baseline))
     for spec in [s for s in args.synthetic.split(",") if s.strip()]:
-        rows.append(measure(*_synthetic(spec), device, args.paper_max_n, args.previous_max_n))
+        rows.append(measure(*_synthetic(spec), device, args.paper_max_n, args.previous_max_n,
+                            baseline))
     date = datetime.date.today().isoformat()
     meta = {"device": str(device), "machine": f"{platform.machine()} "
             f"{os.cpu_count()} cores" if device.type == "cpu" else
             torch.cuda.get_device_name(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "inmap_ext": inmap_ext.__version__, "date": date,
-            "load_average": os.getloadavg()}
+            "load_average": os.getloadavg(),
+            "baseline": None if baseline is None else {"folder": baseline[0],
+                                                       "label": baseline[1]}}
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"speed_{date}")
     with open(base + ".json", "w") as f:

@@ -124,3 +124,29 @@ def test_speed_bench_counts_passes_side_by_side(tmp_path):
     for r in runs.values():
         assert r["passes"]["total"] == sum(v for k, v in r["passes"].items() if k != "total")
         assert r["seconds"] > 0 and 0 <= r["top1"] <= 100 and "agreement_with_paper" in r
+
+
+def test_speed_bench_runs_another_build_beside(tmp_path):
+    """--baseline DIR runs the default fit of the inmap_ext package in DIR (here the installed
+    one, so its fit is the default's own) in a subprocess on the same features; a folder
+    without the package is refused before any work."""
+    import inmap_ext
+
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(inmap_ext.__file__)))
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "speed.py"), "--synthetic", "300x16x10",
+           "--paper-max-n", "0", "--out", str(tmp_path)]
+    out = subprocess.run(cmd + ["--baseline", folder, "--baseline-label", "same build"],
+                         capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (js,) = tmp_path.glob("speed_*.json")
+    data = json.loads(js.read_text())
+    runs = data["rows"][0]["runs"]
+    assert data["meta"]["baseline"]["label"] == "same build"
+    base, cur = runs["same build"], runs["default"]
+    assert base["baseline"] and base["seconds"] > 0
+    assert base["top1"] == cur["top1"] and base["passes"] == cur["passes"]
+    assert "of the time of the default at same build" in (tmp_path / js.name.replace(
+        ".json", ".md")).read_text()
+    bad = subprocess.run(cmd + ["--baseline", str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, cwd=str(tmp_path))
+    assert bad.returncode == 2 and "no inmap_ext package" in bad.stderr
