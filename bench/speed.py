@@ -1,7 +1,7 @@
 """Passes and wall time of a fit, side by side in one run:
 `python bench/speed.py [DATA.npz ...] [--synthetic 4000x512x1000,400000x128x1000]
 [--device cpu] [--threads N] [--paper-max-n 20000] [--previous-max-n 20000]
-[--baseline DIR --baseline-label NAME]`.
+[--passes-max-n N] [--baseline DIR --baseline-label NAME]`.
 
 For every set (the full set of each DATA.npz: X N x D, y N, T D x C; and synthetic CLIP-like
 sets N x D x C, balanced, gap 2, text noise 0.4), one after the other on the same machine:
@@ -9,6 +9,8 @@ sets N x D x C, balanced, gap 2, text noise 0.4), one after the other on the sam
   logits (``solver="gd"`` with its stopping rule, every decision read a pass over the features:
   INMAP_LOGIT_STORE_BYTES=0);
 - "default": today's default fit (class_prior="auto");
+- "default, decision on passes" (only up to --passes-max-n images, default none): the default
+  fit without the logit store, every read of its decision a pass over the features;
 - "default, uniform": the default fit told the set is balanced (class_prior="uniform");
 - "paper": mode="paper", all 2000 published steps (only up to --paper-max-n images);
 - with ``--baseline DIR``: the default fit of another build of inmap_ext (DIR holds its
@@ -40,6 +42,7 @@ from inmap_ext.synthetic import make_problem  # noqa: E402
 
 RUNS = [("previous default", dict(solver="gd"), {"INMAP_LOGIT_STORE_BYTES": "0"}),
         ("default", {}, {}),
+        ("default, decision on passes", {}, {"INMAP_LOGIT_STORE_BYTES": "0"}),
         ("default, uniform", dict(class_prior="uniform"), {}),
         ("paper", dict(mode="paper"), {})]
 
@@ -114,7 +117,8 @@ def _baseline(folder, X, T, y, device):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(name, X, T, y, device, paper_max_n, previous_max_n, baseline=None):
+def measure(name, X, T, y, device, paper_max_n, previous_max_n, baseline=None,
+            passes_max_n=0):
     X, T, y = X.to(device), T.to(device), y.to(device)
     acc = lambda p: 100 * float((p == y).double().mean())  # noqa: E731
     row = {"set": name, "n": X.shape[0], "d": X.shape[1], "c": T.shape[1],
@@ -130,7 +134,8 @@ def measure(name, X, T, y, device, paper_max_n, previous_max_n, baseline=None):
               f"{b['top1']:.2f} ({b['prior']}; {b['package']})", flush=True)
     for label, kw, env in RUNS:
         if (label == "paper" and X.shape[0] > paper_max_n) or (
-                label == "previous default" and X.shape[0] > previous_max_n):
+                label == "previous default" and X.shape[0] > previous_max_n) or (
+                label == "default, decision on passes" and X.shape[0] > passes_max_n):
             continue
         r, secs = _fit(X, T, kw, env, device)
         preds[label] = r.predict(X)
@@ -186,6 +191,10 @@ def _ratios(rows):
                      f"the 2000 published steps' time, top-1 {uni['top1'] - pap['top1']:+.2f}")
         line += (f"; the decision {cur['decision_s'] / cur['seconds']:.0%} of the default fit's "
                  "time")
+        off = runs.get("default, decision on passes")
+        if off:
+            line += (f", {cur['decision_s']:.1f} s against {off['decision_s']:.1f} s on passes "
+                     f"({off['passes']['decision']} passes)")
         out.append(line)
     return out
 
@@ -201,6 +210,9 @@ def main(argv=None):
                     help="run mode='paper' (2000 passes) only on sets up to this many images")
     ap.add_argument("--previous-max-n", type=int, default=20000,
                     help="run the previous default (hundreds of passes) only up to this N")
+    ap.add_argument("--passes-max-n", type=int, default=0,
+                    help="also run the default fit with its decision on passes over the features "
+                    "(no logit store: INMAP_LOGIT_STORE_BYTES=0) on sets up to this N")
     ap.add_argument("--baseline", default=None, metavar="DIR",
                     help="a folder holding another build of the inmap_ext package (pip install "
                     "--target DIR): its default fit is run beside, in a subprocess")
@@ -220,10 +232,10 @@ def main(argv=None):
     rows = []
     for name, X, T, y in sets:
         rows.append(measure(name, X, T, y, device, args.paper_max_n, args.previous_max_n,
-                            baseline))
+                            baseline, args.passes_max_n))
     for spec in [s for s in args.synthetic.split(",") if s.strip()]:
         rows.append(measure(*_synthetic(spec), device, args.paper_max_n, args.previous_max_n,
-                            baseline))
+                            baseline, args.passes_max_n))
     date = datetime.date.today().isoformat()
     meta = {"device": str(device), "machine": f"{platform.machine()} "
             f"{os.cpu_count()} cores" if device.type == "cpu" else

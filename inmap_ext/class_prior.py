@@ -46,9 +46,10 @@ Cost: the EM estimate (at most ``EM_ITERS`` column log-sum-exp reads, usually fa
 Sinkhorn balancings (``sinkhorn_iters`` reads each, the first shared; run in lockstep, so that a
 read of stored logits serves both: ``sinkhorn_iters - 1`` reads for the two) and one scoring read
 (``expected_accuracies``, which also counts the argmax classes). The reads are of the logits
-stored once (logit_store.py) within a memory budget, else passes over the features. No N x C
-matrix beyond that budget; every backend, sharded (every rank reduces the same sums, so every
-rank decides the same) and streamed fits.
+stored once (logit_store.py) within a memory budget (beyond it, of the rows it holds, the
+others' computed again per read; else passes over the features). No N x C matrix beyond that
+budget; every backend, sharded (every rank reduces the same sums, so every rank decides the
+same) and streamed fits.
 """
 from __future__ import annotations
 
@@ -201,6 +202,10 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
     if source.stored:
         prior.stats["logits"] = (f"stored once ({str(source.dtype).replace('torch.', '')}, "
                                  f"{source.nbytes / 2**20:.1f} MiB)")
+        if source.recomputes:
+            prior.stats["logits"] += (f" for {source.rows_kept} of {source.rows_total} rows (the "
+                                      "memory budget's share); the other rows' logits computed "
+                                      f"again at each of {source.reads_recomputed} reads")
         if source.reads_on_passes:
             prior.stats["logits"] += (f"; {source.reads_on_passes} reads out of the store's "
                                       "range made with passes")

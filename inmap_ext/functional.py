@@ -102,10 +102,12 @@ class Runner:
         """The first D rows of a (D + pad_cols) x C result."""
         return t[: t.shape[0] - self.pad_cols] if self.pad_cols else t
 
-    def row_chunks(self, x: Tensor):
-        """x's rows, a chunk at a time, on the compute device: for method passes written in
-        torch (class_prior.expected_accuracies); StreamingRunner streams them."""
-        return x.split(self.chunk, dim=0) if x.shape[0] else ()
+    def row_chunks(self, x: Tensor, start: int = 0):
+        """x's rows from row ``start`` on, a chunk at a time, on the compute device: for method
+        passes written in torch (class_prior.expected_accuracies, logit_store.py);
+        StreamingRunner streams them. A ``start`` that is a multiple of the chunk size gives
+        the chunks of the whole pass from there on."""
+        return x[start:].split(self.chunk, dim=0) if x.shape[0] > start else ()
 
     # -- reductions over the rows of every rank (identity in a single process) ---------------
     def sum_(self, t: Tensor) -> Tensor:

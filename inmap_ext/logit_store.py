@@ -16,10 +16,17 @@ The store is kept only within a memory budget (``budget_bytes``: ``DEFAULT_BUDGE
 fit, else float32 when N x C x 4 bytes fit (the decision's arithmetic to float32 rounding), else
 bfloat16 when N x C x 2 bytes fit (a relative error of at most 2^-9 per probability:
 log-probabilities within 0.004; its effect on the decision is measured in docs/class_prior.md),
-else no store: ``PassSource`` reads the logits with a pass over the
-features each time, as the decision always did. At N = 400k, C = 1000 the bfloat16 store takes
-0.8 GB. In a sharded fit each rank stores its own rows (the budget is per rank, and every
-rank picks the dtype the largest shard fits, so that all store alike or none does).
+else a partial store: the bfloat16 logits of the first rows the budget holds (whole chunks of
+the runner's, so that the rows after them make the chunks of a pass from there on), and every
+read computes the other rows' E again from their features (a GEMM over those rows, counted as a
+pass: ``reads_recomputed``) and reads it as if stored, the bits of a whole bfloat16 store; one
+such pass serves every bias of a read (balancings in lockstep, the scoring read's candidates).
+Where the budget holds less than a chunk of rows: no store, ``PassSource`` reads the logits with
+a pass over the features each time, as the decision always did. At N = 400k, C = 1000 the
+bfloat16 store takes 0.8 GB; at N = 1M a partial store keeps 536k rows in 1 GiB. In a sharded
+fit each rank stores its own rows (the budget is per rank, and every rank picks the dtype the
+largest shard fits and, for a partial store, whether there is one from the largest chunk, so
+that all store alike or none does; every rank counts a pass when one computes rows again).
 
 Exponentials underflow below e^-87 (float32 and bfloat16 alike; e^-708 in float64). On CLIP
 features a row's logits span far less than that at tau_t = 0.01 (cosines within 0.87 of the
@@ -144,7 +151,8 @@ class StoredLogits:
 
     stored = True
 
-    def __init__(self, runner, x: Tensor, t: Tensor, inv_tau: float, dtype: torch.dtype):
+    def __init__(self, runner, x: Tensor, t: Tensor, inv_tau: float, dtype: torch.dtype,
+                 kept: Optional[int] = None):
         self.runner, self.dtype = runner, dtype
         self.acc = acc_dtype(runner.dtype)                 # the decision's dtype
         self.work = torch.float64 if dtype == torch.float64 else self.acc   # the reads'
@@ -154,6 +162,7 @@ class StoredLogits:
         self.safe_range = safe_bias_range(self.range, self.work, t.shape[1])
         self.fallback = PassSource(runner, x, t, inv_tau)  # for a read out of the store's range
         self.reads_on_passes = 0
+        self.reads_recomputed = 0                           # reads of a partial store
         # the ops of the reads (stored_column_sums, stored_row_scores: compiled on the CPU and
         # verified on first use against their torch twins, the twins elsewhere); resolved here,
         # on every rank, since a rank without rows never reads but takes part in the ranks'
@@ -170,27 +179,33 @@ class StoredLogits:
                 runner.ran[name] = record
         self._read, self.row_scores = ops["stored_column_sums"], ops["stored_row_scores"]
         self.c = t.shape[1]
+        self.x, self.t, self.inv_tau = x, t, inv_tau
+        # the rows kept: all (``kept`` None or at least this rank's rows), or (a partial store)
+        # the whole chunks of the first ``kept`` rows (a multiple of the chunk size, so that the
+        # rows read again make the chunks of the pass from there on, the chunks a whole store
+        # would hold)
+        local = x.shape[0]
+        self.kept = local if kept is None or kept >= local else \
+            kept // runner.chunk * runner.chunk
+        # every rank reads again if one does, so that every rank counts the same passes
+        again = torch.tensor(float(self.kept < local), device=runner.device)
+        self.recomputes = float(runner.max_(again)) > 0
+        self.rows_kept = int(runner.sum_(torch.tensor(float(self.kept),
+                                                      device=runner.device)).item())
+        self.rows_total = int(runner.sum_(torch.tensor(float(local),
+                                                       device=runner.device)).item())
         runner.count_pass()
         self.chunks = []
         self.top = torch.zeros(self.c, dtype=torch.bool, device=runner.device)  # some row's max
-        depth = torch.zeros((), dtype=self.acc, device=runner.device)
+        self._depth = torch.zeros((), dtype=self.acc, device=runner.device)
+        start = 0
         for xc in runner.row_chunks(x):
-            w = runner._w(t, xc)
-            rows = xc.shape[0]
-            block = _store_block(rows, self.c, self.acc, runner.device)
-            out = None if block >= rows else \
-                torch.empty(rows, self.c, dtype=dtype, device=runner.device)
-            for s in range(0, rows, block):
-                z = _logits(xc[s:s + block], w, inv_tau, None)
-                zmax, top = z.max(dim=1)       # one sweep: each row's largest and where it is
-                self.top[top] = True
-                depth = torch.minimum(depth, (z.amin(dim=1) - zmax).min())
-                z.sub_(zmax[:, None]).exp_()   # in place: E = exp(Z - row max)
-                if out is None:                # one block (CUDA, small chunks): no copy
-                    out = z.to(dtype)
-                else:
-                    out[s:s + block] = z
-            self.chunks.append(out)
+            keep = start + xc.shape[0] <= self.kept
+            e = self._exp_chunk(xc, track=True, keep=keep)
+            if keep:
+                self.chunks.append(e)
+            start += xc.shape[0]
+        depth = self._depth
         # every stored entry at least C tiny of the store's dtype: nothing was lost, and every
         # read is exact to its arithmetic's rounding whatever the bias (on real CLIP features
         # a row's logits span far less than the 80 of float32's range at tau_t = 0.01)
@@ -201,6 +216,44 @@ class StoredLogits:
         # a row whose biased mass r_i falls below C tiny / eps of the arithmetic could be missing
         # the terms its exp(bias) underflowed: read with a pass instead
         self.r_floor = kept_floor(self.work, self.c) / torch.finfo(self.work).eps
+
+    def _exp_chunk(self, xc: Tensor, track: bool = False, keep: bool = True
+                   ) -> Optional[Tensor]:
+        """E = exp(Z - row max) of one chunk of rows, in the store's dtype, computed in row
+        blocks whose logits stay in cache (``_store_block``); ``track``: also note each row's
+        largest class and the rows' least logit below their largest (the range checks);
+        ``keep`` False: only that (None)."""
+        runner, dtype = self.runner, self.dtype
+        w = runner._w(self.t, xc)
+        rows = xc.shape[0]
+        block = _store_block(rows, self.c, self.acc, runner.device)
+        out = None if block >= rows else \
+            torch.empty(rows, self.c, dtype=dtype, device=runner.device)
+        for s in range(0, rows, block):
+            z = _logits(xc[s:s + block], w, self.inv_tau, None)
+            zmax, top = z.max(dim=1)       # one sweep: each row's largest and where it is
+            if track:
+                self.top[top] = True
+                self._depth = torch.minimum(self._depth, (z.amin(dim=1) - zmax).min())
+            if not keep:
+                continue
+            z.sub_(zmax[:, None]).exp_()   # in place: E = exp(Z - row max)
+            if out is None:                # one block (CUDA, small chunks): no copy
+                out = z.to(dtype)
+            else:
+                out[s:s + block] = z
+        return out
+
+    def _blocks(self) -> Iterator[Tensor]:
+        """Every row's E, a chunk at a time: the stored chunks, then (a partial store) the
+        chunks of the rows not kept, computed again (one pass over those rows' features,
+        counted as a pass on every rank)."""
+        yield from self.chunks
+        if self.recomputes:
+            self.runner.count_pass()
+            self.reads_recomputed += 1
+            for xc in self.runner.row_chunks(self.x, self.kept):
+                yield self._exp_chunk(xc)
 
     @classmethod
     def build(cls, runner, x: Tensor, t: Tensor, inv_tau: float,
@@ -216,11 +269,19 @@ class StoredLogits:
             dtype = getattr(torch, forced)
         # every rank decides on its largest shard: all store (in the same dtype) or none reads
         # with passes, so that the ranks' collectives stay in step
-        rows = int(runner.max_(torch.tensor(float(x.shape[0]), device=runner.device)).item())
-        dtype = dtype or store_dtype(rows, t.shape[1], budget)
+        rows, chunk = (int(v) for v in runner.max_(torch.tensor(
+            [float(x.shape[0]), float(runner.chunk)], device=runner.device)).tolist())
+        kept = None
         if dtype is None:
-            return PassSource(runner, x, t, inv_tau)
-        return cls(runner, x, t, inv_tau, dtype)
+            dtype = store_dtype(rows, t.shape[1], budget)
+        if dtype is None:
+            # a partial store: the first rows whose bfloat16 logits the budget holds, if that is
+            # at least a chunk on every rank (``__init__`` keeps whole chunks); else passes
+            kept = budget // (2 * t.shape[1])
+            if kept < chunk:
+                return PassSource(runner, x, t, inv_tau)
+            dtype = torch.bfloat16
+        return cls(runner, x, t, inv_tau, dtype, kept)
 
     @property
     def nbytes(self) -> int:
@@ -280,7 +341,7 @@ class StoredLogits:
         # as it reads it; the torch twin converts chunk by chunk): bfloat16 matrix-vector products
         # round every sum to 2^-9, and moved one decision of the robustness bench's 66 across the
         # collapse guard (docs/class_prior.md)
-        for e in self.chunks:
+        for e in self._blocks():
             col_c, rmin = self._read(e, b)
             if not bool((rmin >= self.r_floor).all()):
                 raise OutOfRange("a row has almost no mass left under the log-bias (its "
@@ -303,5 +364,5 @@ class StoredLogits:
             self.reads_on_passes += 1
             yield from self.fallback.scoring_chunks()
             return
-        for e in self.chunks:
+        for e in self._blocks():
             yield "exp", e

@@ -40,16 +40,17 @@ class StreamingRunner(Runner):
             self._bufs = (pinned, dev, events, torch.cuda.Stream(self.device))
         return self._bufs
 
-    def chunks(self, x: Tensor) -> Iterator[Tensor]:
-        """Device copies of consecutive row chunks, normalised, in the compute dtype."""
+    def chunks(self, x: Tensor, start: int = 0) -> Iterator[Tensor]:
+        """Device copies of consecutive row chunks from row ``start`` on, normalised, in the
+        compute dtype."""
         n = x.shape[0]
         if self.device.type != "cuda":
-            for s in range(0, n, self.chunk):
+            for s in range(start, n, self.chunk):
                 yield self._finish(x[s:s + self.chunk], s)
             return
         pinned, dev, (copied, consumed), side = self._buffers(x)
         main = torch.cuda.current_stream(self.device)
-        for i, s in enumerate(range(0, n, self.chunk)):
+        for i, s in enumerate(range(start, n, self.chunk)):
             k, rows = i % 2, min(self.chunk, n - s)
             copied[k].synchronize()              # the last H2D copy out of pinned[k] is done
             pinned[k][:rows].copy_(x[s:s + rows])

@@ -40,7 +40,9 @@ def fit_worker(rank, world, init_file, out_dir, sizes, dtype, kw, backend):
                                          process_group=dist.group.WORLD, **kw)
         torch.save({"proxy": res.proxy, "counts": res.class_counts, "mass": res.class_mass,
                     "conf": res.confident_fraction, "grad_norm": res.grad_norm,
-                    "n": res.n_images}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "n": res.n_images, "passes": res.passes,
+                    "logits": res.class_prior.stats.get("logits")},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def mismatch_worker(rank, world, init_file, out_dir, case):

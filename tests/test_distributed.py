@@ -62,6 +62,21 @@ def test_uneven_shards_agree_on_the_logit_store(tmp_path, monkeypatch):
         torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
 
 
+def test_uneven_shards_share_a_partial_logit_store(tmp_path, monkeypatch):
+    # a budget that holds the bfloat16 logits of 100 rows (7 classes): each rank keeps its first
+    # two chunks of 50 and computes the rest again at each read (rank 1 has no rows, rank 2 one
+    # row to compute again); every rank counts the same passes, as the single process does
+    monkeypatch.setenv("INMAP_LOGIT_STORE_BYTES", str(100 * 7 * 2))
+    sizes = [200, 0, 101]
+    kw = dict(iters=60, sinkhorn_iters=10, chunk_size=50)
+    outs, single, _ = _sharded_and_single(tmp_path, sizes, kw, "torch")
+    assert "for 100 of 301 rows" in single.class_prior.stats["logits"]
+    for o in outs:
+        assert o["passes"] == single.passes and o["passes"]["decision"] > 1
+        assert "for 200 of 301 rows" in o["logits"]          # 100 + 0 + 100 rows kept
+        torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
+
+
 def test_ranks_whose_arithmetic_rounds_differently_take_the_same_steps(tmp_path):
     sizes = [150, 151]
     outs = _spawn_ok(dist_workers.rounding_worker, 2, tmp_path, sizes)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from testing import BACKENDS, clip_like, inmap_ext, skip_if_no_ext
+from inmap_ext.class_prior import expected_accuracies
 from inmap_ext.functional import Runner
 from inmap_ext.logit_store import (ENV, PassSource, StoredLogits, budget_bytes,
                                    safe_bias_range, store_dtype)
@@ -116,6 +117,73 @@ def test_budget_and_dtype_ladder(monkeypatch):
     with pytest.raises(ValueError, match=ENV):
         budget_bytes()
     assert safe_bias_range(torch.float64, torch.float64) > 600
+
+
+def _partial_runners(n, c, dtype):
+    return _runners(n, c, dtype) + [Runner("cpu", "auto", 41, n, c, dtype)]
+
+
+@pytest.mark.parametrize("fit_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kept, recomputed", [(100, True), (0, True), (41, True), (301, False),
+                                              (10_000, False)])
+def test_a_partial_store_reads_as_the_whole_store(fit_dtype, kept, recomputed):
+    """A store holding the whole chunks of its first ``kept`` rows, every other row's logits
+    computed again at each read: the same bits as the whole bfloat16 store, on every read (one
+    bias, two in lockstep, the scoring read); a read that computes rows again is a pass."""
+    X, T, _ = clip_like(301, 24, 17, seed=3, dtype=fit_dtype)
+    biases = [None, torch.randn(17, dtype=fit_dtype) * 3, torch.randn(2, 17, dtype=fit_dtype)]
+    for runner in _partial_runners(301, 17, fit_dtype):
+        whole = StoredLogits(runner, X, T, 100.0, torch.bfloat16)
+        part = StoredLogits(runner, X, T, 100.0, torch.bfloat16, kept=kept)
+        assert part.recomputes == recomputed and not whole.recomputes
+        assert part.kept == (301 if kept >= 301 else kept // runner.chunk * runner.chunk)
+        assert part.rows_kept == part.kept and part.rows_total == 301
+        assert part.nbytes == part.kept * 17 * 2
+        assert part.exact == whole.exact and torch.equal(part.top, whole.top)
+        for b in biases:
+            before = runner.passes.get("other", 0)
+            assert torch.equal(part.column_lse(b), whole.column_lse(b))
+            assert runner.passes.get("other", 0) - before == int(recomputed)
+        betas = [torch.zeros(17, dtype=fit_dtype), biases[1]]
+        want = expected_accuracies(runner, whole, 17, betas)
+        got = expected_accuracies(runner, part, 17, betas)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+        assert part.reads_recomputed == (len(biases) + 1) * int(recomputed)
+
+
+def test_the_budget_makes_a_partial_store_of_whole_chunks(monkeypatch):
+    X, T, _ = clip_like(300, 16, 10, seed=2, dtype=torch.float32)
+    runner = Runner("cpu", "torch", 40, 300, 10, torch.float32)
+    # bfloat16 for 300 rows is 6000 bytes; 2000 bytes hold 100 rows: two chunks of 40 kept
+    monkeypatch.setenv(ENV, "2000")
+    part = StoredLogits.build(runner, X, T, 100.0)
+    assert part.stored and part.dtype == torch.bfloat16 and part.recomputes
+    assert part.kept == 80 and part.nbytes == 80 * 10 * 2 <= 2000
+    monkeypatch.setenv(ENV, str(39 * 10 * 2))         # less than a chunk: every read a pass
+    assert not StoredLogits.build(runner, X, T, 100.0).stored
+    monkeypatch.setenv(ENV, str(300 * 10 * 2))        # the whole bfloat16 store
+    whole = StoredLogits.build(runner, X, T, 100.0)
+    assert whole.dtype == torch.bfloat16 and not whole.recomputes
+
+
+@pytest.mark.parametrize("prior", ["auto", "uniform"])
+def test_fit_on_a_partial_store_equals_the_fit_on_the_whole_store(prior, monkeypatch):
+    X, T, y = clip_like(900, 48, 30, seed=7, dtype=torch.float32, gap=2.0, text_noise=0.4,
+                        present=12)
+    monkeypatch.setenv("INMAP_LOGIT_STORE_DTYPE", "bfloat16")
+    whole = inmap_ext.fit_vision_proxy(X, T, class_prior=prior, chunk_size=100)
+    monkeypatch.delenv("INMAP_LOGIT_STORE_DTYPE")
+    monkeypatch.setenv(ENV, str(350 * 30 * 2))       # 350 rows: three chunks of 100 kept
+    part = inmap_ext.fit_vision_proxy(X, T, class_prior=prior, chunk_size=100)
+    assert part.class_prior.chosen == whole.class_prior.chosen
+    assert "for 300 of 900 rows" in part.class_prior.stats["logits"]
+    assert (whole.log_bias is None) == (part.log_bias is None)
+    if whole.log_bias is not None:
+        assert torch.equal(part.log_bias, whole.log_bias)
+    assert torch.equal(part.proxy, whole.proxy)
+    reads = int(part.class_prior.stats["logits"].split("each of ")[1].split()[0])
+    assert part.passes["decision"] == whole.passes["decision"] + reads > 1
 
 
 @pytest.mark.parametrize("prior", ["auto", "estimate", "uniform", "none"])
