@@ -163,6 +163,7 @@ class StoredLogits:
         self.fallback = PassSource(runner, x, t, inv_tau)  # for a read out of the store's range
         self.reads_on_passes = 0
         self.reads_recomputed = 0                           # reads of a partial store
+        self._spare: Optional[Tensor] = None                # ... and its recomputed chunk
         # the ops of the reads (stored_column_sums, stored_row_scores: compiled on the CPU and
         # verified on first use against their torch twins, the twins elsewhere); resolved here,
         # on every rank, since a rank without rows never reads but takes part in the ranks'
@@ -217,17 +218,18 @@ class StoredLogits:
         # the terms its exp(bias) underflowed: read with a pass instead
         self.r_floor = kept_floor(self.work, self.c) / torch.finfo(self.work).eps
 
-    def _exp_chunk(self, xc: Tensor, track: bool = False, keep: bool = True
-                   ) -> Optional[Tensor]:
+    def _exp_chunk(self, xc: Tensor, track: bool = False, keep: bool = True,
+                   into: Optional[Tensor] = None) -> Optional[Tensor]:
         """E = exp(Z - row max) of one chunk of rows, in the store's dtype, computed in row
         blocks whose logits stay in cache (``_store_block``); ``track``: also note each row's
         largest class and the rows' least logit below their largest (the range checks);
-        ``keep`` False: only that (None)."""
+        ``keep`` False: only that (None); ``into``: a buffer of at least the chunk's rows to
+        write E into (the reads of a partial store reuse one)."""
         runner, dtype = self.runner, self.dtype
         w = runner._w(self.t, xc)
         rows = xc.shape[0]
         block = _store_block(rows, self.c, self.acc, runner.device)
-        out = None if block >= rows else \
+        out = into[:rows] if into is not None else None if block >= rows else \
             torch.empty(rows, self.c, dtype=dtype, device=runner.device)
         for s in range(0, rows, block):
             z = _logits(xc[s:s + block], w, self.inv_tau, None)
@@ -253,7 +255,11 @@ class StoredLogits:
             self.runner.count_pass()
             self.reads_recomputed += 1
             for xc in self.runner.row_chunks(self.x, self.kept):
-                yield self._exp_chunk(xc)
+                if self._spare is None:    # one chunk's buffer, kept (fresh memory every read
+                    # would be page-faulted in again: measured ~0.3 s a read at N = 1M)
+                    self._spare = torch.empty(self.runner.chunk, self.c, dtype=self.dtype,
+                                              device=self.runner.device)
+                yield self._exp_chunk(xc, into=self._spare)
 
     @classmethod
     def build(cls, runner, x: Tensor, t: Tensor, inv_tau: float,
