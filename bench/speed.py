@@ -124,6 +124,7 @@ def measure(name, X, T, y, device, paper_max_n, previous_max_n, baseline=None,
     row = {"set": name, "n": X.shape[0], "d": X.shape[1], "c": T.shape[1],
            "zero_shot": acc(inmap_ext.zero_shot_topk(X, T)[1][:, 0]), "runs": {}}
     preds = {}
+    inmap_ext.fit_vision_proxy(X[:256], T)     # first-use checks of every op, as the baseline's
     if baseline is not None and X.shape[0] <= previous_max_n:
         folder, label = baseline
         b = _baseline(folder, X, T, y, device)

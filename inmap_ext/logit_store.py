@@ -16,8 +16,9 @@ The store is kept only within a memory budget (``budget_bytes``: ``DEFAULT_BUDGE
 fit, else float32 when N x C x 4 bytes fit (the decision's arithmetic to float32 rounding), else
 bfloat16 when N x C x 2 bytes fit (a relative error of at most 2^-9 per probability:
 log-probabilities within 0.004; its effect on the decision is measured in docs/class_prior.md),
-else a partial store: the bfloat16 logits of the first rows the budget holds (whole chunks of
-the runner's, so that the rows after them make the chunks of a pass from there on), and every
+else a partial store: the bfloat16 logits of the first rows the budget holds (whole pieces of
+whole chunks of the runner's, so that the rows after them make the chunks of a pass from there
+on), and every
 read computes the other rows' E again from their features (a GEMM over those rows, counted as a
 pass: ``reads_recomputed``) and reads it as if stored, the bits of a whole bfloat16 store; one
 such pass serves every bias of a read (balancings in lockstep, the scoring read's candidates).
@@ -118,6 +119,21 @@ def _store_block(rows: int, c: int, dtype: torch.dtype, device: torch.device) ->
     return max(1, STORE_BLOCK_BYTES // (max(c, 1) * torch.finfo(dtype).bits // 8))
 
 
+# Rows of the store's pieces: whole chunks of the runner's, as many as make 64 MiB of float32
+# logits (at least one chunk; a partial store's pieces at most its kept rows). A read takes a
+# piece per call of its op; pieces this size keep the reads' per-call costs (a few ms a read at
+# N = 400k with the CPU's 4096-row chunks) out of the way. A partial store keeps whole pieces,
+# and its rows computed again are read in pieces of the same rows.
+STORE_PIECE_BYTES = 64 << 20
+
+
+def piece_rows(chunk: int, c: int, kept: Optional[int] = None) -> int:
+    rows = STORE_PIECE_BYTES // (4 * max(c, 1))
+    if kept is not None:
+        rows = min(rows, kept)
+    return max(1, rows // chunk) * chunk
+
+
 class PassSource:
     """The logits read with a pass over the features every time (no memory beyond a chunk)."""
 
@@ -182,28 +198,21 @@ class StoredLogits:
         self.c = t.shape[1]
         self.x, self.t, self.inv_tau = x, t, inv_tau
         # the rows kept: all (``kept`` None or at least this rank's rows), or (a partial store)
-        # the whole chunks of the first ``kept`` rows (a multiple of the chunk size, so that the
-        # rows read again make the chunks of the pass from there on, the chunks a whole store
-        # would hold)
+        # the whole pieces within the first ``kept`` rows (``piece_rows``: whole chunks, so that
+        # the rows computed again make the chunks of a pass from there on and the pieces a whole
+        # store would hold)
         local = x.shape[0]
-        self.kept = local if kept is None or kept >= local else \
-            kept // runner.chunk * runner.chunk
+        self.piece = piece_rows(runner.chunk, self.c, kept)
+        self.kept = local if kept is None or kept >= local else kept // self.piece * self.piece
         # every rank reads again if one does, so that every rank counts the same passes
         again = torch.tensor(float(self.kept < local), device=runner.device)
         self.recomputes = float(runner.max_(again)) > 0
         self.rows_kept, self.rows_total = (int(v) for v in runner.sum_(torch.tensor(
-            [float(self.kept), float(local)], device=runner.device)).tolist())   # every rank's
+            [self.kept, local], dtype=torch.float64, device=runner.device)).tolist())
         runner.count_pass()
-        self.chunks = []
         self.top = torch.zeros(self.c, dtype=torch.bool, device=runner.device)  # some row's max
         self._depth = torch.zeros((), dtype=self.acc, device=runner.device)
-        start = 0
-        for xc in runner.row_chunks(x):
-            keep = start + xc.shape[0] <= self.kept
-            e = self._exp_chunk(xc, track=True, keep=keep)
-            if keep:
-                self.chunks.append(e)
-            start += xc.shape[0]
+        self.chunks = list(self._pieces(runner.row_chunks(x), self.kept, track=True))
         # every stored entry at least C tiny of the store's dtype: nothing was lost, and every
         # read is exact to its arithmetic's rounding whatever the bias (on real CLIP features
         # a row's logits span far less than the 80 of float32's range at tau_t = 0.01)
@@ -226,7 +235,7 @@ class StoredLogits:
         w = runner._w(self.t, xc)
         rows = xc.shape[0]
         block = _store_block(rows, self.c, self.acc, runner.device)
-        out = into[:rows] if into is not None else None if block >= rows else \
+        out = into[:rows] if into is not None else None if block >= rows or not keep else \
             torch.empty(rows, self.c, dtype=dtype, device=runner.device)
         for s in range(0, rows, block):
             z = _logits(xc[s:s + block], w, self.inv_tau, None)
@@ -243,20 +252,55 @@ class StoredLogits:
                 out[s:s + block] = z
         return out
 
+    def _pieces(self, chunks, keep_rows: int, track: bool = False, into=None
+                ) -> Iterator[Tensor]:
+        """E of the rows of ``chunks`` (the runner's row chunks), a piece (``piece_rows``) at a
+        time: the first ``keep_rows`` rows, each piece in a buffer of its own (``into`` None: the
+        store's) or in ``into`` (one piece's buffer, written again for every piece: each piece
+        is read before the next is asked for); the rows after them only ``track``ed (the
+        build's range checks), not kept."""
+        buf, filled, start = None, 0, 0
+        for xc in chunks:
+            rows = xc.shape[0]
+            if start + rows > keep_rows:               # past the kept rows (whole pieces)
+                self._exp_chunk(xc, track=track, keep=False)
+                start += rows
+                continue
+            if buf is None:
+                buf = into if into is not None else torch.empty(
+                    min(self.piece, keep_rows - start), self.c, dtype=self.dtype,
+                    device=self.runner.device)
+            self._exp_chunk(xc, track=track, into=buf[filled:])
+            filled += rows
+            start += rows
+            if filled == buf.shape[0]:
+                yield buf
+                buf, filled = None, 0
+        if filled:
+            yield buf[:filled]
+
     def _blocks(self) -> Iterator[Tensor]:
-        """Every row's E, a chunk at a time: the stored chunks, then (a partial store) the
-        chunks of the rows not kept, computed again (one pass over those rows' features,
-        counted as a pass on every rank)."""
+        """Every row's E, a piece at a time: the stored pieces, then (a partial store) the
+        pieces of the rows not kept, computed again from their features into one buffer kept
+        for it (fresh memory every read is page-faulted in again: a read at N = 1M, C = 1000
+        took 1.9 s instead of 1.0 s). The pass this costs is counted by the read
+        (``_charge``)."""
         yield from self.chunks
+        if self.recomputes:
+            if self._spare is None:
+                self._spare = torch.empty(self.piece, self.c, dtype=self.dtype,
+                                          device=self.runner.device)
+            left = self.x.shape[0] - self.kept
+            yield from self._pieces(self.runner.row_chunks(self.x, self.kept), left,
+                                    into=self._spare)
+
+    def _charge(self) -> None:
+        """A read of a partial store is a pass over the rows not kept: counted on every rank
+        before anything rank-local can end the read early (a read out of range then counts
+        its pass over the features as well)."""
         if self.recomputes:
             self.runner.count_pass()
             self.reads_recomputed += 1
-            for xc in self.runner.row_chunks(self.x, self.kept):
-                if self._spare is None:    # one chunk's buffer, kept: fresh memory every read
-                    # is page-faulted in again (a read at N = 1M, C = 1000: 1.9 s against 1.0 s)
-                    self._spare = torch.empty(self.runner.chunk, self.c, dtype=self.dtype,
-                                              device=self.runner.device)
-                yield self._exp_chunk(xc, into=self._spare)
 
     @classmethod
     def build(cls, runner, x: Tensor, t: Tensor, inv_tau: float,
@@ -273,13 +317,14 @@ class StoredLogits:
         # every rank decides on its largest shard: all store (in the same dtype) or none reads
         # with passes, so that the ranks' collectives stay in step
         rows, chunk = (int(v) for v in runner.max_(torch.tensor(
-            [float(x.shape[0]), float(runner.chunk)], device=runner.device)).tolist())
+            [x.shape[0], runner.chunk], dtype=torch.float64, device=runner.device)).tolist())
         kept = None
         if dtype is None:
             dtype = store_dtype(rows, t.shape[1], budget)
         if dtype is None:
             # a partial store: the first rows whose bfloat16 logits the budget holds, if that is
-            # at least a chunk on every rank (``__init__`` keeps whole chunks); else passes
+            # at least a chunk on every rank (``__init__`` keeps whole pieces of whole chunks);
+            # else passes
             kept = budget // (2 * t.shape[1])
             if kept < chunk:
                 return PassSource(runner, x, t, inv_tau)
@@ -316,6 +361,7 @@ class StoredLogits:
         that row of the bias alone gives (in one process, bit for bit): the compiled CPU read
         reads each chunk once for the K of them, its torch twin once per row; if one of them is
         out of range, each is read on its own."""
+        self._charge()
         try:
             out = self._column_lse(bias)
             bad = torch.zeros((), device=out.device)
@@ -367,5 +413,6 @@ class StoredLogits:
             self.reads_on_passes += 1
             yield from self.fallback.scoring_chunks()
             return
+        self._charge()
         for e in self._blocks():
             yield "exp", e
