@@ -239,17 +239,19 @@ class StoredLogits:
             torch.empty(rows, self.c, dtype=dtype, device=runner.device)
         for s in range(0, rows, block):
             z = _logits(xc[s:s + block], w, self.inv_tau, None)
-            zmax, top = z.max(dim=1)       # one sweep: each row's largest and where it is
             if track:
+                zmax, top = z.max(dim=1)   # one sweep: each row's largest and where it is
                 self.top[top] = True
                 self._depth = torch.minimum(self._depth, (z.amin(dim=1) - zmax).min())
+            else:
+                zmax = z.amax(dim=1)
             if not keep:
                 continue
-            z.sub_(zmax[:, None]).exp_()   # in place: E = exp(Z - row max)
+            z.sub_(zmax[:, None])          # in place: Z - row max
             if out is None:                # one block (CUDA, small chunks): no copy
-                out = z.to(dtype)
-            else:
-                out[s:s + block] = z
+                out = z.exp_().to(dtype)
+            else:                          # E = exp(Z - row max) written in the store's dtype
+                torch.exp(z, out=out[s:s + block])
         return out
 
     def _pieces(self, chunks, keep_rows: int, track: bool = False, into=None

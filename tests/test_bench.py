@@ -127,12 +127,11 @@ def test_speed_bench_counts_passes_side_by_side(tmp_path):
 
 
 def test_speed_bench_runs_another_build_beside(tmp_path):
-    """--baseline DIR runs the default fit of the inmap_ext package in DIR (here the installed
-    one, so its fit is the default's own) in a subprocess on the same features; a folder
-    without the package is refused before any work."""
-    import inmap_ext
-
-    folder = os.path.dirname(os.path.dirname(os.path.abspath(inmap_ext.__file__)))
+    """--baseline DIR runs the default fit of the inmap_ext package in DIR (here the checkout's,
+    the package bench/speed.py itself runs, so the baseline's fit is the default's own, bit for
+    bit) in a subprocess on the same features; a folder without the package is refused before
+    any work."""
+    folder = os.path.abspath(ROOT)
     cmd = [sys.executable, os.path.join(ROOT, "bench", "speed.py"), "--synthetic", "300x16x10",
            "--paper-max-n", "0", "--out", str(tmp_path)]
     out = subprocess.run(cmd + ["--baseline", folder, "--baseline-label", "same build"],
