@@ -19,10 +19,10 @@ from .reference import acc_dtype
 Tensor = torch.Tensor
 
 # Bytes of one N x C chunk buffer (the logits of `chunk` rows) the automatic chunk size allows.
-# CPU: 16 MiB (4096 rows of float32 logits at C = 1000): a pass's GEMMs and softmax over a chunk
+# CPU: 16 MiB (4194 rows of float32 logits at C = 1000): a pass's GEMMs and softmax over a chunk
 # that stays nearer the cache took 0.79 s instead of 0.91 s at N = 400k, D = 128, C = 1000
 # (2 threads), 0.269 s instead of 0.302 s at N = 20k, D = 512 (1 thread), and the same below;
-# a set of up to 4096 rows at C = 1000 is still one chunk (the same bits as before).
+# a set of up to 4194 rows at C = 1000 is still one chunk (the same bits as before).
 CHUNK_BUDGET_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
 
 
