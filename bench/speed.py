@@ -133,10 +133,10 @@ def measure(name, X, T, y, device, paper_max_n, previous_max_n, baseline=None,
                               "decision_s": round(b["decision_s"], 3), "baseline": True}
         print(f"  {name} | {label}: {b['steps']} steps {b['seconds']:.1f}s top-1 "
               f"{b['top1']:.2f} ({b['prior']}; {b['package']})", flush=True)
+    most = {"paper": paper_max_n, "previous default": previous_max_n,
+            "default, decision on passes": passes_max_n}      # the runs with a size limit
     for label, kw, env in RUNS:
-        if (label == "paper" and X.shape[0] > paper_max_n) or (
-                label == "previous default" and X.shape[0] > previous_max_n) or (
-                label == "default, decision on passes" and X.shape[0] > passes_max_n):
+        if X.shape[0] > most.get(label, X.shape[0]):
             continue
         r, secs = _fit(X, T, kw, env, device)
         preds[label] = r.predict(X)

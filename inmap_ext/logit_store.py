@@ -122,7 +122,7 @@ def _store_block(rows: int, c: int, dtype: torch.dtype, device: torch.device) ->
 # Rows of the store's pieces: whole chunks of the runner's, as many as make 64 MiB of float32
 # logits (at least one chunk; a partial store's pieces at most its kept rows). A read takes a
 # piece per call of its op; pieces this size keep the reads' per-call costs (a few ms a read at
-# N = 400k with the CPU's 4096-row chunks) out of the way. A partial store keeps whole pieces,
+# N = 400k with the CPU's 4194-row chunks) out of the way. A partial store keeps whole pieces,
 # and its rows computed again are read in pieces of the same rows.
 STORE_PIECE_BYTES = 64 << 20
 
@@ -224,19 +224,16 @@ class StoredLogits:
         # the terms its exp(bias) underflowed: read with a pass instead
         self.r_floor = kept_floor(self.work, self.c) / torch.finfo(self.work).eps
 
-    def _exp_chunk(self, xc: Tensor, track: bool = False, keep: bool = True,
-                   into: Optional[Tensor] = None) -> Optional[Tensor]:
-        """E = exp(Z - row max) of one chunk of rows, in the store's dtype, computed in row
-        blocks whose logits stay in cache (``_store_block``); ``track``: also note each row's
-        largest class and the rows' least logit below their largest (the range checks);
-        ``keep`` False: only that (None); ``into``: a buffer of at least the chunk's rows to
-        write E into (the reads of a partial store reuse one)."""
-        runner, dtype = self.runner, self.dtype
-        w = runner._w(self.t, xc)
+    def _exp_chunk(self, xc: Tensor, into: Optional[Tensor] = None, track: bool = False
+                   ) -> None:
+        """E = exp(Z - row max) of one chunk of rows written into ``into`` (a buffer of the
+        store's dtype with at least the chunk's rows), computed in row blocks whose logits stay
+        in cache (``_store_block``); ``track``: also note each row's largest class and the rows'
+        least logit below their largest (the range checks); ``into`` None: only that."""
+        w = self.runner._w(self.t, xc)
         rows = xc.shape[0]
-        block = _store_block(rows, self.c, self.acc, runner.device)
-        out = into[:rows] if into is not None else None if block >= rows or not keep else \
-            torch.empty(rows, self.c, dtype=dtype, device=runner.device)
+        into = None if into is None else into[:rows]
+        block = _store_block(rows, self.c, self.acc, self.runner.device)
         for s in range(0, rows, block):
             z = _logits(xc[s:s + block], w, self.inv_tau, None)
             if track:
@@ -245,14 +242,8 @@ class StoredLogits:
                 self._depth = torch.minimum(self._depth, (z.amin(dim=1) - zmax).min())
             else:
                 zmax = z.amax(dim=1)
-            if not keep:
-                continue
-            z.sub_(zmax[:, None])          # in place: Z - row max
-            if out is None:                # one block (CUDA, small chunks): no copy
-                out = z.exp_().to(dtype)
-            else:                          # E = exp(Z - row max) written in the store's dtype
-                torch.exp(z, out=out[s:s + block])
-        return out
+            if into is not None:           # E written in the store's dtype
+                torch.exp(z.sub_(zmax[:, None]), out=into[s:s + block])
 
     def _pieces(self, chunks, keep_rows: int, track: bool = False, into=None
                 ) -> Iterator[Tensor]:
@@ -265,14 +256,14 @@ class StoredLogits:
         for xc in chunks:
             rows = xc.shape[0]
             if start + rows > keep_rows:               # past the kept rows (whole pieces)
-                self._exp_chunk(xc, track=track, keep=False)
+                self._exp_chunk(xc, track=track)
                 start += rows
                 continue
             if buf is None:
                 buf = into if into is not None else torch.empty(
                     min(self.piece, keep_rows - start), self.c, dtype=self.dtype,
                     device=self.runner.device)
-            self._exp_chunk(xc, track=track, into=buf[filled:])
+            self._exp_chunk(xc, buf[filled:], track)
             filled += rows
             start += rows
             if filled == buf.shape[0]:
