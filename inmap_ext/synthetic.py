@@ -54,6 +54,37 @@ def make_problem(n: int = 10000, d: int = 256, c: int = 50, *, cone: float = 2.0
                             labels.to(device))
 
 
+# Problems that differ the way real CLIP models and sets differ (the tests' class-prior problems
+# and bench/stopping.py's synthetic sets): the cosine scale of the zero-shot logits (ViT-like:
+# top-1 cosine ~0.3, per-image spread over the classes ~0.02-0.03; RN50-like: ~0.2 and ~0.01,
+# so softmax(S / 0.01) is much flatter), the class count, a strong or a weak zero-shot
+# classifier, and what the set holds: every class evenly, part of the class list, a long tail.
+KINDS = {  # name: (classes, make_problem arguments); zero-shot top-1 in the comment
+    "vit, C=10": (10, dict(d=128, gap=2.0, text_noise=0.4)),                 # ~0.94
+    "vit, C=100": (100, dict(d=128, gap=2.0, text_noise=0.4)),               # ~0.67
+    "rn50, C=10": (10, dict(d=128, gap=4.0, text_noise=0.4, cone=3.0)),      # ~0.67, flat
+    "rn50, C=100": (100, dict(d=128, gap=3.0, text_noise=0.4)),              # ~0.66, flat
+    "weak, C=100": (100, dict(d=128, gap=3.0, text_noise=1.0)),              # ~0.16
+    "vit, C=2": (2, dict(d=64, gap=2.0, text_noise=1.5)),
+}
+HOLDS = {"every class": {}, "half the classes": dict(present=0.5),
+         "a fifth of the classes": dict(present=0.2), "long tail": dict(imbalance=4.6)}
+
+
+def kind_problem(kind: str, holds: str, *, seed: int = 1, dtype=torch.float32,
+                 device="cpu") -> Optional[SyntheticProblem]:
+    """The problem of ``KINDS[kind]`` holding ``HOLDS[holds]``: max(400, 20 C) images; None
+    where the kind has too few classes for that part of the list."""
+    c, kw = KINDS[kind]
+    extra = dict(HOLDS[holds])
+    if "present" in extra:
+        extra["present"] = max(2, round(extra["present"] * c))
+        if extra["present"] >= c:
+            return None
+    return make_problem(max(400, 20 * c), c=c, seed=seed, dtype=dtype, device=device, **kw,
+                        **extra)
+
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
            "yellow": (230, 210, 40), "purple": (140, 50, 170), "orange": (240, 140, 30)}
 

@@ -149,3 +149,43 @@ def test_speed_bench_runs_another_build_beside(tmp_path):
     bad = subprocess.run(cmd + ["--baseline", str(tmp_path)], capture_output=True, text=True,
                          timeout=600, cwd=str(tmp_path))
     assert bad.returncode == 2 and "no inmap_ext package" in bad.stderr
+
+
+def test_stopping_bench_compares_solvers_on_files_and_synthetic_kinds(tmp_path):
+    """bench/stopping.py on a small .npz file and one synthetic kind: every set against all
+    2000 published steps (the same class prior in every run), each solver's passes, top-1
+    difference and agreement, one summary per group (real, synthetic)."""
+    import numpy as np
+    import torch
+
+    from testing import clip_like
+
+    X, T, y = clip_like(150, 16, 10, seed=3, dtype=torch.float32, gap=2.0, text_noise=0.4)
+    path = tmp_path / "small_rn50.npz"
+    np.savez(path, X=X.numpy(), y=y.numpy(), T=T.numpy())
+    script = os.path.join(ROOT, "bench", "stopping.py")
+    bad = subprocess.run([sys.executable, script, "--synthetic", "--kinds", "vit, C=7"],
+                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert bad.returncode == 2 and "--kinds: unknown ['vit, C=7']" in bad.stderr
+    out = subprocess.run([sys.executable, script, str(path), "--synthetic", "--kinds",
+                          "vit, C=10", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (js,) = tmp_path.glob("stopping_*.json")
+    rows = json.loads(js.read_text())["rows"]
+    real = [r for r in rows if r["data"] == "small_rn50.npz"]
+    synthetic = [r for r in rows if r["data"] == "synthetic vit, C=10"]
+    assert len(real) >= 5 and real[0]["set"] == "full" and real[0]["n"] == 150
+    assert len(synthetic) == 4 and len(real) + len(synthetic) == len(rows)
+    assert {r["set"] for r in synthetic} == {"every class", "half the classes",
+                                            "a fifth of the classes", "long tail"}
+    for r in rows:
+        assert r["published"]["passes"] == 2000 and r["prior"] in ("uniform", "estimate", "none")
+        for k in ("gd stopped", "lbfgs", "lbfgs@40"):
+            assert r[k]["difference"] == pytest.approx(r[k]["acc"] - r["published"]["acc"])
+            assert 0 <= r[k]["agreement"] <= 100 and r[k]["passes"] > 0
+        assert r["lbfgs"]["passes"] <= 80 and r["lbfgs@40"]["passes"] <= 40
+        assert r["gd stopped"]["passes"] < 2000 + 200   # its steps and a check per 10
+    md = js.with_suffix(".md").read_text()
+    assert "| synthetic vit, C=10 | long tail |" in md and "| small | full | 150 |" in md
+    assert "real sets:" in md and "synthetic sets:" in md

@@ -8,34 +8,17 @@ import torch
 
 from testing import BACKENDS, clip_like, inmap_ext, skip_if_no_ext
 from inmap_ext.class_prior import CLASS_PRIORS
+from inmap_ext.synthetic import HOLDS as SYNTHETIC_HOLDS, KINDS, kind_problem
 
-# Synthetic problems that differ the way real CLIP models and sets differ (inmap_ext.synthetic):
-# the cosine scale of the zero-shot logits (ViT-like: top-1 cosine ~0.3, per-image spread over
-# the classes ~0.02-0.03; RN50-like: ~0.2 and ~0.01, so softmax(S / 0.01) is much flatter), the
-# class count, a strong or a weak zero-shot classifier, and what the set holds: every class
-# evenly, part of the class list, a long tail.
-MODELS = {  # name: (classes, make_problem arguments)
-    "vit, C=10": (10, dict(d=128, gap=2.0, text_noise=0.4)),                 # zero-shot ~0.94
-    "vit, C=100": (100, dict(d=128, gap=2.0, text_noise=0.4)),               # ~0.67
-    "rn50, C=10": (10, dict(d=128, gap=4.0, text_noise=0.4, cone=3.0)),      # ~0.67, flat
-    "rn50, C=100": (100, dict(d=128, gap=3.0, text_noise=0.4)),              # ~0.66, flat
-    "weak, C=100": (100, dict(d=128, gap=3.0, text_noise=1.0)),              # ~0.16
-    "vit, C=2": (2, dict(d=64, gap=2.0, text_noise=1.5)),
-}
-HOLDS = {"every class": {}, "half the classes": dict(present=0.5),
-         "a fifth of the classes": dict(present=0.2), "long tail": dict(imbalance=4.6)}
+# Synthetic problems that differ the way real CLIP models and sets differ: inmap_ext.synthetic's
+# KINDS (cosine scale, class count, zero-shot strength) and HOLDS (what the set holds).
+MODELS, HOLDS = KINDS, SYNTHETIC_HOLDS
 PRIORS = ("auto", "uniform", "estimate", "none")
 
 
 def _problem(model, holds, seed=1):
-    C, kw = MODELS[model]
-    extra = dict(HOLDS[holds])
-    if "present" in extra:
-        extra["present"] = max(2, round(extra["present"] * C))
-        if extra["present"] >= C:
-            return None
-    n = max(400, 20 * C)
-    return clip_like(n, seed=seed, dtype=torch.float32, c=C, **kw, **extra)
+    p = kind_problem(model, holds, seed=seed)
+    return None if p is None else (p.image_features, p.text_proxies, p.labels)
 
 
 def _acc(pred, y):
