@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -105,6 +106,16 @@ def _walk(root: str) -> List[str]:
         dirs[:] = keep
         found.extend(os.path.join(d, f) for f in sorted(files) if is_image(f))
     return found
+
+
+def strip_comment(line: str) -> str:
+    """A line of a labels or weights file without its comment: a line whose first character
+    (after spaces) is '#', or the rest of a line from a '#' that follows a space or a tab (a '#'
+    inside a file name, 'photo#1.jpg', is kept)."""
+    line = line.strip()
+    if line.startswith("#"):
+        return ""
+    return re.split(r"\s#", line, maxsplit=1)[0].strip()
 
 
 def norm_name(name: str) -> str:

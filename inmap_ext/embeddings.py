@@ -120,8 +120,9 @@ def features_shape(path: str) -> Shape:
             raise ValueError(f"--features {path}: not a .npy file ({e})") from None
         if len(shape) != 2:
             raise ValueError(f"--features {path}: expected an N x D array, got shape {shape}")
-        if dtype.kind != "f":
-            raise ValueError(f"--features {path}: expected floating-point rows, got {dtype}")
+        if dtype.kind != "f" or dtype.itemsize > 8 or not dtype.isnative:
+            raise ValueError(f"--features {path}: expected float16, float32 or float64 rows in "
+                             f"this machine's byte order, got {dtype.str} ({dtype})")
         return Shape(shape[0], shape[1], "npy")
     if path.lower().endswith(".safetensors"):
         name, header, _ = _safetensors_tensor(path)
@@ -216,10 +217,13 @@ def load_features(path: str, *, cache_dir: Optional[str] = None) -> Embeddings:
         x, meta = _mapped_safetensors(path)
         if "ids" in meta:
             try:
-                ids = [str(v) for v in json.loads(meta["ids"])]
+                ids = json.loads(meta["ids"])
             except ValueError:
+                ids = None
+            if not isinstance(ids, list):
                 raise ValueError(f"--features {path}: metadata 'ids' is not a JSON list") \
                     from None
+            ids = [str(v) for v in ids]
             if len(ids) != shape.rows:
                 raise ValueError(f"--features {path}: metadata 'ids' has {len(ids)} entries for "
                                  f"{shape.rows} rows")

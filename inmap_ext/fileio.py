@@ -19,5 +19,17 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: str,
                      metadata: Optional[Dict[str, str]] = None) -> None:
     from safetensors.torch import save_file
 
+    if metadata is not None:
+        metadata = {k: _utf8(v) for k, v in metadata.items()}
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())
+
+
+def _utf8(text: str) -> str:
+    """``text`` as safetensors can store it (UTF-8): a file name that is not UTF-8 (its bytes as
+    surrogate escapes) keeps those bytes as \\xNN escapes; metadata is for reading, not parsing."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -356,14 +357,26 @@ def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] =
         if not os.path.exists(labeled):
             raise ValueError(f"--labeled {labeled}: no such file or folder")
     coverage = None
-    if features is not None:
+    if features is not None:            # read and checked before the model loads
         _check_features_dim(features, clip_mod.embed_dim(model), f"--model {model}'s text side")
+        t_read = time.perf_counter()
+        feats = features_from_file(features, log, cache_dir)
+        image_set = feats.images
+        timings["features_s"] = time.perf_counter() - t_read
+        t0 += timings["features_s"]
     else:
         image_set = list_source(images, spec.names, labels, spec.folder_map, image_keys)
         _imagenet_folders_note(spec, image_set, log)
         _log_images(image_set, log, len(spec.names))
         _log_missing(image_set, log)
         coverage = _label_coverage(image_set, spec.names, log)
+    labeled_pairs = None
+    if labeled is not None:             # class names and images checked before any encoding
+        roots = ([os.path.dirname(image_set.source) if image_set.is_list else image_set.source]
+                 if isinstance(image_set, ImageSet) and features is None else [])
+        labeled_pairs = parse_labeled(labeled, spec.names, spec.folder_map, roots)
+        if isinstance(image_set, ImageSet):      # shards: their ids are known once read
+            match_labeled(labeled_pairs, image_set.paths, labeled)
     clip = clip_mod.load_model(model, pretrained, device, model_precision, cache_dir=cache_dir)
     timings["load_model_s"] = time.perf_counter() - t0
 
@@ -374,13 +387,11 @@ def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] =
     t0 = time.perf_counter()
     if features is not None:
         _check_features_dim(features, text.shape[0], f"--model {model}'s text side")
-        feats = features_from_file(features, log, cache_dir)
-        image_set = feats.images
     else:
         feats = extract(clip, image_set, log, group=group, rank_rows_only=rank != 0,
                         cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
                         workers=workers)
-    timings["features_s"] = time.perf_counter() - t0
+        timings["features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     x = feats.features
@@ -392,7 +403,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] =
         x = x[rows.start:rows.stop]
     if labeled is not None:
         ids = feats.paths                # the rows of the features, in order
-        lab = read_labeled(labeled, ids, spec.names)
+        lab = match_labeled(labeled_pairs, ids, labeled, feats.skipped)
         log("labeled", f"labeled images: {len(lab[0])} of {len(ids)} ({len(set(lab[1].tolist()))}"
             f" classes) from {labeled}; they choose the class prior (no label enters the fit)",
             labeled=len(lab[0]))
@@ -512,23 +523,25 @@ def _label_coverage(image_set: ImageSet, names: Sequence[str], log: Log) -> Opti
     return coverage
 
 
-def read_labeled(path: str, ids: Sequence[str], names: Sequence[str]):
-    """(row indices, class indices) of the labeled images of ``--labeled``: a file of lines
-    'IMAGE<TAB or comma>CLASS NAME' ('#' starts a comment) or a folder CLASS/.../IMAGE. IMAGE is
-    matched to the fit's images by its path as listed, its real path, or its id (shards,
-    embeddings); a class name as class folders are matched (case, '_' and '-' ignored). An
-    unknown image or class, or an image labeled twice, is an error naming the line."""
-    from .data import norm_name, read_text
+def parse_labeled(path: str, names: Sequence[str], folder_map: Optional[Dict[str, str]] = None,
+                  roots: Sequence[str] = ()) -> List[Tuple[str, str, int]]:
+    """``--labeled``, read and its class names checked (no image needed yet): (where, image,
+    class index) per labeled image. A file of lines 'IMAGE<TAB or comma>CLASS NAME' (a line
+    starting with '#', or the rest of a line after a '#' that follows a space, is a comment;
+    a relative IMAGE is also looked for beside the file and in ``roots``: the image folder, or
+    the folder of the file list that named the images) or a folder CLASS/.../IMAGE of links
+    or copies of some of the images. A class is named as class folders are matched: by name
+    (case, '_' and '-' ignored) or by its folder name in the ``--classes`` JSON map."""
+    from .data import norm_name, read_text, strip_comment
 
-    row = {}
-    for i, p in enumerate(ids):
-        row.setdefault(str(p), i)
-        if os.path.exists(str(p)):
-            row.setdefault(os.path.realpath(str(p)), i)
     by_name = {}
     for j, n in enumerate(names):
         by_name.setdefault(norm_name(n), j)
-    pairs = []                         # (where, image, class name)
+    index = {c: j for j, c in enumerate(names)}
+    for folder, cls in (folder_map or {}).items():
+        if cls in index:
+            by_name.setdefault(norm_name(folder), index[cls])
+    raw = []                           # (where, image, class name)
     if os.path.isdir(path):
         for cls in sorted(os.listdir(path)):
             sub = os.path.join(path, cls)
@@ -536,46 +549,90 @@ def read_labeled(path: str, ids: Sequence[str], names: Sequence[str]):
                 continue
             for dirpath, _, files in os.walk(sub, followlinks=True):
                 for f in sorted(files):
-                    full = os.path.join(dirpath, f)
-                    pairs.append((full, os.path.realpath(full), cls))
+                    raw.append((os.path.join(dirpath, f),) * 2 + (cls,))
     else:
+        here = os.path.dirname(os.path.abspath(path))
         for n, line in enumerate(read_text(path, "--labeled").splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
+            line = strip_comment(line)
             if not line:
                 continue
             sep = "\t" if "\t" in line else ","
             image, _, cls = (v.strip() for v in line.rpartition(sep))
             if not image or not cls:
                 raise ValueError(f"{path}:{n}: expected 'IMAGE<TAB or comma>CLASS', got {line!r}")
-            pairs.append((f"{path}:{n}", image, cls))
-    idx, lab, seen = [], [], {}
-    for where, image, cls in pairs:
-        i = row.get(image)
-        if i is None and os.path.exists(image):
-            i = row.get(os.path.realpath(image))
-        if i is None:
-            raise ValueError(f"--labeled {where}: image {image!r} is not one of the fit's images "
-                             "(give its path as listed, or its id for shards and embeddings)")
+            if not os.path.isabs(image) and not os.path.exists(image):
+                image = next((os.path.join(r, image) for r in (here, *roots)
+                              if os.path.exists(os.path.join(r, image))), image)
+            raw.append((f"{path}:{n}", image, cls))
+    pairs = []
+    for where, image, cls in raw:
         j = by_name.get(norm_name(cls))
         if j is None:
             raise ValueError(f"--labeled {where}: class {cls!r} is not in the class list "
                              f"(first classes: {list(names)[:5]})")
+        pairs.append((where, image, j))
+    if not pairs:
+        raise ValueError(f"--labeled {path}: no labeled image found")
+    return pairs
+
+
+def match_labeled(pairs: Sequence[Tuple[str, str, int]], ids: Sequence[str], path: str,
+                  skipped: Sequence[str] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(row indices, class indices) of ``parse_labeled``'s images among the fit's rows ``ids``
+    (image paths, or ids for shards and embeddings). An image is found by its path as listed,
+    its real path, its id, or (a copy) as the one image of the same name and bytes. An unknown
+    image, an image that could not be read (``skipped``) or an image labeled twice is an error
+    naming the line."""
+    import filecmp
+
+    row = {}
+    for i, p in enumerate(ids):
+        row.setdefault(str(p), i)
+    real = None                        # real path -> row, and file name -> rows: built once
+    idx, lab, seen = [], [], {}
+    for where, image, j in pairs:
+        i = row.get(image)
+        if i is None and os.path.exists(image):
+            if real is None:
+                real, by_base = {}, {}
+                for k, p in enumerate(map(str, ids)):
+                    if os.path.exists(p):
+                        real.setdefault(os.path.realpath(p), k)
+                        by_base.setdefault(os.path.basename(p), []).append(k)
+            i = real.get(os.path.realpath(image))
+            if i is None:              # a copy: the one image of the same name and bytes
+                same = [k for k in by_base.get(os.path.basename(image), [])
+                        if filecmp.cmp(str(ids[k]), image, shallow=False)]
+                if len(same) > 1:
+                    raise ValueError(f"--labeled {where}: {image!r} has the bytes of "
+                                     f"{len(same)} of the fit's images ({ids[same[0]]!r}, "
+                                     f"{ids[same[1]]!r}, ...); label one of them by its path")
+                i = same[0] if same else None
+        if i is None:
+            why = (" could not be read and was skipped" if image in set(map(str, skipped))
+                   else " is not one of the fit's images (give its path as listed, or its id "
+                   "for shards and embeddings)")
+            raise ValueError(f"--labeled {where}: image {image!r}{why}")
         if i in seen:
             raise ValueError(f"--labeled {where}: image {image!r} is labeled twice (also at "
                              f"{seen[i]})")
         seen[i] = where
         idx.append(i)
         lab.append(j)
-    if not idx:
-        raise ValueError(f"--labeled {path}: no labeled image found")
     return torch.tensor(idx, dtype=torch.long), torch.tensor(lab, dtype=torch.long)
+
+
+def read_labeled(path: str, ids: Sequence[str], names: Sequence[str],
+                 folder_map: Optional[Dict[str, str]] = None):
+    """``parse_labeled`` then ``match_labeled`` against ``ids``."""
+    return match_labeled(parse_labeled(path, names, folder_map), ids, path)
 
 
 def read_class_weights(path: str, names: Sequence[str]) -> torch.Tensor:
     """Class proportions from a file: JSON {class: weight}, or lines 'class weight' (the last
     whitespace- or comma-separated field is the weight; '#' starts a comment). Classes not
     listed get weight 0 (known absent); an unknown class name is an error."""
-    from .data import parse_json, read_text
+    from .data import parse_json, read_text, strip_comment
 
     text = read_text(path, "--class-prior")
     pairs = []
@@ -586,13 +643,13 @@ def read_class_weights(path: str, names: Sequence[str]) -> torch.Tensor:
         pairs = list(data.items())
     else:
         for n, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
+            line = strip_comment(line)
             if not line:
                 continue
-            name, sep, weight = line.replace(",", " ").rpartition(" ")
-            if not sep:
+            fields = re.match(r"^(.*?)[\s,]+([^\s,]+)$", line)
+            if fields is None:
                 raise ValueError(f"{path}:{n}: expected 'class weight', got {line!r}")
-            pairs.append((name.strip(), weight))
+            pairs.append((fields.group(1).strip(), fields.group(2)))
     index = {c: i for i, c in enumerate(names)}
     w = torch.zeros(len(names), dtype=torch.float64)
     seen = set()
@@ -857,7 +914,8 @@ def eval_images(*, model: str, pretrained: Optional[str], images: str, classes: 
     k = min(5, len(spec.names))
     sinkhorn = hyper.pop("sinkhorn_iters", None)
     sinkhorn = 20 if sinkhorn is None else sinkhorn      # fit_vision_proxy's default
-    paper = {k: v for k, v in hyper.items() if k not in ("class_prior", "mode", "tol", "stop")}
+    paper = {k: v for k, v in hyper.items()           # the published runs: their own solver
+             if k not in ("class_prior", "mode", "tol", "stop", "solver")}
     runs = {"text proxy (zero-shot)": None,
             "vision proxy (InMaP)": dict(paper, sinkhorn_iters=0, mode="paper")}
     if sinkhorn:

@@ -33,9 +33,11 @@ LOCK = ".lock"
 
 
 def shard_identity(path: str) -> str:
-    """A shard as the cache sees it: its absolute path, size and modification time."""
+    """A shard as the cache sees it: its absolute path, size, modification and change times (a
+    rewrite changes the change time, which ``cp -p`` or ``rsync -a`` cannot set back; the image
+    cache keys files the same way)."""
     st = os.stat(path)
-    return f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}"
+    return f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
 
 
 def safetensors_header(path: str) -> dict:

@@ -13,7 +13,6 @@ sample is encoded, so an interrupted extraction resumes shard by shard.
 """
 from __future__ import annotations
 
-import glob
 import io
 import os
 import time
@@ -87,7 +86,8 @@ def list_shards(images: str, image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS
         webdataset()
         return ShardSet([os.path.abspath(images)], os.path.abspath(images), keys)
     if os.path.isdir(images):
-        tars = sorted(glob.glob(os.path.join(glob.escape(images), "*.tar")))
+        tars = sorted(os.path.join(images, f) for f in os.listdir(images)   # .tar, .TAR, ...
+                      if is_shard(f) and os.path.isfile(os.path.join(images, f)))
         if not tars or _walk(os.path.abspath(images)):
             return None          # a folder of images (any .tar files beside them are not read)
         webdataset()

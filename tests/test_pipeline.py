@@ -164,6 +164,12 @@ def test_cli_fit_predict_export_eval(ws, tmp_path, capsys):
     assert [r["method"] for r in recs] == ["text proxy (zero-shot)", "vision proxy (InMaP)",
                                            "vision proxy, class prior (inmap_ext default)"]
     assert recs[2]["class_prior"]["chosen"] == "none"
+    # --solver picks the default fit's solver; the published runs keep the published descent
+    assert main(["eval", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", ws["labeled"],
+                 "--classes", ws["classes"], "--out", str(ev), "--workers", "0",
+                 "--cache-dir", ws["cache"], "--iters", "30", "--solver", "lbfgs", "-q"]) == 0
+    recs = json.loads(ev.read_text())
+    assert [r["mode"] for r in recs[1:]] == ["paper", "paper", "default"]
 
 
 def test_cli_exit_codes(ws, tmp_path, capsys):
@@ -855,7 +861,8 @@ def test_class_weights_go_to_the_named_class(tmp_path):
     names = ["red", "green", "sea lion", "blue"]
     (tmp_path / "w.txt").write_text("blue 3\n# note\nsea lion, 1\ngreen 2\n")
     (tmp_path / "w.json").write_text(json.dumps({"blue": 3, "sea lion": 1, "green": 2}))
-    for f in ("w.txt", "w.json"):
+    (tmp_path / "w.tsv").write_text("blue\t3\nsea lion\t1  # a comment\ngreen,\t2\n")
+    for f in ("w.txt", "w.json", "w.tsv"):
         w = read_class_weights(str(tmp_path / f), names)
         assert w.tolist() == [0.0, 2.0, 1.0, 3.0], f
 
@@ -874,6 +881,64 @@ def test_cache_clear_refuses_an_ambiguous_key(tmp_path):
     with pytest.raises(ValueError, match="matches 2 cache entries"):
         clear_cache(str(tmp_path / "c"), "")
     assert len(list_entries(str(tmp_path / "c"))) == 2
+
+
+def test_labeled_images_are_found_as_users_name_them(ws, tmp_path, monkeypatch, capsys):
+    """--labeled finds an image by its path as listed (a relative one also beside the labels
+    file), its real path, a link, or a copy (the one image of that name and bytes); classes by
+    name or by their folder in the --classes JSON map; a '#' inside a file name is part of it.
+    Unknown classes and images, and labels of an image that could not be read, are input errors
+    found before the model loads where they can be."""
+    import shutil
+
+    from inmap_ext.pipeline import match_labeled, parse_labeled
+
+    images = list_images(ws["labeled"], CLASSES)
+    ids = [p for p in images.paths if not p.endswith("broken.jpg")]
+    red = [p for p in ids if os.sep + "red" + os.sep in p]
+    folder = tmp_path / "few"
+    (folder / "red").mkdir(parents=True)
+    (folder / "n002").mkdir()
+    shutil.copy(red[1], folder / "red" / os.path.basename(red[1]))        # a copy
+    os.symlink(red[2], folder / "n002" / "linked.png")                      # a link
+    fmap = {"n001": "red", "n002": "green"}
+    idx, lab = match_labeled(parse_labeled(str(folder), CLASSES, fmap), ids, str(folder))
+    assert sorted(zip(idx.tolist(), lab.tolist())) == sorted(
+        [(ids.index(red[1]), 0), (ids.index(red[2]), 1)])
+    # relative to the labels file; '#' in a name; comments after a space
+    odd = tmp_path / "lists" / "a#1.png"
+    odd.parent.mkdir()
+    shutil.copy(red[0], odd)
+    lab_file = tmp_path / "lists" / "labels.txt"
+    lab_file.write_text("# header\na#1.png\tred  # the first\n"
+                        f"{os.path.relpath(red[3], lab_file.parent)},Red\n"
+                        f"red/{os.path.basename(red[2])},red\n")     # as in the image folder
+    ids2 = ids + [str(odd)]
+    idx, lab = match_labeled(parse_labeled(str(lab_file), CLASSES, roots=[ws["labeled"]]), ids2,
+                             str(lab_file))
+    assert idx.tolist() == [len(ids), ids.index(red[3]), ids.index(red[2])]
+    assert lab.tolist() == [0, 0, 0]
+    twins = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"]       # the same bytes twice
+    for t in twins:
+        t.parent.mkdir()
+        shutil.copy(red[0], t)
+    (folder / "red" / "x.png").write_bytes(twins[0].read_bytes())
+    with pytest.raises(ValueError, match="has the bytes of 2 of the fit's images"):
+        match_labeled(parse_labeled(str(folder), CLASSES, fmap), ids + [str(t) for t in twins],
+                      str(folder))
+    broken = next(p for p in images.paths if p.endswith("broken.jpg"))
+    with pytest.raises(ValueError, match="could not be read and was skipped"):
+        match_labeled([("x:1", broken, 1)], ids, "x", skipped=[broken])
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the labels were checked")
+
+    monkeypatch.setattr(clip_mod, "load_model", no_model)
+    for text, message in ((f"{red[0]}\tpurple\n", "class 'purple' is not in the class list"),
+                          ("/nowhere.png\tred\n", "is not one of the fit's images")):
+        lab_file.write_text(text)
+        assert main(_fit_args(ws, tmp_path, "--labeled", str(lab_file))) == 3
+        assert message in capsys.readouterr().err
 
 
 def test_cli_check_exit_code_says_a_kernel_failed(monkeypatch):

@@ -217,6 +217,57 @@ def test_two_extractions_into_one_cache_encode_each_shard_once(ws, tmp_path):
 
 
 @needs_wds
+def test_shards_named_in_any_case_rewritten_in_place_or_under_any_name(ws, tmp_path, capsys):
+    """A folder's .TAR / .Tar shards are read like .tar ones; a shard rewritten with other
+    images of the same size and its modification time set back (cp -p, rsync -a) is encoded
+    again, never served stale; a shard under a folder whose name is not UTF-8 is cached and
+    fitted (the cache's metadata keeps the name's bytes as escapes)."""
+    folder = tmp_path / "mixed"
+    shards = write_shards(str(folder), ws["paths"][:6], 2)
+    os.rename(shards[0], str(folder / "00000.TAR"))
+    os.rename(shards[1], str(folder / "00001.Tar"))
+    assert [os.path.basename(p) for p in pipeline.list_source(str(folder)).shards] == \
+        ["00000.TAR", "00001.Tar", "00002.tar"]
+
+    cache = str(tmp_path / "cache")
+    one = write_shards(str(tmp_path / "one"), ws["paths"][:2], 2)[0]
+    st = os.stat(one)
+
+    def fit(out):
+        capsys.readouterr()
+        assert main(["fit", "--model", MODEL, "--pretrained", ws["ckpt"], "--images", one,
+                     "--classes", ws["classes"], "--out", str(out), "--workers", "0",
+                     "--cache-dir", cache, "--iters", "5", "--labels", "none",
+                     "--log", "json"]) == 0
+        events = [json.loads(line) for line in capsys.readouterr().err.splitlines()
+                  if line.startswith("{")]
+        return [e for e in events if e["event"] == "features"][-1]["encoded"], \
+            [r["zero_shot_cosine_1"] for r in _rows(out / "predictions.csv")]
+
+    encoded, first = fit(tmp_path / "o1")
+    assert encoded == 2 and fit(tmp_path / "o2") == (0, first)          # cached
+    time.sleep(0.01)
+    with tarfile.open(one) as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(one, "w") as t:                      # other images under the same keys
+        others = iter(ws["paths"][6:8])
+        for name, data in members:
+            _member(t, name, open(next(others), "rb").read() if name.endswith(".png") else data)
+    assert os.stat(one).st_size <= st.st_size
+    os.truncate(one, st.st_size)                   # zero blocks after the archive's end: the same
+    os.utime(one, ns=(st.st_atime_ns, st.st_mtime_ns))   # size, then the same time
+    assert os.stat(one).st_size == st.st_size and os.stat(one).st_mtime_ns == st.st_mtime_ns
+    encoded, again = fit(tmp_path / "o3")
+    assert encoded == 2 and again != first
+
+    odd = os.fsdecode(bytes(tmp_path) + b"/w\xe9")          # not UTF-8
+    os.makedirs(odd)
+    one = write_shards(odd, ws["paths"][:2], 2)[0]
+    encoded, _ = fit(tmp_path / "o4")
+    assert encoded == 2 and fit(tmp_path / "o5")[0] == 0
+
+
+@needs_wds
 def test_a_killed_extraction_never_blocks_the_next(ws, tmp_path):
     """The first process dies holding shard locks; the second, waiting on them, encodes what
     the first had not written, and reuses what it had."""
@@ -306,13 +357,27 @@ def test_features_of_the_wrong_dimension_or_not_finite_are_input_errors(ws, tmp_
     assert _fit(ws, tmp_path / "o", "--features", str(wrong), extra=["-q"]) == 3
     err = capsys.readouterr().err
     assert "dimension 256" in err and "dimension 512" in err
-    monkeypatch.undo()
     bad = np.random.default_rng(0).standard_normal((40, 512)).astype(np.float32)
     bad[7, 3], bad[30] = np.nan, 0
-    np.save(tmp_path / "bad.npy", bad)
+    np.save(tmp_path / "bad.npy", bad)               # content, too, before the model loads
     assert _fit(ws, tmp_path / "o", "--features", str(tmp_path / "bad.npy"),
                 extra=["-q"]) == 3
     assert "rows 7, 30" in capsys.readouterr().err
+    for dtype in (">f4", np.longdouble):              # byte order, width: named, not torch's
+        np.save(tmp_path / "odd.npy", np.ones((4, 512), dtype=dtype))
+        assert _fit(ws, tmp_path / "o", "--features", str(tmp_path / "odd.npy"),
+                    extra=["-q"]) == 3
+        assert "expected float16, float32 or float64 rows in this machine's byte order" in \
+            capsys.readouterr().err
+    from inmap_ext.fileio import save_safetensors
+
+    for ids in ('"abcd"', '{"a": 1}'):                # 'ids' must be a JSON list
+        save_safetensors({"x": torch.ones(4, 512)}, str(tmp_path / "ids.safetensors"),
+                         metadata={"ids": ids})
+        assert _fit(ws, tmp_path / "o", "--features", str(tmp_path / "ids.safetensors"),
+                    extra=["-q"]) == 3
+        assert "metadata 'ids' is not a JSON list" in capsys.readouterr().err
+    monkeypatch.undo()
     with pytest.raises(SystemExit) as e:                     # one source, not both
         _fit(ws, tmp_path / "o", "--features", str(wrong), "--images", ws["flat"])
     assert e.value.code == 2
