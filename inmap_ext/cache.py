@@ -455,6 +455,8 @@ def list_entries(cache_dir: Optional[str] = None) -> List[CacheEntry]:
             from .shard_cache import entry_counts
 
             n = n_cached = entry_counts(d)
+        elif m.get("kind") == "embeddings":   # img_emb files joined into one (embeddings.py)
+            n_cached = n if os.path.isfile(os.path.join(d, "joined.npy")) else 0
         else:
             n_cached = sum(len(_shard_rows(i, n, shard)) for i in range(_n_shards(n, shard))
                            if os.path.exists(_shard_path(d, i)))

@@ -167,6 +167,11 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
     if os.path.isdir(images):
         root = os.path.abspath(images)
         paths = _walk(root)
+    elif os.path.isfile(images) and images.lower().endswith(IMAGE_EXTENSIONS):
+        paths = [os.path.abspath(images)]          # one image: a set of one
+        root = os.path.dirname(paths[0])
+        if labels == "auto":
+            labels = "none"
     elif os.path.isfile(images):
         is_list = True
         base = os.path.dirname(os.path.abspath(images))
@@ -184,6 +189,9 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
         # the files are opened as listed (the OS resolves '..' through links); the folder
         # layout that labels them is read from the paths as written, '..' folded
         root = os.path.commonpath([os.path.normpath(p) for p in paths]) if paths else base
+        if labels == "folder" and paths and all(
+                os.path.dirname(os.path.normpath(p)) == root for p in paths):
+            root = os.path.dirname(root)           # the images of one class folder
         if labels == "auto":
             labels = "none"
     else:

@@ -167,24 +167,30 @@ def _parquet_ids(paths: List[str], folder: str) -> List[str]:
     return ids
 
 
-def _joined(embs: List[str], cache_dir: Optional[str]) -> torch.Tensor:
-    """Several img_emb files as one memory-mapped N x D array, written once into the cache."""
+def _joined(embs: List[str], cache_dir: Optional[str], source: str) -> torch.Tensor:
+    """Several img_emb files as one memory-mapped N x D array, written once into the cache as an
+    entry of its own (``<cache>/emb-KEY/joined.npy`` with a manifest: ``inmap cache`` lists it,
+    ``--clear`` removes it), keyed by every file's path, size, modification and change times."""
     if len(embs) == 1:
         return _mapped_npy(embs[0])
+    import time
+
     from .cache import default_cache_dir
 
     h = hashlib.sha256()
     for p in embs:
         st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    folder = os.path.join(cache_dir or default_cache_dir(), "embeddings")
-    out = os.path.join(folder, h.hexdigest()[:24] + ".npy")
+        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n"
+                 .encode("utf-8", "surrogateescape"))
+    folder = os.path.join(cache_dir or default_cache_dir(), "emb-" + h.hexdigest()[:20])
+    out = os.path.join(folder, "joined.npy")
+    parts = [np.load(p, mmap_mode="r") for p in embs]
+    rows = sum(len(a) for a in parts)
     if not os.path.isfile(out):
         os.makedirs(folder, exist_ok=True)
-        parts = [np.load(p, mmap_mode="r") for p in embs]
         tmp = out + f".tmp{os.getpid()}.npy"
         joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype,
-                                           shape=(sum(len(a) for a in parts), parts[0].shape[1]))
+                                           shape=(rows, parts[0].shape[1]))
         row = 0
         for a in parts:
             for s in range(0, len(a), CHUNK_ROWS):
@@ -194,6 +200,15 @@ def _joined(embs: List[str], cache_dir: Optional[str]) -> torch.Tensor:
         joined.flush()
         del joined
         os.replace(tmp, out)
+    manifest = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(manifest):
+        tmp = manifest + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"kind": "embeddings", "model": "(precomputed embeddings)", "weights": "-",
+                       "n": str(rows), "root": os.path.abspath(source),
+                       "created": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1,
+                      sort_keys=True, ensure_ascii=True)
+        os.replace(tmp, manifest)
     return _mapped_npy(out)
 
 
@@ -205,7 +220,7 @@ def load_features(path: str, *, cache_dir: Optional[str] = None) -> Embeddings:
     ids: Optional[List[str]] = None
     if shape.kind == "clip-retrieval":
         embs, metas = _retrieval_files(path)
-        x = _joined(embs, cache_dir)
+        x = _joined(embs, cache_dir, path)
         if metas:
             ids = _parquet_ids(metas, path)
             if len(ids) != shape.rows:

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import MissingExtraError
-from .data import PASSING, READ, _walk, read_lines, read_status
+from .data import IMAGE_EXTENSIONS, PASSING, READ, _walk, read_lines, read_status
 from .shard_cache import ShardCache
 
 DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -92,6 +92,8 @@ def list_shards(images: str, image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS
             return None          # a folder of images (any .tar files beside them are not read)
         webdataset()
         return ShardSet([os.path.abspath(t) for t in tars], os.path.abspath(images), keys)
+    if os.path.isfile(images) and images.lower().endswith(IMAGE_EXTENSIONS):
+        return None              # one image, not a list
     if os.path.isfile(images):
         lines = [ln.strip() for ln in read_lines(images, "--images")]
         lines = [ln for ln in lines if ln and not ln.startswith("#")]

@@ -61,6 +61,13 @@ def test_list_images_layouts(ws):
     lst = ws["root"] / "list.txt"
     lst.write_text("\n".join(flat.paths[:3]) + "\n")
     assert list_images(str(lst)).paths == flat.paths[:3]
+    # a list of one class folder's images, labeled by that folder; one image is a set of one
+    reds = [p for p, l in zip(s.paths, s.labels) if l == 0]
+    (ws["root"] / "reds.txt").write_text("\n".join(reds) + "\n")
+    one_class = list_images(str(ws["root"] / "reds.txt"), CLASSES, labels="folder")
+    assert one_class.paths == reds and one_class.labels == [0] * len(reds)
+    for one in (list_images(reds[1], CLASSES), pipeline.list_source(reds[1], CLASSES)):
+        assert one.paths == [reds[1]] and one.labels is None
 
 
 def test_templates_and_classes(ws, tmp_path):

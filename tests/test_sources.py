@@ -408,6 +408,37 @@ def test_a_clip_retrieval_folder(ws, folder_features, tmp_path):
     assert agree == 1.0                                     # float16 storage: same classes
 
 
+def test_joined_embeddings_are_a_cache_entry_never_stale(tmp_path):
+    """Several img_emb files are joined once into the cache: `inmap cache` lists the copy,
+    --clear removes it, and a part rewritten with its size and time kept is joined again."""
+    from inmap_ext.cache import clear_cache, list_entries
+
+    root, cache = tmp_path / "emb", str(tmp_path / "c")
+    (root / "img_emb").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((n, 8)).astype(np.float32) for n in (5, 7)]
+    for i, a in enumerate(parts):
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", a)
+    emb = load_features(str(root), cache_dir=cache)
+    np.testing.assert_array_equal(emb.features.numpy(), np.concatenate(parts))
+    (entry,) = list_entries(cache)
+    assert entry.key.startswith("emb-") and entry.n_images == 12 and entry.complete
+    assert entry.root == str(root)
+    del emb
+    part = root / "img_emb" / "img_emb_1.npy"
+    st = os.stat(part)
+    time.sleep(0.01)
+    parts[1] = -parts[1]
+    np.save(part, parts[1])                                   # the same size
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))       # and time: cp -p, rsync -a
+    emb = load_features(str(root), cache_dir=cache)
+    np.testing.assert_array_equal(emb.features.numpy(), np.concatenate(parts))
+    assert len(list_entries(cache)) == 2
+    del emb
+    assert len(clear_cache(cache)) == 2 and list_entries(cache) == []
+    assert not [n for n in os.listdir(cache) if n.startswith("emb-")]
+
+
 def test_loaded_features_stream_into_the_fit_without_a_copy(tmp_path):
     from safetensors.torch import save_file
     from testing import clip_like
