@@ -585,13 +585,17 @@ def match_labeled(pairs: Sequence[Tuple[str, str, int]], ids: Sequence[str], pat
     naming the line."""
     import filecmp
 
-    row = {}
+    row, repeats = {}, {}
     for i, p in enumerate(ids):
-        row.setdefault(str(p), i)
+        if row.setdefault(str(p), i) != i:
+            repeats[str(p)] = repeats.get(str(p), 1) + 1
     real = None                        # real path -> row, and file name -> rows: built once
     idx, lab, seen = [], [], {}
     for where, image, j in pairs:
         i = row.get(image)
+        if image in repeats:
+            raise ValueError(f"--labeled {where}: {image!r} names {repeats[image]} of the fit's "
+                             "rows (a key repeated across shards); give every sample its own key")
         if i is None and os.path.exists(image):
             if real is None:
                 real, by_base = {}, {}

@@ -934,6 +934,8 @@ def test_labeled_images_are_found_as_users_name_them(ws, tmp_path, monkeypatch, 
         match_labeled(parse_labeled(str(folder), CLASSES, fmap), ids + [str(t) for t in twins],
                       str(folder))
     broken = next(p for p in images.paths if p.endswith("broken.jpg"))
+    with pytest.raises(ValueError, match="names 2 of the fit's rows"):     # shards' repeats
+        match_labeled([("x:1", "k", 1)], ["k", "j", "k"], "x")
     with pytest.raises(ValueError, match="could not be read and was skipped"):
         match_labeled([("x:1", broken, 1)], ids, "x", skipped=[broken])
 
