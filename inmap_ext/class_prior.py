@@ -297,11 +297,17 @@ def _auto(source, runner, t, n, stats, balance, log_u, record, judge=None, log_z
         stats["unlabeled_choice"] = unlabeled_choice
         stats["decided_by"] = ("unlabeled rule" if chosen == unlabeled_choice
                                else "labeled images")
+
         if chosen != kept:        # fit.py judges both candidates' fits (labeled.confirm)
             alternative = _candidate(kept, f"{how}; unlabeled rule: {why}", betas, log_u,
                                      log_pi, estimate, record)
         why = f"{how}; unlabeled rule: {why}"
     beta, prior = _candidate(chosen, why, betas, log_u, log_pi, estimate, record)
+    if judge is not None:     # each candidate's runners-up (close calls) against itself
+        for cand in [prior] + ([alternative[1]] if alternative is not None else []):
+            best = CANDIDATES.index(cand.chosen)
+            cand.stats = dict(cand.stats, margin=_margins(
+                A.double(), M, sorted(set(allowed) | {best}), best, n))
     return beta, prior, alternative
 
 

@@ -18,6 +18,7 @@ from .hyper import check_balancing, check_hyper
 from .labeled import check_labeled, confirm, right_of_proxies
 from .result import VisionProxyResult
 from .rows import Rows, check_rows
+from .validation import check_shapes
 from .solver import SOLVERS, STOP_RULES, solve
 
 Tensor = torch.Tensor
@@ -141,14 +142,23 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     given = isinstance(class_prior, torch.Tensor)
     check_balancing(sinkhorn_iters, given or class_prior == "estimate",
                     "given proportions" if given else repr(class_prior))
-    rows = check_rows(image_features, text_proxies, device=device, stream=stream,
-                      process_group=process_group, backend=backend, chunk_size=chunk_size,
-                      precision=precision)
-    class_prior = check_class_prior(class_prior, rows.classes)
+    if backend not in _ops.BACKENDS:
+        raise ValueError(f"backend must be one of {_ops.BACKENDS}, got {backend!r}")
     if labeled is not None and not (isinstance(class_prior, str) and class_prior == "auto"):
         raise ValueError("labeled images settle class_prior='auto' among its candidates; with "
                          f"class_prior={class_prior if isinstance(class_prior, str) else 'given'!r}"
                          " there is nothing to choose (drop labeled, or use class_prior='auto')")
+    if labeled is not None and sinkhorn_iters == 0:
+        raise ValueError("labeled images choose among balanced pseudo labels; with "
+                         "sinkhorn_iters=0 nothing is balanced (drop labeled, or balance)")
+    if isinstance(image_features, torch.Tensor) and isinstance(text_proxies, torch.Tensor):
+        x, t = check_shapes(image_features, text_proxies)  # the cheap checks before any pass
+        check_class_prior(class_prior, t.shape[1])
+        check_labeled(labeled, x.shape[0], t.shape[1])
+    rows = check_rows(image_features, text_proxies, device=device, stream=stream,
+                      process_group=process_group, backend=backend, chunk_size=chunk_size,
+                      precision=precision)
+    class_prior = check_class_prior(class_prior, rows.classes)
     labeled = check_labeled(labeled, rows.local_rows, rows.classes)
     with _ops.allow_tf32(rows.tf32):
         return _fit(rows.open(), tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,

@@ -46,6 +46,8 @@ def check_labeled(labeled, n_rows: int, num_classes: int) -> Optional[Tuple[Tens
         raise TypeError("labeled must be a pair (indices, labels): row indices into "
                         "image_features and their class indices")
     idx, lab = (torch.as_tensor(v).reshape(-1) for v in labeled)
+    if idx.numel() == 0 and lab.numel() == 0:     # before the dtype: [] is a float tensor
+        raise ValueError("labeled holds no images; pass None for an unlabeled fit")
     for name, v in (("indices", idx), ("labels", lab)):
         if v.dtype.is_floating_point or v.dtype == torch.bool or v.is_complex():
             raise TypeError(f"labeled {name} must be integers, got {v.dtype}")

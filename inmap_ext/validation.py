@@ -49,6 +49,10 @@ def check_finite(t: torch.Tensor, name: str, dim: int) -> torch.Tensor:
     if bool(bad.any()):
         idx = int(bad.nonzero()[0])
         what = "row" if dim == 1 else "column"
+        if bool(torch.isfinite(t.index_select(1 - dim, bad.nonzero().flatten())).all()):
+            raise ValueError(f"{name} {what} {idx} has a norm above the largest "
+                             f"{str(acc).replace('torch.', '')} ({torch.finfo(acc).max:.3g}); "
+                             "scale the vectors down")
         raise ValueError(f"{name} contains NaN or Inf (first in {what} {idx})")
     tiny = (norms > 0) & (norms < torch.finfo(acc).tiny)
     if bool(tiny.any()):     # 1 / norm would overflow where the rows are scaled (streaming)

@@ -36,6 +36,10 @@ def test_labels_choose_the_candidate_they_favour_and_record_why():
     assert "judged by its fit" in cp.reason
     assert cp.stats["decided_by"] == ("unlabeled rule" if cp.chosen == free.class_prior.chosen
                                       else "labeled images")
+    # the close calls are the runners-up of what stands, never itself
+    assert cp.chosen not in cp.stats["margin"] and cp.chosen not in cp.close_calls
+    if cp.chosen != free.class_prior.chosen:
+        assert free.class_prior.chosen in cp.stats["margin"]
     # two fits were paid for: two pseudo-label passes, both solvers' passes
     assert lab.passes["pseudo_labels"] == 2 and lab.passes["descent"] > free.passes["descent"]
     pred = lab.predict(X[idx])
@@ -133,6 +137,7 @@ def test_paired_standard_error():
     ((torch.tensor([0, 1]), torch.tensor([0, 6])), r"class indices in \[0, 6\)"),
     ((torch.tensor([0.5]), torch.tensor([0])), "integers"),
     ([1, 2, 3], "a pair"),
+    (([], []), "holds no images"),
 ])
 def test_bad_labels_are_refused_before_any_work(labeled, match):
     X, T, _ = clip_like(300, 16, 6, seed=2)
@@ -142,7 +147,7 @@ def test_bad_labels_are_refused_before_any_work(labeled, match):
 
 def test_labels_need_the_auto_decision():
     X, T, y = clip_like(300, 16, 6, seed=2)
-    for kw in (dict(class_prior="uniform"), dict(mode="paper")):
+    for kw in (dict(class_prior="uniform"), dict(mode="paper"), dict(sinkhorn_iters=0)):
         with pytest.raises(ValueError, match="labeled|mode='paper'"):
             inmap_ext.fit_vision_proxy(X, T, labeled=(torch.arange(10), y[:10]), **kw)
 

@@ -182,6 +182,18 @@ def test_near_unit_float32_rows_are_normalised():
     torch.testing.assert_close(b.proxy, a.proxy, rtol=0, atol=1e-5)
 
 
+def test_a_norm_beyond_the_dtype_is_named_not_called_nan():
+    X = torch.nn.functional.normalize(torch.randn(20, 16), dim=1)
+    X[7] = torch.sign(X[7]) * 1e38                    # finite entries, a norm above float32's
+    T = torch.nn.functional.normalize(torch.randn(16, 4), dim=0)
+    with pytest.raises(ValueError, match="image_features row 7 has a norm above the largest "
+                                         "float32"):
+        inmap_ext.fit_vision_proxy(X, T)
+    X[7, 0] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN or Inf"):
+        inmap_ext.fit_vision_proxy(X, T)
+
+
 def test_cheap_refusals_come_before_any_work(monkeypatch):
     # rows.check_rows checks before expensive work: a precision the device cannot run is
     # refused before the streamed check of host features reads them; a class prior or labels
@@ -198,6 +210,12 @@ def test_cheap_refusals_come_before_any_work(monkeypatch):
         inmap_ext.fit_vision_proxy(X.float(), T.float(), stream=True, precision="fp16")
     with pytest.raises(ValueError, match="precision must be one of"):
         inmap_ext.fit_vision_proxy(X.float(), T.float(), stream=True, precision="fp8")
+    # ... and a class prior, labels or a backend of the wrong kind before the streamed check
+    for kw, match in ((dict(class_prior=torch.ones(4)), "class_prior"),
+                      (dict(labeled=([0, 99], [0, 1])), "labeled"),
+                      (dict(backend="cuda"), "backend must be one of")):
+        with pytest.raises(ValueError, match=match):
+            inmap_ext.fit_vision_proxy(X.float(), T.float(), stream=True, **kw)
     monkeypatch.setattr(functional.Runner, "own_features", never)
     with pytest.raises(ValueError, match="class_prior"):
         inmap_ext.fit_vision_proxy(X, T, class_prior=torch.ones(4))
