@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _ops, validation, verify
+from . import _ops, reference, validation, verify
 from .collective import collective as _collective
 from .reference import acc_dtype
 
@@ -24,6 +24,10 @@ Tensor = torch.Tensor
 # (2 threads), 0.269 s instead of 0.302 s at N = 20k, D = 512 (1 thread), and the same below;
 # a set of up to 4194 rows at C = 1000 is still one chunk (the same bits as before).
 CHUNK_BUDGET_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
+# The CUDA and Triton kernels subtract a row's log-sum-exp that float32 rounds at the logits'
+# ulp: accurate to ~1e-3 of a probability up to 1/tau = 1e4 (cosines <= 1), then worse; above it
+# their ops give way to the torch ones (the CPU kernels normalise exactly: (v - max) - log s).
+GPU_KERNELS_MAX_INV_TAU = 1e4
 
 
 def auto_chunk_size(n: int, c: int, device: "torch.device | str", dtype=torch.float32) -> int:
@@ -61,11 +65,21 @@ class Runner:
         charged to the current ``phase``: the hardware-free measure of cost."""
         self.passes[self.phase] = self.passes.get(self.phase, 0) + 1
 
-    def op(self, name: str):
+    def op(self, name: str, inv_tau: Optional[float] = None):
         """The callable running op ``name`` in this fit (resolved and verified on first use;
         every rank of a sharded fit resolves the same ops in the same order). Every call is one
-        pass over the features (the ops run over all rows) and is counted."""
+        pass over the features (the ops run over all rows) and is counted. Above
+        ``GPU_KERNELS_MAX_INV_TAU`` the CUDA and Triton kernels give way to the torch op (they
+        subtract a row's log-sum-exp rounded at the logits' ulp: exact enough up to there)."""
         self.count_pass()
+        if (inv_tau is not None and inv_tau > GPU_KERNELS_MAX_INV_TAU
+                and (self.backend == "triton" or (self.backend == "ext"
+                                                  and self.device.type == "cuda"))):
+            self.ran[f"{name} (1/tau > {GPU_KERNELS_MAX_INV_TAU:g})"] = dict(
+                op=name, requested=self.backend, ran="torch", design="-", verified="-",
+                why=f"1/tau = {inv_tau:.3g}: the {self.backend} kernel's rounding of the row "
+                    "log-sum-exp grows with the logits; the torch op normalises exactly")
+            return getattr(reference, name)
         f = self._resolved.get(name)
         if f is None:
             f, self.ran[name] = verify.resolve(name, self.backend, self.device, self.dtype,
@@ -136,17 +150,18 @@ class Runner:
 
     # -- the ops -----------------------------------------------------------------------------
     def column_lse(self, x: Tensor, w: Tensor, bias: Optional[Tensor], inv_tau: float) -> Tensor:
-        out = self.op("softmax_column_lse")(x, self._w(w, x), bias, inv_tau, self.chunk)
+        out = self.op("softmax_column_lse", inv_tau)(x, self._w(w, x), bias, inv_tau,
+                                                     self.chunk)
         return self.lse_(out)
 
     def pseudo_labels(self, x, w, bias, inv_tau, alpha):
-        B, mass, counts, n_conf = self.op("pseudo_label_reduce")(
+        B, mass, counts, n_conf = self.op("pseudo_label_reduce", inv_tau)(
             x, self._w(w, x), bias, inv_tau, alpha, self.chunk)
         return self.sum_(self._rows(B)), self.sum_(mass), self.sum_(counts), self.sum_(n_conf)
 
     def xt_softmax(self, x: Tensor, w: Tensor, inv_tau: float) -> Tuple[Tensor, Tensor]:
         """(X^T softmax(X W * inv_tau), sum of the rows' log-sum-exps): one pass."""
-        G, lse_sum = self.op("xt_softmax")(x, self._w(w, x), inv_tau, self.chunk)
+        G, lse_sum = self.op("xt_softmax", inv_tau)(x, self._w(w, x), inv_tau, self.chunk)
         return self.sum_(self._rows(G)), self.sum_(lse_sum)
 
     def topk(self, x: Tensor, w: Tensor, k: int) -> Tuple[Tensor, Tensor]:

@@ -78,9 +78,9 @@ def xt_softmax(x: Tensor, w: Tensor, inv_tau: float, chunk: int) -> Tuple[Tensor
     lse_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     for xc in _chunks(x, chunk):
         z = _logits(xc, w, inv_tau, None)
-        lse = torch.logsumexp(z, dim=1)
-        lse_sum += lse.double().sum()
-        G += xc.to(G.dtype).T @ torch.exp(z - lse[:, None])
+        lse_sum += torch.logsumexp(z, dim=1).double().sum()
+        G += xc.to(G.dtype).T @ torch.softmax(z, dim=1)   # not exp(z - lse): lse rounds at
+        # the logits' ulp, which at tiny tau (logits of 1e6 and more) swallows log(sum)
     return G, lse_sum.to(G.dtype)
 
 

@@ -74,13 +74,13 @@ class StreamingRunner(Runner):
     def column_lse(self, x, w, bias, inv_tau):
         out = torch.full((w.shape[1],), float("-inf"), dtype=acc_dtype(self.dtype),
                          device=self.device)
-        f = self.op("softmax_column_lse")
+        f = self.op("softmax_column_lse", inv_tau)
         for xc in self.chunks(x):
             out = torch.logaddexp(out, f(xc, w.to(xc.dtype), bias, inv_tau, self.chunk))
         return self.lse_(out)
 
     def pseudo_labels(self, x, w, bias, inv_tau, alpha):
-        f = self.op("pseudo_label_reduce")
+        f = self.op("pseudo_label_reduce", inv_tau)
         D, C = w.shape
         acc = acc_dtype(self.dtype)
         tot = [torch.zeros(D, C, dtype=acc, device=self.device),
@@ -93,7 +93,7 @@ class StreamingRunner(Runner):
         return tuple(self.sum_(t) for t in tot)
 
     def xt_softmax(self, x, w, inv_tau):
-        f = self.op("xt_softmax")
+        f = self.op("xt_softmax", inv_tau)
         G = torch.zeros(w.shape, dtype=acc_dtype(self.dtype), device=self.device)
         lse_sum = torch.zeros((), dtype=acc_dtype(self.dtype), device=self.device)
         for xc in self.chunks(x):

@@ -288,6 +288,46 @@ def test_extreme_logits_stay_finite_in_float32():
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+@pytest.mark.parametrize("inv_tau", [25.0, 1e6, 1e8])
+def test_tiny_temperatures_normalise_rows_exactly(backend, inv_tau):
+    """At 1/tau of 1e6 and more the logits are that large: a row normalised as v - (max +
+    log s) loses log s in their ulp (rows stop summing to 1; tied classes each get 1). Every
+    CPU op normalises as (v - max) - log s: float32 matches float64 at any temperature."""
+    if backend == "ext":
+        skip_if_no_ext("cpu")
+    f = _ops.op
+    x = unit_rows(400, 32, seed=12, dtype=torch.float64)
+    w = unit_cols(32, 6, seed=13, dtype=torch.float64)
+    w = torch.cat([w, w[:, :1]], dim=1)                      # a duplicated class: a tie
+    lse = f("softmax_column_lse", backend)(x.float(), w.float(), None, inv_tau, 64)
+    assert float(torch.exp(lse.double()).sum()) == pytest.approx(400, rel=1e-5)
+    torch.testing.assert_close(lse[0], lse[6])
+    G, _ = f("xt_softmax", backend)(x.float(), w.float(), inv_tau, 64)
+    want = x.T @ torch.softmax(x @ w * inv_tau, dim=1)
+    assert float((G.double() - want).norm() / want.norm()) < 1e-5
+    B, mass, _, _ = f("pseudo_label_reduce", backend)(x.float(), w.float(), None, inv_tau, 1.0,
+                                                     64)
+    assert float(mass.double().sum()) == pytest.approx(400, rel=1e-5)
+
+
+def test_gpu_kernels_give_way_to_torch_at_tiny_temperatures(monkeypatch):
+    """The CUDA and Triton kernels subtract a rounded row log-sum-exp: above
+    GPU_KERNELS_MAX_INV_TAU their three softmax ops run as the torch ops, and the fit's record
+    says so."""
+    from inmap_ext import functional
+
+    runner = functional.Runner("cpu", "torch", None, 10, 3, torch.float32)
+    monkeypatch.setattr(runner, "backend", "triton")
+    limit = functional.GPU_KERNELS_MAX_INV_TAU
+    for name in ("softmax_column_lse", "pseudo_label_reduce", "xt_softmax"):
+        assert runner.op(name, limit * 10) is getattr(reference, name)
+        rec = runner.ran[f"{name} (1/tau > {limit:g})"]
+        assert rec["ran"] == "torch" and rec["requested"] == "triton"
+    assert runner.passes[runner.phase] == 3                  # each still a pass
+    assert "torch" in runner.summary()[0]
+
+
 def test_op_checks_name_the_problem():
     skip_if_no_ext("cpu")
     x, w, _ = _inputs(4, 5, 3, torch.float32, "cpu")

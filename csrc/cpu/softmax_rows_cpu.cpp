@@ -42,10 +42,12 @@ static INMAP_ALWAYS_INLINE T softmax_row(T* r, int64_t C, T inv_tau, const T* bi
   if (log) {
 #pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < C; ++j) s += softmax_exp(r[j] - mx);
-    const T lse = mx + std::log(s);
+    // (v - max) - log s, not v - (max + log s): at logits of 1e6 and more (tiny tau) the sum
+    // max + log s rounds log s away in the logits' ulp, and the rows stop summing to 1
+    const T log_s = std::log(s);
 #pragma omp simd
-    for (int64_t j = 0; j < C; ++j) r[j] -= lse;
-    return lse;
+    for (int64_t j = 0; j < C; ++j) r[j] = (r[j] - mx) - log_s;
+    return mx + log_s;
   }
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < C; ++j) {
