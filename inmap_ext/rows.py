@@ -93,7 +93,7 @@ def check_rows(image_features, text_proxies, *, device=None, stream: bool = Fals
             x, t, scale = check_shard(image_features, text_proxies, process_group, compute)
         else:
             x, t = validation.check_shapes(image_features, text_proxies)
-            t = t.to(compute)
+            t = validation.cpu_upcast(t.to(compute))    # as in memory: never 16-bit on the CPU
             t = validation.normalise(t, validation.check_finite(t, "text_proxies", 0), 0)
             scale = validation.check_host_features(x)
         dtype, tf32 = compute_dtype(precision, x.dtype, compute)

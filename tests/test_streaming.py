@@ -57,6 +57,17 @@ def test_streaming_float64_is_faithful():
     torch.testing.assert_close(got.proxy, mem.proxy, rtol=0, atol=1e-9)
 
 
+def test_half_precision_text_proxies_are_widened_before_normalising_on_both_routes():
+    # fp16 / bf16 text proxies on the CPU are normalised in float32 whether the features are
+    # in memory or streamed (the streamed route once normalised them in 16 bits)
+    X, T, _ = clip_like(300, 16, 5, seed=4, dtype=torch.float32)
+    for dt in (torch.float16, torch.bfloat16):
+        Th = (T * 3).to(dt)
+        mem = inmap_ext.fit_vision_proxy(X, Th, mode="paper", iters=0)
+        got = inmap_ext.fit_vision_proxy(X, Th, mode="paper", iters=0, stream=True)
+        torch.testing.assert_close(got.proxy, mem.proxy, rtol=0, atol=1e-7)
+
+
 def test_streaming_validates_every_chunk():
     X, T, _ = clip_like(500, 8, 3, dtype=torch.float32)
     X = X.clone()
