@@ -151,8 +151,11 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     if labeled is not None and sinkhorn_iters == 0:
         raise ValueError("labeled images choose among balanced pseudo labels; with "
                          "sinkhorn_iters=0 nothing is balanced (drop labeled, or balance)")
-    if isinstance(image_features, torch.Tensor) and isinstance(text_proxies, torch.Tensor):
-        x, t = check_shapes(image_features, text_proxies)  # the cheap checks before any pass
+    # the cheap checks before any pass over the rows (sharded fits: after check_shard, where
+    # every rank raises alike)
+    if (process_group is None and isinstance(image_features, torch.Tensor)
+            and isinstance(text_proxies, torch.Tensor)):
+        x, t = check_shapes(image_features, text_proxies)
         check_class_prior(class_prior, t.shape[1])
         check_labeled(labeled, x.shape[0], t.shape[1])
     rows = check_rows(image_features, text_proxies, device=device, stream=stream,
