@@ -56,7 +56,10 @@ class VisionProxyClassifier(torch.nn.Module):
         saved = res.metadata.get("model")
         if model_name is not None and saved is not None and saved != model_name:
             raise ValueError(f"the proxy was fitted with model {saved!r}, not {model_name!r}")
-        names = json.loads(res.metadata["classnames"]) if "classnames" in res.metadata else None
+        from .clip import distinct_imagenet     # a proxy fitted before the ImageNet rename
+
+        names = distinct_imagenet(json.loads(res.metadata["classnames"])) \
+            if "classnames" in res.metadata else None
         return cls(res.proxy, names, clip_model, model_name=saved or model_name, **kw)
 
     def __repr__(self) -> str:
@@ -81,5 +84,7 @@ class VisionProxyClassifier(torch.nn.Module):
             x = self.clip_model.encode_image(x)
         if x.shape[-1] != self.proxy.shape[0]:
             raise ValueError(f"features have D={x.shape[-1]}, the proxy has D={self.proxy.shape[0]}")
-        x = torch.nn.functional.normalize(x.float(), dim=-1)
-        return self.logit_scale * (x @ self.proxy)
+        # in float32 (or float64) whatever dtype the module or the features were cast to
+        dt = torch.promote_types(torch.promote_types(x.dtype, self.proxy.dtype), torch.float32)
+        x = torch.nn.functional.normalize(x.to(dt), dim=-1)
+        return self.logit_scale * (x @ self.proxy.to(dt))

@@ -106,14 +106,23 @@ def load_classnames(spec: str) -> ClassSpec:
     dup = sorted({c for c in spec_.names if spec_.names.count(c) > 1})
     if dup:
         raise ValueError(f"--classes {spec}: duplicate class names {dup[:5]}")
+    seen: Dict[str, str] = {}
+    for c in spec_.names:     # folders and labels match names with case, '_' and '-' ignored
+        other = seen.setdefault(norm_name(c), c)
+        if other != c:
+            raise ValueError(f"--classes {spec}: class names {other!r} and {c!r} differ only in "
+                             "case, '_' or '-', which image folders and labels cannot tell "
+                             "apart; rename one")
     return spec_
 
 
 def _template_from_string(t: str) -> Template:
-    if "{c}" in t:   # CLIP_benchmark's spelling
-        return lambda c, t=t: t.replace("{c}", c)
-    if "{}" in t:
-        return t
+    """A callable (open_clip decides from the first template whether all are format strings or
+    all callables, so a file mixing '{}' and '{c}' lines must give one kind; a replace, not
+    str.format, so that other braces in a template stay as written)."""
+    for slot in ("{c}", "{}"):   # CLIP_benchmark's spelling, then open_clip's
+        if slot in t:
+            return lambda c, t=t, slot=slot: t.replace(slot, c)
     raise ValueError(f"template {t!r} has no class placeholder ('{{}}' or '{{c}}')")
 
 
@@ -149,6 +158,12 @@ def load_prompts(path: str, classnames: Sequence[str],
     if missing:
         raise ValueError(f"--prompts {path}: no prompts for {len(missing)} class(es), e.g. "
                          f"{missing[:5]}")
+    bad = [c for c, v in found.items()
+           if not isinstance(v, list) or not all(isinstance(x, str) for x in v)]
+    if bad:
+        raise ValueError(f"--prompts {path}: expected a list of prompt strings per class; "
+                         f"{bad[0]!r} has {type(found[bad[0]]).__name__} "
+                         f"{str(found[bad[0]])[:60]!r}")
     return {c: list(v) for c, v in found.items()}
 
 
@@ -192,7 +207,7 @@ REACH_TIMEOUT_S = 3.0
 
 
 def is_random(pretrained: Optional[str]) -> bool:
-    return pretrained is None or pretrained.strip().lower() in RANDOM_WEIGHTS + ("",)
+    return pretrained is None or pretrained.strip().lower() in RANDOM_WEIGHTS
 
 
 def check_model_name(name: str) -> None:
@@ -276,6 +291,9 @@ def check_weights(name: str, pretrained: Optional[str]) -> None:
     exist, a tag open_clip does not know for the model, or a tag whose weights are not cached
     while offline (HF_HUB_OFFLINE=1, or the download host cannot be reached within a few
     seconds) — instead of minutes of download retries."""
+    if pretrained is not None and not pretrained.strip():
+        raise ValueError("--pretrained is empty (an unset variable?); give a tag, a checkpoint "
+                         "file, or 'none' for random weights")
     if is_random(pretrained) or os.path.isfile(pretrained):
         return
     oc = _open_clip()

@@ -73,14 +73,27 @@ def test_list_images_layouts(ws):
 def test_templates_and_classes(ws, tmp_path):
     (tmp_path / "t.txt").write_text("a photo of a {c}.\nart of the {}.\n")
     t = clip_mod.load_templates(str(tmp_path / "t.txt"))
-    assert [x if isinstance(x, str) else x("cat") for x in t] == ["a photo of a cat.",
-                                                                  "art of the {}."]
+    assert [x("cat") for x in t] == ["a photo of a cat.", "art of the cat."]   # one kind
+    assert clip_mod.template_strings(t) == ["a photo of a {}.", "art of the {}."]
+    clip = clip_mod.load_model(MODEL, ws["ckpt"])             # a file mixing the two forms
+    (tmp_path / "t2.txt").write_text("art of the {}.\na photo of a {c}.\n")
+    torch.testing.assert_close(
+        clip_mod.text_proxies(clip, CLASSES, clip_mod.load_templates(str(tmp_path / "t2.txt"))),
+        clip_mod.text_proxies(clip, CLASSES, ["art of the {}.", "a photo of a {}."]))
     assert len(clip_mod.load_templates("openai")) == 80
     assert len(clip_mod.load_templates("simple")) == 7
     assert len(clip_mod.load_classnames("imagenet").names) == 1000
     (tmp_path / "bad.txt").write_text("no placeholder\n")
     with pytest.raises(ValueError, match="has no class placeholder"):
         clip_mod.load_templates(str(tmp_path / "bad.txt"))
+    (tmp_path / "names.txt").write_text("red\nRed\ngreen\n")      # one name to folders
+    with pytest.raises(ValueError, match="'red' and 'Red' differ only in case"):
+        clip_mod.load_classnames(str(tmp_path / "names.txt"))
+    (tmp_path / "p.json").write_text(json.dumps({"cat": ["a cat"], "dog": "a dog"}))
+    with pytest.raises(ValueError, match="a list of prompt strings per class; 'dog' has str"):
+        clip_mod.load_prompts(str(tmp_path / "p.json"), ["cat", "dog"])
+    with pytest.raises(ValueError, match="--pretrained is empty"):
+        clip_mod.check_weights(MODEL, " ")
     (tmp_path / "map.json").write_text(json.dumps({"n001": "red", "n002": "green"}))
     spec = clip_mod.load_classnames(str(tmp_path / "map.json"))
     assert spec.names == ["red", "green"] and spec.folder_map["n002"] == "green"
@@ -306,6 +319,11 @@ def test_classifier_module_matches_fit(ws, tmp_path):
                      for p in images.paths[:2]])
     with torch.no_grad():
         torch.testing.assert_close(head(x), head(clip.model.encode_image(x)))
+    for dt in (torch.float16, torch.bfloat16, torch.float64):   # the module cast, as heads are
+        cast = VisionProxyClassifier.from_file(out / "proxy.safetensors").to(dt)
+        got = cast(feats[ok].to(dt))
+        assert got.dtype == (torch.float64 if dt == torch.float64 else torch.float32)
+        assert float((got.argmax(1) == logits.argmax(1)).float().mean()) >= 0.9
     with pytest.raises(ValueError, match="fitted with model 'ViT-B-32', not 'RN50'"):
         VisionProxyClassifier.from_file(out / "proxy.safetensors", model_name="RN50")
     with pytest.raises(ValueError, match="D=1024 but the proxy has D=512"):
@@ -761,6 +779,11 @@ def test_imagenet_renames_reach_prompts_old_proxies_counts_and_prior_files(tmp_p
         cupl["sunglasses"] and len(per_class) == 1000
     assert clip_mod.distinct_imagenet(text) == spec.names
     assert clip_mod.distinct_imagenet(["a", "b"]) == ["a", "b"]
+    from inmap_ext.result import VisionProxyResult
+
+    old = VisionProxyResult.__new__(VisionProxyResult)        # a proxy fitted before the rename
+    old.proxy, old.metadata = torch.zeros(4, 1000), {"classnames": json.dumps(text)}
+    assert VisionProxyClassifier.from_result(old).classnames == spec.names
     idx = torch.tensor([0, 1, 1, 2])
     assert pipeline._counts_by_name(["red", "red", "blue"], idx) == {"red": 3, "blue": 1}
     said = []
