@@ -348,7 +348,10 @@ def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] =
     spec = clip_mod.load_classnames(classes)
     tmpl = clip_mod.load_templates(templates)
     per_class = clip_mod.load_prompts(prompts, spec.names, spec.text_names) if prompts else None
+    prior_file = hyper.get("class_prior")
     hyper = _class_prior_option(hyper, spec, log)
+    prior_file = prior_file if isinstance(prior_file, str) and \
+        not isinstance(hyper.get("class_prior"), str) else None
     if labeled is not None:
         cp = hyper.get("class_prior")
         if hyper.get("mode") == "paper" or not (cp is None or cp == "auto"):
@@ -462,7 +465,7 @@ def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] =
     report = {
         "command": command, "timestamp": started, "finished": _now_iso(),
         "model": model, "pretrained": weights, "weights_id": clip.weights_id,
-        "device": str(clip.device),
+        "model_precision": model_precision, "device": str(clip.device),
         "images": image_set.source or image_set.root, "n_images": len(feats.images),
         "n_used": int(feats.keep.sum()), "features": feats.stats,
         "n_skipped": len(feats.skipped), "skipped": feats.skipped,
@@ -490,6 +493,10 @@ def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] =
                     "predictions": os.path.join(out, "predictions.csv")},
         "versions": versions(),
     }
+    if prior_file is not None:       # --class-prior FILE: which file, and what it gave
+        report["class_prior"]["given_file"] = os.path.abspath(prior_file)
+        report["class_prior"]["given_proportions"] = dict(zip(
+            spec.names, (round(float(v), 6) for v in res.class_prior.target.tolist())))
     if image_set.ignored:
         report["ignored"] = image_set.ignored
     if coverage is not None:

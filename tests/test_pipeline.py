@@ -493,6 +493,10 @@ def test_fit_report_class_prior_stop_and_file_modes(ws, tmp_path):
     assert main(_fit_args(ws, tmp_path, "--iters", "40", "--class-prior", str(weights))) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["class_prior"]["chosen"] == "given" and report["mode"] == "default"
+    assert report["class_prior"]["given_file"] == str(weights)     # which file, what it gave
+    assert report["class_prior"]["given_proportions"] == pytest.approx(
+        {"red": 2 / 3, "green": 1 / 3, "blue": 0.0}, abs=1e-6)
+    assert report["model_precision"] == "fp32"
     assert report["descent"]["how_it_ended"] and len(report["descent"]["objective"]) == \
         report["descent"]["n_iters"]
     assert report["pseudo_labels"]["classes_without_pseudo_label"] >= 1   # blue: zero mass
