@@ -298,8 +298,8 @@ def _check_options(args) -> None:
     for device in ([devices] if isinstance(devices, str) else devices or []):
         if not DEVICE.fullmatch(device):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-        if device.startswith("cuda"):
-            import torch
+        if device.startswith("cuda") and args.command not in ("export", "cache"):
+            import torch        # export and cache run on the CPU: --device is unused there
 
             if not torch.cuda.is_available():
                 raise ValueError(f"--device {device}: no CUDA device is available here "

@@ -440,6 +440,8 @@ def test_device_cuda_without_gpu_is_a_clean_input_error(ws, tmp_path, capsys):
     assert main(_fit_args(ws, tmp_path, "--device", "cuda")) == 3
     err = capsys.readouterr().err
     assert "no CUDA device is available" in err and "Traceback" not in err
+    # where --device is unused (the commands that run on the CPU) it is accepted, as --help says
+    assert main(["cache", "--device", "cuda", "--cache-dir", str(tmp_path / "c")]) == 0
 
 
 def test_not_a_proxy_file_and_not_a_checkpoint(ws, tmp_path, capsys):
