@@ -46,6 +46,11 @@ def extension_loaded() -> bool:
     return _LOAD_ERROR is None
 
 
+def load_error() -> str:
+    """Why the compiled extension did not load ("" when it did)."""
+    return "" if _LOAD_ERROR is None else f"{type(_LOAD_ERROR).__name__}: {_LOAD_ERROR}"
+
+
 def _has_kernel(name: str, dispatch_key: str) -> bool:
     if not extension_loaded():
         return False
@@ -158,7 +163,10 @@ def fused_design_requested(x: torch.Tensor) -> bool:
 def cuda_design_of(device: "torch.device | str", dtype: torch.dtype) -> str:
     """The design ("chunked" or "fused") the compiled CUDA ops run for ``dtype`` on the CUDA
     ``device`` under the current INMAP_CUDA_DESIGN and TF32 setting."""
-    if os.environ.get(DESIGN_ENV) != "fused":
+    chosen = os.environ.get(DESIGN_ENV)
+    if chosen not in (None, "", *CUDA_DESIGNS):     # the kernels refuse it (design.cuh): say so
+        raise ValueError(f"{DESIGN_ENV}={chosen!r}: expected one of {CUDA_DESIGNS}")
+    if chosen != "fused":
         return "chunked"
     if not (dtype in (torch.float16, torch.bfloat16) or
             (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)):

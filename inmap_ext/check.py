@@ -7,6 +7,7 @@ its CUDA kernels were not checked."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import List
 
@@ -68,6 +69,10 @@ def run_check(devices=None, verbose=True) -> List[dict]:
                              _ops.ext_available("cuda") else [])
     rows = []
     for dev in map(torch.device, devices):
+        if dev.type == "cpu" and not _ops.extension_loaded():   # built, but broken: a failure
+            row = _skip(dev, f"the compiled extension failed to load: {_ops.load_error()}")
+            rows.append(dict(row, failed=True))
+            continue
         if not _ops.ext_available(dev):
             rows.append(_skip(dev, f"no compiled {dev.type} kernels"))
             continue
@@ -108,14 +113,26 @@ def _designs(dev: torch.device, dt: torch.dtype) -> List[str]:
 def _check_op(dev, name, args, shape, dt, design, exact) -> dict:
     ext = _ops.op(name, "triton" if design == "triton" else "ext")
     ref = getattr(reference, name)
-    got, want = ext(*args), ref(*args)
+    row = dict(device=str(dev), op=name, design=design, shape=shape,
+               dtype=str(dt).replace("torch.", ""), rel_err=None, ext_ms=None, torch_ms=None,
+               ok=False, note="")
+    try:
+        got = ext(*args)
+    except Exception as e:     # a raising kernel is a FAIL row; the other ops are still checked
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        return dict(row, note=f"raised {type(e).__name__}: {first}", failed=True)
+    want = ref(*args)
     if not exact and name == "pseudo_label_reduce":   # random inputs may hold near-ties
         got, want = got[:2], want[:2]
     ok, err, _ = verify.compare(name, got, want, args, REL_TOL[dt])
-    return dict(device=str(dev), op=name, design=design, shape=shape,
-                dtype=str(dt).replace("torch.", ""), rel_err=err,
-                ext_ms=_time(lambda: ext(*args), dev), torch_ms=_time(lambda: ref(*args), dev),
-                ok=ok, note="")
+    return dict(row, rel_err=err if math.isfinite(err) else None, ok=ok,   # JSON-safe
+                ext_ms=_time(lambda: ext(*args), dev), torch_ms=_time(lambda: ref(*args), dev))
+
+
+def _failed(row: dict) -> bool:
+    """A row that fails the check: a wrong or raising kernel, or an extension that failed to
+    load (a row with only a note, e.g. no GPU, was not checked)."""
+    return not row["ok"] and (not row["note"] or bool(row.get("failed")))
 
 
 def format_table(rows) -> str:
@@ -126,14 +143,15 @@ def format_table(rows) -> str:
         err = "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
         ems = "" if r["ext_ms"] is None else f"{r['ext_ms']:.2f}"
         tms = "" if r["torch_ms"] is None else f"{r['torch_ms']:.2f}"
-        verdict = "PASS" if r["ok"] else (("" if r["note"] == NO_GPU else "SKIP ") + r["note"]
-                                          if r["note"] else "FAIL")
+        verdict = "PASS" if r["ok"] else ("FAIL" + (f" {r['note']}" if r["note"] else "")
+                                          if _failed(r) else
+                                          ("" if r["note"] == NO_GPU else "SKIP ") + r["note"])
         lines.append(f"{r['device']:6} {r['op']:20} {r.get('design', '-'):8} {r['shape']:>16} "
                      f"{r['dtype']:9} {err:>9} "
                      f"{ems:>9} {tms:>9}  {verdict}")
     n_pass = sum(r["ok"] for r in rows)
-    n_fail = sum((not r["ok"]) and not r["note"] for r in rows)
-    n_skip = sum(bool(r["note"]) for r in rows)
+    n_fail = sum(_failed(r) for r in rows)
+    n_skip = sum(bool(r["note"]) and not _failed(r) for r in rows)
     lines.append(f"{n_pass} passed, {n_fail} failed" +
                  (f", {n_skip} not checked" if n_skip else ""))
     if any(r["note"] == NO_GPU for r in rows):

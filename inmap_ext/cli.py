@@ -516,7 +516,9 @@ def _run(args) -> int:
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(rows, f, indent=1)
-        return EXIT_OK if all(r["ok"] or r["note"] for r in rows) else EXIT_CHECK_FAILED
+        from .check import _failed
+
+        return EXIT_CHECK_FAILED if any(_failed(r) for r in rows) else EXIT_OK
     elif cmd == "cache":
         _cache_command(args.cache_dir, args.clear)
     return EXIT_OK

@@ -72,6 +72,11 @@ class Runner:
         ``GPU_KERNELS_MAX_INV_TAU`` the CUDA and Triton kernels give way to the torch op (they
         subtract a row's log-sum-exp rounded at the logits' ulp: exact enough up to there)."""
         self.count_pass()
+        f = self._resolved.get(name)
+        if f is None:        # resolved on every rank alike (its collective), whatever follows
+            f, self.ran[name] = verify.resolve(name, self.backend, self.device, self.dtype,
+                                               self.group)
+            self._resolved[name] = f
         if (inv_tau is not None and inv_tau > GPU_KERNELS_MAX_INV_TAU
                 and (self.backend == "triton" or (self.backend == "ext"
                                                   and self.device.type == "cuda"))):
@@ -80,11 +85,6 @@ class Runner:
                 why=f"1/tau = {inv_tau:.3g}: the {self.backend} kernel's rounding of the row "
                     "log-sum-exp grows with the logits; the torch op normalises exactly")
             return getattr(reference, name)
-        f = self._resolved.get(name)
-        if f is None:
-            f, self.ran[name] = verify.resolve(name, self.backend, self.device, self.dtype,
-                                               self.group)
-            self._resolved[name] = f
         return f
 
     def summary(self):

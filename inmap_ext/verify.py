@@ -36,7 +36,7 @@ from . import _ops, reference
 
 ENV = "INMAP_VERIFY"
 REPORT = ("please report it at the project's issue tracker with this warning and the output of "
-          "`inmap check --json-out check.json`")
+          "`inmap check --json check.json`")
 
 # Relative error ||kernel - torch|| / ||torch|| allowed per input dtype (as in the tests), and
 # for float32 through TF32 tensor cores (tests/test_cuda.py: fused fp32).
@@ -254,10 +254,15 @@ def check_op(name: str, backend: str, device, dtype) -> Verdict:
             err = 0.0
             for p in PROBES:                 # every probe must agree; the worst is reported
                 args = probe_calls(*probe_inputs(device, dtype, p), p)[name]
-                got = _ops.op(name, backend)(*args)
-                with _ops.allow_tf32(False):   # exact fp32 reference
+                mine = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+                got = _ops.op(name, backend)(*mine)       # on copies: the reference reads the
+                with _ops.allow_tf32(False):              # inputs as given (exact fp32)
                     want = getattr(reference, name)(*args)
                 ok, e, out = compare(name, got, want, args, tol)
+                changed = [i for i, (a, b) in enumerate(zip(args, mine))
+                           if isinstance(a, torch.Tensor) and not torch.equal(a, b)]
+                if changed:                            # the more telling diagnosis
+                    ok, e, out = False, math.inf, f"the kernel modified its input {changed[0]}"
                 if e >= err:
                     err, what = e, f"{out}, probe D={p['d']} C={p['c']}"
                 if not ok:

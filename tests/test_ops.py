@@ -319,13 +319,26 @@ def test_gpu_kernels_give_way_to_torch_at_tiny_temperatures(monkeypatch):
 
     runner = functional.Runner("cpu", "torch", None, 10, 3, torch.float32)
     monkeypatch.setattr(runner, "backend", "triton")
+    resolved = []
+
+    def kernel(*a):
+        raise AssertionError("the kernel ran above the limit")
+
+    def resolve(name, backend, device, dtype, group):    # the op is still resolved (a sharded
+        resolved.append(name)                             # fit's ranks meet in its collective)
+        return kernel, dict(op=name, requested=backend, ran=backend)
+
+    monkeypatch.setattr(functional.verify, "resolve", resolve)
     limit = functional.GPU_KERNELS_MAX_INV_TAU
-    for name in ("softmax_column_lse", "pseudo_label_reduce", "xt_softmax"):
+    names = ("softmax_column_lse", "pseudo_label_reduce", "xt_softmax")
+    for name in names:
         assert runner.op(name, limit * 10) is getattr(reference, name)
         rec = runner.ran[f"{name} (1/tau > {limit:g})"]
         assert rec["ran"] == "torch" and rec["requested"] == "triton"
-    assert runner.passes[runner.phase] == 3                  # each still a pass
-    assert "torch" in runner.summary()[0]
+        assert runner.op(name, 25.0) is kernel                # below it: the kernel
+    assert resolved == list(names)
+    assert runner.passes[runner.phase] == 6                  # each call still a pass
+    assert runner.summary()[0] == "torch+triton"
 
 
 def test_op_checks_name_the_problem():
@@ -369,6 +382,16 @@ def test_auto_backend_and_errors():
     assert _ops.resolve_backend("auto", "meta") == "torch"   # no kernels for other devices
     with pytest.raises(RuntimeError, match="backend='ext' requested for meta tensors"):
         _ops.resolve_backend("ext", "meta")
+
+
+def test_a_misspelt_cuda_design_is_an_error_not_a_kernel_failure(monkeypatch):
+    # the CUDA kernels refuse it (design.cuh); the first-use check would call that a failed
+    # kernel and fall back to torch: the name is refused where the design is chosen instead
+    monkeypatch.setenv(_ops.DESIGN_ENV, "FUSED")
+    with pytest.raises(ValueError, match="INMAP_CUDA_DESIGN='FUSED': expected one of"):
+        _ops.cuda_design_of("cuda", torch.float16)
+    monkeypatch.setenv(_ops.DESIGN_ENV, "")
+    assert _ops.cuda_design_of("cuda", torch.float16) == "chunked"
 
 
 def test_cuda_design_context_sets_and_restores_the_environment(monkeypatch):

@@ -988,6 +988,42 @@ def test_cli_check_exit_code_says_a_kernel_failed(monkeypatch):
     assert main(["check", "--device", "cpu"]) == EXIT_CHECK_FAILED
 
 
+def test_check_reports_a_raising_kernel_and_a_broken_extension(monkeypatch, tmp_path, capsys):
+    """A kernel that raises is a FAIL row (the other ops are still checked) and the --json file
+    is strict JSON; an extension that failed to load fails the check with its error."""
+    from inmap_ext import _ops, check
+    from inmap_ext.cli import EXIT_CHECK_FAILED, EXIT_OK, main
+
+    if not _ops.ext_available("cpu"):
+        pytest.skip("compiled cpu kernels not built")
+    real = _ops.op
+
+    def op(name, backend):
+        if name == "xt_softmax" and backend == "ext":
+            def boom(*a):
+                raise RuntimeError("illegal memory access")
+            return boom
+        if name == "softmax_column_lse" and backend == "ext":
+            return lambda *a: real(name, backend)(*a) * float("nan")
+        return real(name, backend)
+
+    monkeypatch.setattr(_ops, "op", op)
+    out = tmp_path / "c.json"
+    assert main(["check", "--device", "cpu", "--json", str(out)]) == EXIT_CHECK_FAILED
+    table = capsys.readouterr().out
+    assert "FAIL raised RuntimeError: illegal memory access" in table
+    rows = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert any(r["op"] == "topk_scores" and r["ok"] for r in rows)     # the rest still ran
+    assert all(r["rel_err"] is None for r in rows if r["op"] == "softmax_column_lse")
+    monkeypatch.setattr(_ops, "op", real)
+    monkeypatch.setattr(_ops, "_LOAD_ERROR", ImportError("undefined symbol: _ZN2at6detail"))
+    assert main(["check", "--device", "cpu"]) == EXIT_CHECK_FAILED
+    assert "FAIL the compiled extension failed to load: ImportError: undefined symbol" in \
+        capsys.readouterr().out
+    monkeypatch.undo()
+    assert check.run_check(["cpu"], verbose=False) and main(["check", "--device", "cpu"]) == EXIT_OK
+
+
 def test_fit_labeled_file_and_folder_settle_the_class_prior(ws, tmp_path):
     """--labeled: a file of 'IMAGE<TAB or comma>CLASS' lines or a CLASS/IMAGE folder of some of
     the images; the report says what the labels decided, every fit states its assumption and

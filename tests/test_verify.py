@@ -61,6 +61,14 @@ def _raising(f):
     return boom
 
 
+def _mutating(f):
+    """Right about the input it leaves behind: zeroes rows of x, then computes on them."""
+    def mutate(*args):
+        args[0][: max(1, args[0].shape[0] // 4)] = 0
+        return f(*args)
+    return mutate
+
+
 # -- the probe ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", verify.PROBES, ids=["ragged", "aligned"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16,
@@ -160,10 +168,11 @@ def test_compiled_cpu_ops_pass_once_per_combination(monkeypatch):
     assert len(checks) == 2 * len(ops) + 1 - len(stored)
 
 
-@pytest.mark.parametrize("fault", ["wrong", "raises"])
+@pytest.mark.parametrize("fault", ["wrong", "raises", "mutates"])
 def test_a_bad_compiled_op_warns_once_and_the_fit_is_the_torch_fit(monkeypatch, fault):
     skip_if_no_ext("cpu")
-    ran = _inject(monkeypatch, perturbed if fault == "wrong" else _raising, torch.float64)
+    ran = _inject(monkeypatch, {"wrong": perturbed, "raises": _raising,
+                                "mutates": _mutating}[fault], torch.float64)
     X, T, _ = clip_like(300, 24, 7, seed=3)
     want = inmap_ext.fit_vision_proxy(X, T, backend="torch", **KW)
     with warnings.catch_warnings(record=True) as caught:
@@ -175,7 +184,8 @@ def test_a_bad_compiled_op_warns_once_and_the_fit_is_the_torch_fit(monkeypatch, 
     assert len(msgs) == len(ops)                      # once per op, not per call or per fit
     msg = next(m for m in msgs if "xt_softmax" in m)
     assert "ext backend, cpu design" in msg and "float64" in msg and " on cpu " in msg
-    assert ("relative error" in msg) if fault == "wrong" else ("raised RuntimeError: CUDA" in msg)
+    assert {"wrong": "relative error", "raises": "raised RuntimeError: CUDA",
+            "mutates": "modified its input 0"}[fault] in msg
     assert "pure-torch backend for the rest of this process" in msg and "inmap check" in msg
     # the wrong op ran only in its check: the fit is exactly the pure-torch fit
     assert sorted(ran) == sorted(ops)
@@ -184,6 +194,8 @@ def test_a_bad_compiled_op_warns_once_and_the_fit_is_the_torch_fit(monkeypatch, 
     for r in ops.values():
         assert r["verified"] == "failed" and r["ran"] == "torch" and r["requested"] == "ext"
         assert (r["rel_err"] > r["tol"]) if fault == "wrong" else (r["rel_err"] is None)
+    if fault == "mutates":       # the fit's own inputs were never given to the bad kernel
+        assert torch.equal(X, clip_like(300, 24, 7, seed=3)[0])
     # float32 is another combination: checked on its own, passes, runs the compiled ops; only
     # the stored logits' read, whose dtype is the store's (float64 at this size:
     # logit_store.py), is the failed float64 combination and runs its torch twin
