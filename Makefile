@@ -77,6 +77,7 @@ bench: install
 $(VENV_CPU)/.deps:
 	$(PYTHON) -m venv $(VENV_CPU)
 	$(VENV_CPU)/bin/pip install $(PIP_FLAGS) $(TORCH_CPU) numpy safetensors tqdm pytest psutil ninja setuptools wheel
+	@$(VENV_CPU)/bin/python -c "import sys, torch; sys.exit(None if torch.version.cuda is None else 'cpu-test needs a CPU-only torch, got ' + torch.__version__ + ' (a CUDA build): set TORCH_CPU, e.g. with --index-url https://download.pytorch.org/whl/cpu')"
 	touch $@
 
 $(VENV_CPU)/.installed: $(VENV_CPU)/.deps $(SOURCES)
