@@ -794,7 +794,7 @@ def predict_images(*, proxy: str, images: Optional[str] = None, out: str,
     meta = res.metadata
     if features is not None:
         return _predict_features(res, proxy, features, out, model, topk, log, force, command,
-                                 started, cache_dir)
+                                 started, cache_dir, pretrained)
     model = model or meta.get("model")
     if not model:
         raise ValueError(f"{proxy} names no model in its metadata: pass --model and --pretrained")
@@ -842,12 +842,20 @@ def predict_images(*, proxy: str, images: Optional[str] = None, out: str,
 
 def _predict_features(res: VisionProxyResult, proxy: str, features: str, out: str,
                       model: Optional[str], topk: int, log: Log, force: bool,
-                      command: Optional[str], started: str, cache_dir: Optional[str]) -> dict:
-    """``inmap predict --features``: the proxy classifies precomputed embeddings (no encoder)."""
+                      command: Optional[str], started: str, cache_dir: Optional[str],
+                      pretrained: Optional[str] = None) -> dict:
+    """``inmap predict --features``: the proxy classifies precomputed embeddings (no encoder).
+    A --model or --pretrained given says which encoder made them: other than the proxy's is an
+    error (a warning with --force), as for images."""
     meta = res.metadata
     if model and meta.get("model") and meta["model"] != model:
         _mismatch(force, log, f"the proxy {proxy} was fitted with --model {meta['model']}, not "
                   f"{model}", fitted=meta["model"], using=model)
+    named = clip_mod.weights_name(pretrained) if pretrained is not None else None
+    if named is not None and meta.get("pretrained") and meta["pretrained"] != named:
+        _mismatch(force, log, f"the proxy {proxy} was fitted with --pretrained "
+                  f"{meta['pretrained']}, not {named}: features from other weights do not "
+                  "match its classes", fitted=meta["pretrained"], using=named)
     _check_features_dim(features, res.proxy.shape[0], f"the proxy {proxy}")
     names = clip_mod.distinct_imagenet(json.loads(meta["classnames"])) if "classnames" in meta \
         else [str(i) for i in range(res.num_classes)]

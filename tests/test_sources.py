@@ -344,6 +344,14 @@ def test_npy_features_fit_like_the_images(ws, folder_features, tmp_path, capsys)
                  "--features", str(npy), "--out", str(tmp_path / "p.csv"), "-q"]) == 0
     assert [r["inmap_class_1"] for r in _rows(tmp_path / "p.csv")] == \
         [r["inmap_class_1"] for r in rows]
+    # --pretrained says which weights made them: the proxy's are fine, others an input error
+    predict = ["predict", "--proxy", str(tmp_path / "npy" / "proxy.safetensors"), "--features",
+               str(npy), "--out", str(tmp_path / "p.csv"), "-q"]
+    assert main(predict + ["--pretrained", ws["ckpt"]]) == 0
+    capsys.readouterr()
+    assert main(predict + ["--pretrained", "laion2b_s34b_b79k"]) == 3
+    assert "was fitted with --pretrained" in capsys.readouterr().err
+    assert main(predict + ["--pretrained", "laion2b_s34b_b79k", "--force"]) == 0
 
 
 def test_features_of_the_wrong_dimension_or_not_finite_are_input_errors(ws, tmp_path, capsys,
