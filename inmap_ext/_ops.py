@@ -97,11 +97,15 @@ def triton_available(device: "torch.device | str") -> "str | None":
     return None
 
 
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def resolve_backend(backend: str, device: "torch.device | str") -> str:
     """Map "auto" / "ext" / "torch" / "triton" to the backend that will run. "auto" picks the
     compiled kernels for the device when present, else torch; "triton" is opt-in."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     device = torch.device(device)
     if backend == "torch":
         return "torch"

@@ -129,7 +129,7 @@ def _check_op(dev, name, args, shape, dt, design, exact) -> dict:
                 ext_ms=_time(lambda: ext(*args), dev), torch_ms=_time(lambda: ref(*args), dev))
 
 
-def _failed(row: dict) -> bool:
+def failed(row: dict) -> bool:
     """A row that fails the check: a wrong or raising kernel, or an extension that failed to
     load (a row with only a note, e.g. no GPU, was not checked)."""
     return not row["ok"] and (not row["note"] or bool(row.get("failed")))
@@ -144,14 +144,14 @@ def format_table(rows) -> str:
         ems = "" if r["ext_ms"] is None else f"{r['ext_ms']:.2f}"
         tms = "" if r["torch_ms"] is None else f"{r['torch_ms']:.2f}"
         verdict = "PASS" if r["ok"] else ("FAIL" + (f" {r['note']}" if r["note"] else "")
-                                          if _failed(r) else
+                                          if failed(r) else
                                           ("" if r["note"] == NO_GPU else "SKIP ") + r["note"])
         lines.append(f"{r['device']:6} {r['op']:20} {r.get('design', '-'):8} {r['shape']:>16} "
                      f"{r['dtype']:9} {err:>9} "
                      f"{ems:>9} {tms:>9}  {verdict}")
     n_pass = sum(r["ok"] for r in rows)
-    n_fail = sum(_failed(r) for r in rows)
-    n_skip = sum(bool(r["note"]) and not _failed(r) for r in rows)
+    n_fail = sum(failed(r) for r in rows)
+    n_skip = sum(bool(r["note"]) and not failed(r) for r in rows)
     lines.append(f"{n_pass} passed, {n_fail} failed" +
                  (f", {n_skip} not checked" if n_skip else ""))
     if any(r["note"] == NO_GPU for r in rows):

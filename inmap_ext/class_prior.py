@@ -297,7 +297,6 @@ def _auto(source, runner, t, n, stats, balance, log_u, record, judge=None, log_z
         stats["unlabeled_choice"] = unlabeled_choice
         stats["decided_by"] = ("unlabeled rule" if chosen == unlabeled_choice
                                else "labeled images")
-
         if chosen != kept:        # fit.py judges both candidates' fits (labeled.confirm)
             alternative = _candidate(kept, f"{how}; unlabeled rule: {why}", betas, log_u,
                                      log_pi, estimate, record)

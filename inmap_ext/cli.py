@@ -516,9 +516,9 @@ def _run(args) -> int:
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(rows, f, indent=1)
-        from .check import _failed
+        from .check import failed
 
-        return EXIT_CHECK_FAILED if any(_failed(r) for r in rows) else EXIT_OK
+        return EXIT_CHECK_FAILED if any(failed(r) for r in rows) else EXIT_OK
     elif cmd == "cache":
         _cache_command(args.cache_dir, args.clear)
     return EXIT_OK

@@ -167,7 +167,7 @@ def _parquet_ids(paths: List[str], folder: str) -> List[str]:
     return ids
 
 
-def _joined(embs: List[str], cache_dir: Optional[str], source: str) -> torch.Tensor:
+def _joined(embs: List[str], cache_dir: Optional[str], source: str, rows: int) -> torch.Tensor:
     """Several img_emb files as one memory-mapped N x D array, written once into the cache as an
     entry of its own (``<cache>/emb-KEY/joined.npy`` with a manifest: ``inmap cache`` lists it,
     ``--clear`` removes it), keyed by every file's path, size, modification and change times."""
@@ -184,10 +184,9 @@ def _joined(embs: List[str], cache_dir: Optional[str], source: str) -> torch.Ten
                  .encode("utf-8", "surrogateescape"))
     folder = os.path.join(cache_dir or default_cache_dir(), "emb-" + h.hexdigest()[:20])
     out = os.path.join(folder, "joined.npy")
-    parts = [np.load(p, mmap_mode="r") for p in embs]
-    rows = sum(len(a) for a in parts)
     if not os.path.isfile(out):
         os.makedirs(folder, exist_ok=True)
+        parts = [np.load(p, mmap_mode="r") for p in embs]
         tmp = out + f".tmp{os.getpid()}.npy"
         joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype,
                                            shape=(rows, parts[0].shape[1]))
@@ -220,7 +219,7 @@ def load_features(path: str, *, cache_dir: Optional[str] = None) -> Embeddings:
     ids: Optional[List[str]] = None
     if shape.kind == "clip-retrieval":
         embs, metas = _retrieval_files(path)
-        x = _joined(embs, cache_dir, path)
+        x = _joined(embs, cache_dir, path, shape.rows)
         if metas:
             ids = _parquet_ids(metas, path)
             if len(ids) != shape.rows:

@@ -142,8 +142,7 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     given = isinstance(class_prior, torch.Tensor)
     check_balancing(sinkhorn_iters, given or class_prior == "estimate",
                     "given proportions" if given else repr(class_prior))
-    if backend not in _ops.BACKENDS:
-        raise ValueError(f"backend must be one of {_ops.BACKENDS}, got {backend!r}")
+    _ops.check_backend(backend)
     if labeled is not None and not (isinstance(class_prior, str) and class_prior == "auto"):
         raise ValueError("labeled images settle class_prior='auto' among its candidates; with "
                          f"class_prior={class_prior if isinstance(class_prior, str) else 'given'!r}"

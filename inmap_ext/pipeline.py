@@ -348,10 +348,8 @@ def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] =
     spec = clip_mod.load_classnames(classes)
     tmpl = clip_mod.load_templates(templates)
     per_class = clip_mod.load_prompts(prompts, spec.names, spec.text_names) if prompts else None
-    prior_file = hyper.get("class_prior")
+    prior_file = _class_prior_file(hyper)
     hyper = _class_prior_option(hyper, spec, log)
-    prior_file = prior_file if isinstance(prior_file, str) and \
-        not isinstance(hyper.get("class_prior"), str) else None
     if labeled is not None:
         cp = hyper.get("class_prior")
         if hyper.get("mode") == "paper" or not (cp is None or cp == "auto"):
@@ -633,12 +631,6 @@ def match_labeled(pairs: Sequence[Tuple[str, str, int]], ids: Sequence[str], pat
     return torch.tensor(idx, dtype=torch.long), torch.tensor(lab, dtype=torch.long)
 
 
-def read_labeled(path: str, ids: Sequence[str], names: Sequence[str],
-                 folder_map: Optional[Dict[str, str]] = None):
-    """``parse_labeled`` then ``match_labeled`` against ``ids``."""
-    return match_labeled(parse_labeled(path, names, folder_map), ids, path)
-
-
 def read_class_weights(path: str, names: Sequence[str]) -> torch.Tensor:
     """Class proportions from a file: JSON {class: weight}, or lines 'class weight' (the last
     whitespace- or comma-separated field is the weight; '#' starts a comment). Classes not
@@ -697,12 +689,20 @@ def _imagenet_folders_note(spec: "clip_mod.ClassSpec", image_set: ImageSet, log:
         log("labels", f"class folders: {clip_mod.IMAGENET_NOTE}")
 
 
-def _class_prior_option(hyper: dict, spec: "clip_mod.ClassSpec", log: Log) -> dict:
-    """--class-prior FILE -> the proportions tensor (checked before any model is loaded)."""
-    from .class_prior import CLASS_PRIORS, check_class_prior
+def _class_prior_file(hyper: dict) -> Optional[str]:
+    """The file --class-prior names, or None (a name of CLASS_PRIORS, a tensor or nothing)."""
+    from .class_prior import CLASS_PRIORS
 
     cp = hyper.get("class_prior")
-    if not isinstance(cp, str) or cp in CLASS_PRIORS:     # None, a name or a tensor already
+    return cp if isinstance(cp, str) and cp not in CLASS_PRIORS else None
+
+
+def _class_prior_option(hyper: dict, spec: "clip_mod.ClassSpec", log: Log) -> dict:
+    """--class-prior FILE -> the proportions tensor (checked before any model is loaded)."""
+    from .class_prior import check_class_prior
+
+    cp = _class_prior_file(hyper)
+    if cp is None:                                        # None, a name or a tensor already
         return hyper
     names = spec.names
     if spec.text_names is not None:
