@@ -1,7 +1,7 @@
 """Passes and wall time of a fit, side by side in one run:
 `python bench/speed.py [DATA.npz ...] [--synthetic 4000x512x1000,400000x128x1000]
 [--device cpu] [--threads N] [--paper-max-n 20000] [--previous-max-n 20000]
-[--passes-max-n N] [--baseline DIR --baseline-label NAME]`.
+[--passes-max-n N] [--one-gib-max-n N] [--baseline DIR --baseline-label NAME]`.
 
 For every set (the full set of each DATA.npz: X N x D, y N, T D x C; and synthetic CLIP-like
 sets N x D x C, balanced, gap 2, text noise 0.4), one after the other on the same machine:
@@ -11,6 +11,9 @@ sets N x D x C, balanced, gap 2, text noise 0.4), one after the other on the sam
 - "default": today's default fit (class_prior="auto");
 - "default, decision on passes" (only up to --passes-max-n images, default none): the default
   fit without the logit store, every read of its decision a pass over the features;
+- "default, store within 1 GiB" (only up to --one-gib-max-n images, default none): the default
+  fit with its logit store capped at 1 GiB whatever the memory available (the default until
+  the store could grow with the memory available: beyond 537k rows at C = 1000 a partial store);
 - "default, uniform": the default fit told the set is balanced (class_prior="uniform");
 - "paper": mode="paper", all 2000 published steps (only up to --paper-max-n images);
 - with ``--baseline DIR``: the default fit of another build of inmap_ext (DIR holds its
@@ -43,6 +46,7 @@ from inmap_ext.synthetic import make_problem  # noqa: E402
 RUNS = [("previous default", dict(solver="gd"), {"INMAP_LOGIT_STORE_BYTES": "0"}),
         ("default", {}, {}),
         ("default, decision on passes", {}, {"INMAP_LOGIT_STORE_BYTES": "0"}),
+        ("default, store within 1 GiB", {}, {"INMAP_LOGIT_STORE_BYTES": str(1 << 30)}),
         ("default, uniform", dict(class_prior="uniform"), {}),
         ("paper", dict(mode="paper"), {})]
 
@@ -118,7 +122,7 @@ def _baseline(folder, X, T, y, device):
 
 
 def measure(name, X, T, y, device, paper_max_n, previous_max_n, baseline=None,
-            passes_max_n=0):
+            passes_max_n=0, one_gib_max_n=0):
     X, T, y = X.to(device), T.to(device), y.to(device)
     acc = lambda p: 100 * float((p == y).double().mean())  # noqa: E731
     row = {"set": name, "n": X.shape[0], "d": X.shape[1], "c": T.shape[1],
@@ -134,7 +138,8 @@ def measure(name, X, T, y, device, paper_max_n, previous_max_n, baseline=None,
         print(f"  {name} | {label}: {b['steps']} steps {b['seconds']:.1f}s top-1 "
               f"{b['top1']:.2f} ({b['prior']}; {b['package']})", flush=True)
     most = {"paper": paper_max_n, "previous default": previous_max_n,
-            "default, decision on passes": passes_max_n}      # the runs with a size limit
+            "default, decision on passes": passes_max_n,      # the runs with a size limit
+            "default, store within 1 GiB": one_gib_max_n}
     for label, kw, env in RUNS:
         if X.shape[0] > most.get(label, X.shape[0]):
             continue
@@ -214,6 +219,10 @@ def main(argv=None):
     ap.add_argument("--passes-max-n", type=int, default=0,
                     help="also run the default fit with its decision on passes over the features "
                     "(no logit store: INMAP_LOGIT_STORE_BYTES=0) on sets up to this N")
+    ap.add_argument("--one-gib-max-n", type=int, default=0,
+                    help="also run the default fit with its logit store capped at 1 GiB "
+                    "(INMAP_LOGIT_STORE_BYTES=2^30, the default before 2026-12-06's second "
+                    "session) on sets up to this N")
     ap.add_argument("--baseline", default=None, metavar="DIR",
                     help="a folder holding another build of the inmap_ext package (pip install "
                     "--target DIR): its default fit is run beside, in a subprocess")
@@ -233,10 +242,10 @@ def main(argv=None):
     rows = []
     for name, X, T, y in sets:
         rows.append(measure(name, X, T, y, device, args.paper_max_n, args.previous_max_n,
-                            baseline, args.passes_max_n))
+                            baseline, args.passes_max_n, args.one_gib_max_n))
     for spec in [s for s in args.synthetic.split(",") if s.strip()]:
         rows.append(measure(*_synthetic(spec), device, args.paper_max_n, args.previous_max_n,
-                            baseline, args.passes_max_n))
+                            baseline, args.passes_max_n, args.one_gib_max_n))
     date = datetime.date.today().isoformat()
     meta = {"device": str(device), "machine": f"{platform.machine()} "
             f"{os.cpu_count()} cores" if device.type == "cpu" else

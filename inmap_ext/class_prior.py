@@ -200,8 +200,10 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
     beta, prior, alternative = _choose(source, runner, t, class_prior, sinkhorn_iters, gamma, n,
                                        judge)
     if source.stored:
+        room = ("" if source.capacity is None else
+                f"; memory budget {source.capacity / 2**30:.2f} GiB")
         prior.stats["logits"] = (f"stored once ({str(source.dtype).replace('torch.', '')}, "
-                                 f"{source.nbytes / 2**20:.1f} MiB)")
+                                 f"{source.nbytes / 2**20:.1f} MiB{room})")
         if source.recomputes:
             prior.stats["logits"] += (f" for {source.rows_kept} of {source.rows_total} rows (the "
                                       "memory budget's share); the other rows' logits computed "

@@ -15,8 +15,12 @@ The store is kept only within a memory budget (``budget_bytes``: ``DEFAULT_BUDGE
 1 GiB, or the environment variable ``INMAP_LOGIT_STORE_BYTES``): float64 when N x C x 8 bytes
 fit, else float32 when N x C x 4 bytes fit (the decision's arithmetic to float32 rounding), else
 bfloat16 when N x C x 2 bytes fit (a relative error of at most 2^-9 per probability:
-log-probabilities within 0.004; its effect on the decision is measured in docs/class_prior.md),
-else a partial store: the bfloat16 logits of the first rows the budget holds (whole pieces of
+log-probabilities within 0.004; its effect on the decision is measured in docs/class_prior.md).
+Without the environment variable a bfloat16 store may also grow beyond 1 GiB, up to
+``AVAILABLE_SHARE`` (a quarter) of the memory available on the compute device when the decision
+starts (``capacity_bytes``: MemAvailable of /proc/meminfo on the CPU, the free memory on CUDA):
+the same bits as the partial store below, read without computing any row again (at N = 1M,
+C = 1000 a 2 GB store where 8 GB are available). Beyond that, a partial store: the bfloat16 logits of the first rows the budget holds (whole pieces of
 whole chunks of the runner's, so that the rows after them make the chunks of a pass from there
 on), and every
 read computes the other rows' E again from their features (a GEMM over those rows, counted as a
@@ -56,6 +60,8 @@ from .reference import _logits, acc_dtype
 Tensor = torch.Tensor
 
 DEFAULT_BUDGET_BYTES = 1 << 30
+AVAILABLE_SHARE = 0.25      # without ENV: a bfloat16 store may take up to this share of the
+                            # memory available on the compute device (at least the 1 GiB above)
 ENV = "INMAP_LOGIT_STORE_BYTES"
 DTYPE_ENV = "INMAP_LOGIT_STORE_DTYPE"   # float64 / float32 / bfloat16: force the store's dtype
                                         # whatever the budget (benchmarks of its rounding)
@@ -94,11 +100,47 @@ def budget_bytes() -> int:
     return b
 
 
-def store_dtype(rows: int, c: int, budget: int) -> Optional[torch.dtype]:
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory available for new allocations on ``device`` now, or None where unknown: the free
+    memory of a CUDA device, MemAvailable of /proc/meminfo on a Linux CPU (else the free physical
+    pages the OS reports)."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type != "cpu":
+            return None
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+
+
+def capacity_bytes(device: torch.device) -> int:
+    """The most bytes a bfloat16 store may take: INMAP_LOGIT_STORE_BYTES if set (the budget for
+    every dtype, as given), else ``AVAILABLE_SHARE`` of ``available_bytes`` and at least
+    ``DEFAULT_BUDGET_BYTES``."""
+    v = os.environ.get(ENV)
+    if v is not None and v.strip():
+        return budget_bytes()
+    free = available_bytes(device)
+    return max(DEFAULT_BUDGET_BYTES, int(AVAILABLE_SHARE * free) if free else 0)
+
+
+def store_dtype(rows: int, c: int, budget: int, capacity: Optional[int] = None
+                ) -> Optional[torch.dtype]:
     """The dtype of a store of rows x c within ``budget`` bytes, or None (no store): float64
-    (range e^-708) when it fits, else float32, else bfloat16 (both range e^-87)."""
+    (range e^-708) when it fits, else float32, else bfloat16 (both range e^-87); a bfloat16 store
+    may also take up to ``capacity`` bytes (default: the budget)."""
     for dt in (torch.float64, torch.float32, torch.bfloat16):
-        if rows * c * torch.finfo(dt).bits // 8 <= budget:
+        room = max(budget, capacity or 0) if dt == torch.bfloat16 else budget
+        if rows * c * torch.finfo(dt).bits // 8 <= room:
             return dt
     return None
 
@@ -166,6 +208,7 @@ class StoredLogits:
     """exp(Z - row max) of this rank's rows, computed in one pass and kept (module docstring)."""
 
     stored = True
+    capacity: Optional[int] = None      # the bytes ``build`` allowed a bfloat16 store
 
     def __init__(self, runner, x: Tensor, t: Tensor, inv_tau: float, dtype: torch.dtype,
                  kept: Optional[int] = None):
@@ -300,6 +343,9 @@ class StoredLogits:
               budget: Optional[int] = None, dtype: Optional[torch.dtype] = None):
         """A StoredLogits within the budget, else a PassSource. ``dtype`` forces the store's
         dtype (benchmarks)."""
+        # the budget of the float64 and float32 tiers, and the room of a bfloat16 one (beyond
+        # 1 GiB only where the memory available allows it, the least of every rank's)
+        capacity = budget if budget is not None else capacity_bytes(runner.device)
         budget = budget_bytes() if budget is None else budget
         forced = os.environ.get(DTYPE_ENV, "").strip()
         if dtype is None and forced:
@@ -309,20 +355,24 @@ class StoredLogits:
             dtype = getattr(torch, forced)
         # every rank decides on its largest shard: all store (in the same dtype) or none reads
         # with passes, so that the ranks' collectives stay in step
-        rows, chunk = (int(v) for v in runner.max_(torch.tensor(
-            [x.shape[0], runner.chunk], dtype=torch.float64, device=runner.device)).tolist())
+        rows, chunk, least = (int(v) for v in runner.max_(torch.tensor(
+            [x.shape[0], runner.chunk, -capacity], dtype=torch.float64,
+            device=runner.device)).tolist())
+        capacity = max(budget, -least)
         kept = None
         if dtype is None:
-            dtype = store_dtype(rows, t.shape[1], budget)
+            dtype = store_dtype(rows, t.shape[1], budget, capacity)
         if dtype is None:
-            # a partial store: the first rows whose bfloat16 logits the budget holds, if that is
-            # at least a chunk on every rank (``__init__`` keeps whole pieces of whole chunks);
-            # else passes
-            kept = budget // (2 * t.shape[1])
+            # a partial store: the first rows whose bfloat16 logits the capacity holds, if that
+            # is at least a chunk on every rank (``__init__`` keeps whole pieces of whole
+            # chunks); else passes
+            kept = capacity // (2 * t.shape[1])
             if kept < chunk:
                 return PassSource(runner, x, t, inv_tau)
             dtype = torch.bfloat16
-        return cls(runner, x, t, inv_tau, dtype, kept)
+        store = cls(runner, x, t, inv_tau, dtype, kept)
+        store.capacity = capacity
+        return store
 
     @property
     def nbytes(self) -> int:

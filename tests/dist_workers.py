@@ -45,6 +45,28 @@ def fit_worker(rank, world, init_file, out_dir, sizes, dtype, kw, backend):
                    os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+def memory_worker(rank, world, init_file, out_dir, sizes, available):
+    """A sharded fit where each rank sees its own memory available (``available[rank]``
+    bytes) and a 1 GiB default shrunk to nothing: every rank must store alike (the least)."""
+    import inmap_ext
+    from inmap_ext import logit_store
+    from testing import clip_like
+
+    torch.set_num_threads(1)
+    logit_store.DEFAULT_BUDGET_BYTES = 0
+    logit_store.AVAILABLE_SHARE = 1.0
+    logit_store.available_bytes = lambda device: available[rank]
+    with _rank_guard(rank, out_dir):
+        _init(rank, world, init_file)
+        X, T, _ = clip_like(sum(sizes), 24, 7, seed=13, dtype=torch.float32)
+        start = sum(sizes[:rank])
+        res = inmap_ext.fit_vision_proxy(X[start:start + sizes[rank]], T, iters=30,
+                                         chunk_size=50, process_group=dist.group.WORLD)
+        torch.save({"proxy": res.proxy, "passes": res.passes,
+                    "logits": res.class_prior.stats.get("logits")},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def mismatch_worker(rank, world, init_file, out_dir, case):
     import inmap_ext
     from testing import clip_like

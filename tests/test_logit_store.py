@@ -196,6 +196,50 @@ def test_the_budget_makes_a_partial_store_of_whole_chunks(monkeypatch):
     assert whole.dtype == torch.bfloat16 and not whole.recomputes
 
 
+def test_without_the_variable_a_bfloat16_store_grows_with_the_memory_available(monkeypatch):
+    # the float64 / float32 tiers keep the 1 GiB budget; a bfloat16 store may take a quarter of
+    # the memory available (at least 1 GiB); the variable, when set, is the budget of every tier
+    monkeypatch.delenv(ENV, raising=False)
+    gib = logit_store.DEFAULT_BUDGET_BYTES
+    monkeypatch.setattr(logit_store, "available_bytes", lambda device: 16 * gib)
+    assert logit_store.capacity_bytes(torch.device("cpu")) == 4 * gib
+    c = 1000
+    assert store_dtype(400_000, c, gib, 4 * gib) == torch.bfloat16      # as with 1 GiB
+    assert store_dtype(200_000, c, gib, 4 * gib) == torch.float64 or 200_000 * c * 8 > gib
+    assert store_dtype(250_000, c, gib, 4 * gib) == torch.float32        # 1 GB, not float64
+    assert store_dtype(1_000_000, c, gib, 4 * gib) == torch.bfloat16     # 2 GB: whole
+    assert store_dtype(1_000_000, c, gib, gib) is None                   # partial with 1 GiB
+    monkeypatch.setattr(logit_store, "available_bytes", lambda device: None)
+    assert logit_store.capacity_bytes(torch.device("cpu")) == gib        # unknown: 1 GiB
+    monkeypatch.setattr(logit_store, "available_bytes", lambda device: gib)
+    assert logit_store.capacity_bytes(torch.device("cpu")) == gib        # at least 1 GiB
+    monkeypatch.setenv(ENV, str(gib // 2))
+    assert logit_store.capacity_bytes(torch.device("cpu")) == gib // 2   # the variable rules
+    monkeypatch.delenv(ENV)
+    # what a fit sees: the store a small budget would make partial is whole where the memory
+    # available allows it, and the fit is the same bit for bit
+    X, T, _ = clip_like(300, 16, 10, seed=2, dtype=torch.float32)
+    runner = Runner("cpu", "torch", 40, 300, 10, torch.float32)
+    monkeypatch.setattr(logit_store, "DEFAULT_BUDGET_BYTES", 2000)      # 100 rows of bfloat16
+    monkeypatch.setattr(logit_store, "STORE_PIECE_BYTES", 80 * 4 * 10)  # pieces of 80 rows in
+                                                                        # both (as at N = 1M)
+    monkeypatch.setattr(logit_store, "available_bytes", lambda device: 4 * 300 * 10 * 2)
+    whole = StoredLogits.build(runner, X, T, 100.0)
+    assert whole.dtype == torch.bfloat16 and not whole.recomputes and whole.kept == 300
+    assert whole.capacity == 300 * 10 * 2
+    monkeypatch.setattr(logit_store, "available_bytes", lambda device: 4 * 2000)
+    part = StoredLogits.build(runner, X, T, 100.0)
+    assert part.recomputes and part.kept == 80
+    bias = torch.linspace(-1.0, 0.5, 10)
+    assert torch.equal(whole.column_lse(bias), part.column_lse(bias))
+
+
+def test_the_memory_available_is_read_on_this_machine():
+    free = logit_store.available_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+    assert logit_store.available_bytes(torch.device("meta")) is None
+
+
 @pytest.mark.parametrize("prior, stream", [("auto", False), ("uniform", False),
                                            ("uniform", True)])
 def test_fit_on_a_partial_store_equals_the_fit_on_the_whole_store(prior, stream, monkeypatch):
