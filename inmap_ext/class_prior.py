@@ -177,8 +177,8 @@ def check_class_prior(class_prior, num_classes: int):
 
 
 def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t: float,
-           sinkhorn_iters: int, gamma: float, n: int, store: bool = True, labeled=None
-           ) -> Tuple[Optional[Tensor], ClassPrior, Optional[tuple]]:
+           sinkhorn_iters: int, gamma: float, n: int, store: bool = True, labeled=None,
+           progress: bool = False) -> Tuple[Optional[Tensor], ClassPrior, Optional[tuple]]:
     """The Sinkhorn log-bias beta of the pseudo labels (None: not balanced), the record of
     what was targeted and, where labeled images favour another candidate than the one they
     would keep, that kept candidate's (beta, record) for the fit to judge both fits by
@@ -186,12 +186,48 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
     ``store``: read the zero-shot logits from one pass kept in memory (logit_store.py, within
     its budget) instead of a pass over the features per read (False: ``mode="paper"``, the
     published arithmetic).
-    ``labeled``: (indices, labels) of a few labeled rows (labeled.py) that settle ``auto``."""
+    ``labeled``: (indices, labels) of a few labeled rows (labeled.py) that settle ``auto``.
+    ``progress``: a tqdm bar of the reads of the logits (a store read, or a pass where there is
+    no store) with the decision's passes so far."""
+    bar = _bar(progress, class_prior, store)
+    try:
+        out = _choose_reading(runner, x, t, class_prior, tau_t, sinkhorn_iters, gamma, n,
+                              store, labeled, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _bar(progress: bool, class_prior, store: bool):
+    """The decision's progress bar (None without ``progress``)."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    name = "given" if isinstance(class_prior, torch.Tensor) else class_prior
+    bar = tqdm(desc=f"class prior ({name})", unit="read")
+    bar.set_postfix_str("storing the logits (1 pass)" if store else "a pass per read")
+    return bar
+
+
+def _choose_reading(runner, x, t, class_prior, tau_t, sinkhorn_iters, gamma, n, store, labeled,
+                    bar):
     from .logit_store import PassSource, StoredLogits
 
     inv_tau = 1.0 / tau_t
     source = (StoredLogits.build(runner, x, t, inv_tau) if store
               else PassSource(runner, x, t, inv_tau))
+    if bar is not None:
+        where = (f"logits stored ({str(source.dtype).replace('torch.', '')}, "
+                 f"{source.nbytes / 2**30:.2f} GiB)" if source.stored else "a pass per read")
+
+        def on_read():
+            bar.update(1)
+            bar.set_postfix_str(f"{where}; passes {runner.passes.get('decision', 0)}",
+                                refresh=False)
+
+        source.on_read = on_read
     judge = None                 # labeled.py: the labeled rows' right answers per candidate
     if labeled is not None:
         from .labeled import right_per_candidate
@@ -213,6 +249,9 @@ def choose(runner, x: Tensor, t: Tensor, class_prior: Union[str, Tensor], tau_t:
                                       "range made with passes")
     else:
         prior.stats["logits"] = "a pass over the features per read"
+    if bar is not None:
+        bar.set_postfix_str(f"{prior.chosen}; passes {runner.passes.get('decision', 0)}",
+                            refresh=False)
     return beta, prior, alternative
 
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -176,11 +176,18 @@ def piece_rows(chunk: int, c: int, kept: Optional[int] = None) -> int:
     return max(1, rows // chunk) * chunk
 
 
+def _tick(source) -> None:
+    """One read of ``source``'s logits begins: tell its ``on_read`` (a progress bar's)."""
+    if source.on_read is not None:
+        source.on_read()
+
+
 class PassSource:
     """The logits read with a pass over the features every time (no memory beyond a chunk)."""
 
     stored = False
     dtype = None
+    on_read: Optional[Callable[[], None]] = None    # called as every read begins (progress)
 
     def __init__(self, runner, x: Tensor, t: Tensor, inv_tau: float):
         self.runner, self.x, self.t, self.inv_tau = runner, x, t, inv_tau
@@ -190,6 +197,7 @@ class PassSource:
         bias (balancings in lockstep) gives K x C, a pass per row of it."""
         if bias is not None and bias.dim() == 2:
             return torch.stack([self.column_lse(b) for b in bias])
+        _tick(self)
         return self.runner.column_lse(self.x, self.t, bias, self.inv_tau)
 
     def logit_chunks(self, betas=()) -> Iterator[Tensor]:
@@ -200,6 +208,7 @@ class PassSource:
 
     def scoring_chunks(self, betas=()) -> Iterator[Tuple[str, Tensor]]:
         """("log", Z) a row chunk at a time (one pass over the features)."""
+        _tick(self)
         for z in self.logit_chunks(betas):
             yield "log", z
 
@@ -209,6 +218,7 @@ class StoredLogits:
 
     stored = True
     capacity: Optional[int] = None      # the bytes ``build`` allowed a bfloat16 store
+    on_read: Optional[Callable[[], None]] = None    # called as every read begins (progress)
 
     def __init__(self, runner, x: Tensor, t: Tensor, inv_tau: float, dtype: torch.dtype,
                  kept: Optional[int] = None):
@@ -404,6 +414,7 @@ class StoredLogits:
         that row of the bias alone gives (in one process, bit for bit): the compiled CPU read
         reads each chunk once for the K of them, its torch twin once per row; if one of them is
         out of range, each is read on its own."""
+        _tick(self)
         self._charge()
         try:
             out = self._column_lse(bias)
@@ -446,6 +457,7 @@ class StoredLogits:
         ``row_scores`` reads it);
         ("log", Z) read with a pass instead if one of ``betas`` (the biases the caller will add)
         is out of the store's range."""
+        _tick(self)
         bad = torch.zeros((), device=self.runner.device)
         for beta in betas:
             try:

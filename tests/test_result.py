@@ -84,6 +84,38 @@ def test_progress_bar_shows_the_objective(capsys, problem):
     assert f"objective {float(r.objective[-1]):.5f}" in last, last
 
 
+def _last(err: str, what: str) -> str:
+    return [ln for ln in err.replace("\r", "\n").splitlines() if what in ln][-1]
+
+
+def test_progress_bar_shows_the_decisions_reads_and_passes(capsys, problem, monkeypatch):
+    X, T, _ = problem
+    # the published method reads the features at every Sinkhorn iteration: its bar counts one
+    # read per pass (the zero-shot shares and 19 balancing reads after the first)
+    r = inmap_ext.fit_vision_proxy(X, T, mode="paper", iters=3, progress=True)
+    last = _last(capsys.readouterr().err, "class prior (uniform)")
+    assert f"{r.passes['decision']}read" in last and "a pass per read" not in last, last
+    assert f"uniform; passes {r.passes['decision']}" in last, last
+    # the default stores the logits in one pass and reads the store: many reads, one pass
+    seen = []
+    from inmap_ext import logit_store
+
+    build = logit_store.StoredLogits.build.__func__
+
+    def counting(cls, *a, **k):
+        s = build(cls, *a, **k)
+        real = s.column_lse
+        s.column_lse = lambda bias: (seen.append(1), real(bias))[1]
+        return s
+
+    monkeypatch.setattr(logit_store.StoredLogits, "build", classmethod(counting))
+    r = inmap_ext.fit_vision_proxy(X, T, iters=3, progress=True)
+    last = _last(capsys.readouterr().err, "class prior (auto)")
+    reads = len(seen) + 1                                  # the column reads and the scoring
+    assert r.passes["decision"] == 1 and reads > 20
+    assert f"{reads}read" in last and f"{r.class_prior.chosen}; passes 1" in last, last
+
+
 def test_half_precision_on_cpu_is_computed_in_float32(problem):
     X, T, _ = problem
     r = inmap_ext.fit_vision_proxy(X.half(), T.half(), iters=50)
