@@ -76,10 +76,13 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
             (float32 inputs use TF32 only if torch.backends.cuda.matmul.allow_tf32 is set);
             "fp64"; "fp32" (exact float32, TF32 off); "tf32" (float32 through TF32 tensor
             cores, CUDA); "fp16" / "bf16" (features cast to 16 bits once, tensor-core GEMMs,
-            CUDA only). Whatever the inputs, logits, softmax statistics, Sinkhorn log-biases,
-            gradients and the proxy stay float32 (float64 for "fp64"); reduced precision
-            changes a small share of predictions (see README, "Precision").
-        progress: show a tqdm progress bar over the gradient steps.
+            CUDA; "bf16" also on the CPU where torch has a bfloat16 GEMM with float32 output,
+            x86-64 builds: fast on CPUs with AMX or AVX512-BF16 units). Whatever the
+            inputs, logits, softmax statistics, Sinkhorn log-biases, gradients and the proxy
+            stay float32 (float64 for "fp64"); reduced precision changes a small share of
+            predictions (see README, "Precision").
+        progress: show tqdm progress bars: the class-prior decision's reads of the logits
+            (with its passes over the features) and the solver's passes.
         process_group: a torch.distributed group over which the rows are sharded (each rank
             passes its own rows; see ``inmap_ext.distributed``). None: one process.
         device: the compute device. None: the features' device. A device other than the
@@ -206,7 +209,8 @@ def _fit(rows: Rows, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
     runner.phase = "decision"
     beta, prior, alternative = choose_class_prior(runner, x, t, class_prior, tau_t,
                                                   sinkhorn_iters, gamma, n,
-                                                  store=mode != "paper", labeled=labeled)
+                                                  store=mode != "paper", labeled=labeled,
+                                                  progress=progress)
     timings["sinkhorn_s"] = _now(device) - t0
 
     def learn(beta):
