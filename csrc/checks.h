@@ -14,8 +14,11 @@ inline void check_pair(const at::Tensor& x, const at::Tensor& w, const char* op)
   TORCH_CHECK(w.size(1) >= 1, op, ": w must have at least one column (class)");
   TORCH_CHECK(x.device() == w.device(), op, ": x and w must be on the same device, got ",
               x.device(), " and ", w.device());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), op, ": x and w must have the same dtype, got ",
-              x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() ||
+                  (x.device().is_cpu() && x.scalar_type() == at::kBFloat16 &&
+                   w.scalar_type() == at::kFloat),
+              op, ": x and w must have the same dtype (or, on the CPU, bfloat16 x and float32 w), "
+              "got ", x.scalar_type(), " and ", w.scalar_type());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating dtype, got ",
               x.scalar_type());
 }

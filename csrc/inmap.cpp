@@ -9,6 +9,7 @@
 // processed `chunk` rows at a time so that no N x C matrix is ever allocated.
 #include <torch/library.h>
 
+#include "cpu/bf16_gemm.h"
 #include "design_choice.h"
 
 TORCH_LIBRARY(inmap_ext, m) {
@@ -41,4 +42,7 @@ TORCH_LIBRARY(inmap_ext, m) {
   // Whether the fused CUDA design may run (csrc/design_choice.h): pure, no tensors, any build.
   m.def("fused_design_allowed(bool design_fused, bool dtype_ok, int device_major, int ptx_version)"
         " -> bool", &inmap::fused_design_allowed);
+  // Whether the CPU kernels take bfloat16 features (precision="bf16" on the CPU: a bfloat16 GEMM
+  // with float32 output in this torch build; csrc/cpu/bf16_gemm.h): pure, no tensors.
+  m.def("cpu_bf16_gemm_available() -> bool", &inmap::cpu::bf16_gemm_available);
 }

@@ -65,6 +65,16 @@ def ext_available(device: "torch.device | str") -> bool:
     return key is not None and all(_has_kernel(n, key) for n in OP_NAMES)
 
 
+def cpu_bf16_available() -> bool:
+    """True when the compiled CPU kernels take bfloat16 features (precision="bf16" on the CPU):
+    this torch build has a bfloat16 GEMM with float32 output (MKL's, x86-64; AMX or AVX512-BF16
+    units make it fast; csrc/cpu/bf16_gemm.h)."""
+    if not (_has_kernel("xt_softmax", "CPU") and hasattr(torch.ops.inmap_ext,
+                                                          "cpu_bf16_gemm_available")):
+        return False
+    return bool(torch.ops.inmap_ext.cpu_bf16_gemm_available())
+
+
 def store_backend(backend: str, device: "torch.device | str") -> str:
     """The backend of a CPU-only op (``CPU_ONLY_OPS``) for a fit on the resolved ``backend``:
     "ext" where its compiled kernel exists for ``device``, else "torch"."""

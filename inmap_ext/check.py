@@ -35,6 +35,8 @@ def _cases(device: torch.device):
     """(shape label, dtype, each op's arguments, exact): the first-use probe (exact pseudo-label
     counts: it has no near-ties), then fresh random inputs every run."""
     dtypes = [torch.float32, torch.float64]
+    if device.type == "cpu" and _ops.cpu_bf16_available():
+        dtypes.append(torch.bfloat16)    # precision="bf16" on the CPU (csrc/cpu/bf16_gemm.h)
     shapes = [(1, 7, 1), (333, 77, 129), (4096, 256, 1000)]
     if device.type == "cuda":
         dtypes = [torch.float32, torch.float16, torch.bfloat16]
@@ -48,7 +50,9 @@ def _cases(device: torch.device):
         for dt in dtypes:
             x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
             w = torch.nn.functional.normalize(torch.randn(d, c, generator=g), dim=0)
-            x, w = x.to(device, dt), w.to(device, dt)
+            x = x.to(device, dt)     # w as a fit passes it (verify.probe_inputs)
+            w = w.to(device, torch.float32 if device.type == "cpu" and dt == torch.bfloat16
+                     else dt)
             bias = torch.randn(c, generator=g).to(device, reference.acc_dtype(dt))
             chunk = max(1, min(n, 8192))
             calls = {"softmax_column_lse": (x, w, bias, 100.0, chunk),

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from . import validation
+from . import _ops, validation
 from .distributed import check_shard
 from .functional import Runner
 from .reference import acc_dtype
@@ -113,10 +113,18 @@ def check_rows(image_features, text_proxies, *, device=None, stream: bool = Fals
 
 
 def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device):
-    """(compute dtype of the features, TF32 switch: True/False, or None = leave torch's)."""
+    """(compute dtype of the features, TF32 switch: True/False, or None = leave torch's).
+    precision="bf16" on the CPU: bfloat16 features for the compiled CPU kernels' bfloat16 GEMMs
+    (``_ops.cpu_bf16_available``), refused where this build has none."""
+    if precision == "bf16" and device.type == "cpu" and _ops.cpu_bf16_available():
+        return torch.bfloat16, None
     if precision in ("fp16", "bf16") and device.type != "cuda":
-        raise ValueError(f"precision={precision!r} needs CUDA tensors (16-bit tensor-core "
-                         f"GEMMs); on {device.type} use 'fp32' or 'fp64'")
+        why = ("16-bit tensor-core GEMMs" if precision == "fp16" or device.type != "cpu" else
+               "this install has no bfloat16 GEMM with float32 output on the CPU: "
+               + ("the compiled extension did not load" if not _ops.extension_loaded() else
+                  "torch's build lacks MKL's cblas_gemm_bf16bf16f32"))
+        raise ValueError(f"precision={precision!r} needs CUDA tensors ({why}); on "
+                         f"{device.type} use 'fp32' or 'fp64'")
     dtype = _PRECISION_DTYPES.get(precision, dtype)
     if device.type != "cuda" and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32          # "auto" on the CPU: its kernels compute in float32

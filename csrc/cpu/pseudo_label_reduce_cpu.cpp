@@ -15,11 +15,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_reduce_c
   check_cpu_inputs(x, w, bias, chunk, "pseudo_label_reduce");
   const int64_t D = x.size(1), C = w.size(1);
   at::Tensor b = bias_as(bias, x);
-  at::Tensor B = at::zeros({D, C}, x.options());
-  at::Tensor mass = at::zeros({C}, x.options());
+  at::Tensor B = at::zeros({D, C}, compute_options(x));
+  at::Tensor mass = at::zeros({C}, compute_options(x));
   at::Tensor counts = at::zeros({C}, x.options().dtype(at::kLong));
+  at::Tensor zb;  // bfloat16 features: the pseudo labels rounded to bfloat16 for X^T P
   int64_t n_confident = 0;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pseudo_label_reduce_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(B.scalar_type(), "pseudo_label_reduce_cpu", [&] {
     const auto* bp = static_cast<const scalar_t*>(bias_ptr(b));
     const scalar_t thr = static_cast<scalar_t>(alpha);
     int64_t* cnt = counts.data_ptr<int64_t>();
@@ -49,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_reduce_c
         n_confident += confident[i];
       }
       mass.add_(z.sum(0));
-      B.addmm_(xc.t(), z);
+      add_xt(B, xc, z, zb);
     });
   });
   return {B, mass, counts, at::scalar_tensor(n_confident, counts.options())};

@@ -16,9 +16,10 @@ at::Tensor softmax_column_lse_cpu(const at::Tensor& x, const at::Tensor& w,
   const int64_t C = w.size(1);
   at::Tensor b = bias_as(bias, x);
   // Running column log-sum-exp over chunks, as (max, sum of exp(v - max)).
-  at::Tensor run_max = at::full({C}, -std::numeric_limits<double>::infinity(), x.options());
-  at::Tensor run_sum = at::zeros({C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_column_lse_cpu", [&] {
+  at::Tensor run_max =
+      at::full({C}, -std::numeric_limits<double>::infinity(), compute_options(x));
+  at::Tensor run_sum = at::zeros({C}, compute_options(x));
+  AT_DISPATCH_FLOATING_TYPES(run_sum.scalar_type(), "softmax_column_lse_cpu", [&] {
     const auto* bp = static_cast<const scalar_t*>(bias_ptr(b));
     scalar_t* M = run_max.data_ptr<scalar_t>();
     scalar_t* S = run_sum.data_ptr<scalar_t>();
