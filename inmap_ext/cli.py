@@ -46,7 +46,8 @@ HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vis
     ("--chunk-size", "chunk_size", int, None, "rows per chunk (default: automatic)"),
     ("--tol", "tol", float, None, "early stop when the largest per-class proxy change < tol"),
     ("--compute-precision", "precision", str, "auto",
-     "GEMM precision of the fit: auto | fp64 | fp32 | tf32 | fp16 | bf16 (16-bit: CUDA)"),
+     "GEMM precision of the fit: auto | fp64 | fp32 | tf32 | fp16 | bf16 (16-bit: CUDA; bf16 "
+     "also on CPUs where torch has MKL's bfloat16 GEMM: faster with AMX / AVX512-BF16)"),
     ("--class-prior", "class_prior", str, None,
      "what the pseudo labels are balanced to: auto (default: decided from the images) | "
      "uniform (published) | estimate | none | a file of 'class weight' lines or JSON "
@@ -324,8 +325,20 @@ def _check_compute(backend: str, precision: str, device: str) -> None:
     """--backend and --compute-precision against --device: a kernel set or precision the device
     cannot run fails here, not after every image has been encoded."""
     if precision in ("fp16", "bf16") and not device.startswith("cuda"):
+        if precision == "bf16":
+            from ._ops import cpu_bf16_available
+
+            if cpu_bf16_available():    # the CPU kernels' bfloat16 GEMMs (csrc/cpu/bf16_gemm.h)
+                return _check_backend_of(backend, device)
         raise ValueError(f"--compute-precision {precision} needs --device cuda (16-bit "
-                         f"tensor-core GEMMs); on {device} use fp32 or fp64")
+                         "tensor-core GEMMs" + (
+                             "; bf16 also runs on a CPU where torch has MKL's bfloat16 GEMM, "
+                             "not in this install" if precision == "bf16" else "")
+                         + f"); on {device} use fp32 or fp64")
+    _check_backend_of(backend, device)
+
+
+def _check_backend_of(backend: str, device: str) -> None:
     if backend in ("ext", "triton"):
         from ._ops import resolve_backend
 
