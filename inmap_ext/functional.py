@@ -113,9 +113,10 @@ class Runner:
 
     def _w(self, w: Tensor, x: Tensor) -> Tensor:
         """w in x's dtype (float32 for bfloat16 features on the CPU, which its kernels split
-        into two bfloat16 parts), with zero rows for the columns own_features appended to x."""
-        w = w.to(torch.float32 if x.dtype == torch.bfloat16 and x.device.type == "cpu"
-                 else x.dtype)
+        into two bfloat16 parts and the torch ops multiply in float32; the Triton ops take one
+        dtype), with zero rows for the columns own_features appended to x."""
+        w = w.to(torch.float32 if (x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                                   and self.backend != "triton") else x.dtype)
         return torch.nn.functional.pad(w, (0, 0, 0, self.pad_cols)) if self.pad_cols else w
 
     def _rows(self, t: Tensor) -> Tensor:

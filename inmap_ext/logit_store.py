@@ -18,7 +18,8 @@ bfloat16 when N x C x 2 bytes fit (a relative error of at most 2^-9 per probabil
 log-probabilities within 0.004; its effect on the decision is measured in docs/class_prior.md).
 Without the environment variable a bfloat16 store may also grow beyond 1 GiB, up to
 ``AVAILABLE_SHARE`` (a quarter) of the memory available on the compute device when the decision
-starts (``capacity_bytes``: MemAvailable of /proc/meminfo on the CPU, the free memory on CUDA):
+starts (``capacity_bytes``: MemAvailable of /proc/meminfo on the CPU, within the process's
+memory cgroup limit, the free memory on CUDA; shared by the ranks of a host in a sharded fit):
 the same bits as the partial store below, read without computing any row again (at N = 1M,
 C = 1000 a 2 GB store where 8 GB are available). Beyond that, a partial store: the bfloat16 logits of the first rows the budget holds (whole pieces of
 whole chunks of the runner's, so that the rows after them make the chunks of a pass from there
@@ -100,37 +101,75 @@ def budget_bytes() -> int:
     return b
 
 
+def _cgroup_room(root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """Bytes this process's memory cgroup still allows (its limit less its use: a container's or
+    a batch job's --mem), or None without a limit: cgroup v2, else v1."""
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit, usage = os.path.join(root, limit), os.path.join(root, usage)
+        try:
+            with open(limit) as f:
+                cap = f.read().strip()
+            with open(usage) as f:
+                used = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if cap == "max" or not cap.isdigit() or int(cap) >= 1 << 60:   # no limit
+            return None
+        return max(0, int(cap) - used)
+    return None
+
+
 def available_bytes(device: torch.device) -> Optional[int]:
     """Memory available for new allocations on ``device`` now, or None where unknown: the free
-    memory of a CUDA device, MemAvailable of /proc/meminfo on a Linux CPU (else the free physical
-    pages the OS reports)."""
+    memory of a CUDA device; on a Linux CPU MemAvailable of /proc/meminfo (else the free
+    physical pages the OS reports), and no more than the process's memory cgroup still allows
+    (a container's or a batch job's limit)."""
     device = torch.device(device)
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0])
         if device.type != "cpu":
             return None
+        free = None
         try:
             with open("/proc/meminfo") as f:
                 for line in f:
                     if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
+                        free = int(line.split()[1]) * 1024
+                        break
         except OSError:
             pass
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        if free is None:
+            free = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        room = _cgroup_room()
+        return free if room is None else min(free, room)
     except (ValueError, OSError, RuntimeError, AttributeError):
         return None
 
 
-def capacity_bytes(device: torch.device) -> int:
+def _ranks_sharing(group) -> int:
+    """How many ranks of a sharded fit may share this rank's memory: the ranks on this host
+    (LOCAL_WORLD_SIZE, as torchrun sets it), else every rank of the group; 1 in one process."""
+    if group is None:
+        return 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    if local.isdigit() and int(local) >= 1:
+        return int(local)
+    return max(1, torch.distributed.get_world_size(group))
+
+
+def capacity_bytes(device: torch.device, group=None) -> int:
     """The most bytes a bfloat16 store may take: INMAP_LOGIT_STORE_BYTES if set (the budget for
-    every dtype, as given), else ``AVAILABLE_SHARE`` of ``available_bytes`` and at least
+    every dtype, as given), else ``AVAILABLE_SHARE`` of ``available_bytes``, shared by the ranks
+    of a sharded fit that may share that memory (``_ranks_sharing``), and at least
     ``DEFAULT_BUDGET_BYTES``."""
     v = os.environ.get(ENV)
     if v is not None and v.strip():
         return budget_bytes()
     free = available_bytes(device)
-    return max(DEFAULT_BUDGET_BYTES, int(AVAILABLE_SHARE * free) if free else 0)
+    share = int(AVAILABLE_SHARE * free) // _ranks_sharing(group) if free else 0
+    return max(DEFAULT_BUDGET_BYTES, share)
 
 
 def store_dtype(rows: int, c: int, budget: int, capacity: Optional[int] = None
@@ -217,7 +256,7 @@ class StoredLogits:
     """exp(Z - row max) of this rank's rows, computed in one pass and kept (module docstring)."""
 
     stored = True
-    capacity: Optional[int] = None      # the bytes ``build`` allowed a bfloat16 store
+    capacity: Optional[int] = None      # the bytes ``build`` allowed a store of its dtype
     on_read: Optional[Callable[[], None]] = None    # called as every read begins (progress)
 
     def __init__(self, runner, x: Tensor, t: Tensor, inv_tau: float, dtype: torch.dtype,
@@ -355,7 +394,8 @@ class StoredLogits:
         dtype (benchmarks)."""
         # the budget of the float64 and float32 tiers, and the room of a bfloat16 one (beyond
         # 1 GiB only where the memory available allows it, the least of every rank's)
-        capacity = budget if budget is not None else capacity_bytes(runner.device)
+        capacity = (budget if budget is not None
+                    else capacity_bytes(runner.device, runner.group))
         budget = budget_bytes() if budget is None else budget
         forced = os.environ.get(DTYPE_ENV, "").strip()
         if dtype is None and forced:
@@ -381,7 +421,9 @@ class StoredLogits:
                 return PassSource(runner, x, t, inv_tau)
             dtype = torch.bfloat16
         store = cls(runner, x, t, inv_tau, dtype, kept)
-        store.capacity = capacity
+        # the budget this store's dtype was held to: the bfloat16 room, or the float64 / float32
+        # tiers' budget
+        store.capacity = capacity if dtype == torch.bfloat16 else budget
         return store
 
     @property

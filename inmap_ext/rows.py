@@ -106,6 +106,8 @@ def check_rows(image_features, text_proxies, *, device=None, stream: bool = Fals
             x, t, _ = check_shard(image_features, text_proxies, process_group)
         dtype, tf32 = compute_dtype(precision, x.dtype, x.device)
         x = x.to(dtype)
+        if dtype == torch.bfloat16 and x.device.type == "cpu":
+            x = x.contiguous()     # row-major for the CPU's bfloat16 GEMMs (once, not per pass)
         runner = Runner(x.device, backend, chunk_size, x.shape[0], t.shape[1], dtype,
                         process_group)
     t = t.to(device=runner.device, dtype=acc_dtype(runner.dtype))

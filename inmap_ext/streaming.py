@@ -76,7 +76,7 @@ class StreamingRunner(Runner):
                          device=self.device)
         f = self.op("softmax_column_lse", inv_tau)
         for xc in self.chunks(x):
-            out = torch.logaddexp(out, f(xc, w.to(xc.dtype), bias, inv_tau, self.chunk))
+            out = torch.logaddexp(out, f(xc, self._w(w, xc), bias, inv_tau, self.chunk))
         return self.lse_(out)
 
     def pseudo_labels(self, x, w, bias, inv_tau, alpha):
@@ -88,7 +88,7 @@ class StreamingRunner(Runner):
                torch.zeros(C, dtype=torch.int64, device=self.device),
                torch.zeros((), dtype=torch.int64, device=self.device)]
         for xc in self.chunks(x):
-            for t, part in zip(tot, f(xc, w.to(xc.dtype), bias, inv_tau, alpha, self.chunk)):
+            for t, part in zip(tot, f(xc, self._w(w, xc), bias, inv_tau, alpha, self.chunk)):
                 t += part
         return tuple(self.sum_(t) for t in tot)
 
@@ -97,14 +97,14 @@ class StreamingRunner(Runner):
         G = torch.zeros(w.shape, dtype=acc_dtype(self.dtype), device=self.device)
         lse_sum = torch.zeros((), dtype=acc_dtype(self.dtype), device=self.device)
         for xc in self.chunks(x):
-            g, s = f(xc, w.to(xc.dtype), inv_tau, self.chunk)
+            g, s = f(xc, self._w(w, xc), inv_tau, self.chunk)
             G += g
             lse_sum += s
         return self.sum_(G), self.sum_(lse_sum)
 
     def topk(self, x, w, k):
         f = self.op("topk_scores")
-        parts = [f(xc, w.to(xc.dtype), k, self.chunk) for xc in self.chunks(x)]
+        parts = [f(xc, self._w(w, xc), k, self.chunk) for xc in self.chunks(x)]
         if not parts:      # an empty shard
             return (torch.empty(0, k, dtype=acc_dtype(self.dtype), device=self.device),
                     torch.empty(0, k, dtype=torch.int64, device=self.device))

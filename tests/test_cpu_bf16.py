@@ -70,9 +70,14 @@ def test_a_bf16_fit_on_the_cpu_follows_the_float32_fit():
     agree = float((half.predict(X) == full.predict(X)).double().mean())
     assert agree >= 0.98, agree
     assert abs(half.passes["total"] - full.passes["total"]) <= 10
-    for kw in (dict(stream=True), dict(class_prior="uniform", solver="gd", iters=30)):
-        other = inmap_ext.fit_vision_proxy(X, T, precision="bf16", **kw)   # streamed, published
-        assert other.hyper["compute_dtype"] == "bfloat16" and torch.isfinite(other.proxy).all()
+    # streamed (the route of large memory-mapped sets): the same split proxy, the same steps
+    streamed = inmap_ext.fit_vision_proxy(X, T, precision="bf16", stream=True)
+    assert streamed.hyper["compute_dtype"] == "bfloat16"
+    assert streamed.passes == half.passes
+    torch.testing.assert_close(streamed.proxy, half.proxy, rtol=0, atol=1e-4)
+    paper = inmap_ext.fit_vision_proxy(X, T, precision="bf16", class_prior="uniform",
+                                       solver="gd", iters=30)
+    assert paper.hyper["compute_dtype"] == "bfloat16" and torch.isfinite(paper.proxy).all()
 
 
 def test_bf16_on_the_cpu_is_refused_where_there_is_no_bfloat16_gemm(monkeypatch):
@@ -83,3 +88,21 @@ def test_bf16_on_the_cpu_is_refused_where_there_is_no_bfloat16_gemm(monkeypatch)
         inmap_ext.fit_vision_proxy(X, T, precision="bf16")
     with pytest.raises(ValueError, match=r"precision='fp16' needs CUDA tensors \(16-bit"):
         inmap_ext.fit_vision_proxy(X, T, precision="fp16")
+
+
+@needs_bf16
+def test_no_feature_columns_and_a_stride_0_row_equal_the_twins():
+    # D = 0 (every logit 0: MKL refuses a zero leading dimension, so no call is made) and one
+    # row whose stride is 0 (torch calls it contiguous): the kernels must not read past them
+    w = unit_cols(4, 3, seed=2, dtype=torch.float32)
+    one = unit_rows(1, 4, seed=5, dtype=torch.float32).bfloat16()
+    for x, ww in ((torch.zeros(5, 0, dtype=torch.bfloat16), torch.zeros(0, 3)),
+                  (one.expand(1, 4).as_strided((1, 4), (0, 1)), w)):
+        for name, args in (("xt_softmax", (25.0, 2)),
+                           ("softmax_column_lse", (None, 100.0, 2)),
+                           ("pseudo_label_reduce", (None, 100.0, 0.6, 2))):
+            got = _ext(name)(x, ww, *args)
+            ref = getattr(reference, name)(x, ww, *args)
+            for g, r in zip(got if isinstance(got, tuple) else (got,),
+                            ref if isinstance(ref, tuple) else (ref,)):
+                torch.testing.assert_close(g.double(), r.double(), rtol=1e-2, atol=1e-3)

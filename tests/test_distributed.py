@@ -77,15 +77,16 @@ def test_uneven_shards_share_a_partial_logit_store(tmp_path, monkeypatch):
         torch.testing.assert_close(o["proxy"], single.proxy, rtol=0, atol=1e-8)
 
 
-def test_ranks_with_different_memory_available_store_alike(tmp_path):
-    # rank 0 could store its 200 rows whole, rank 1 only 100 rows: both keep the least room
-    # (100 rows of bfloat16 at 7 classes) and read as one partial store, as the single process
-    # with that budget does
+def test_ranks_with_different_memory_available_store_alike(tmp_path, monkeypatch):
+    # rank 0 could store its 200 rows whole, rank 1 only 100 rows, and the two ranks share the
+    # host (no LOCAL_WORLD_SIZE: the world size): both keep the least room, halved (50 rows of
+    # bfloat16 at 7 classes), and read as one partial store
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     sizes = [200, 101]
     outs = _spawn_ok(dist_workers.memory_worker, 2, tmp_path, sizes,
                      [10 * 200 * 7 * 2, 100 * 7 * 2])
     for o in outs:
-        assert "for 200 of 301 rows" in o["logits"] and o["passes"] == outs[0]["passes"]
+        assert "for 100 of 301 rows" in o["logits"] and o["passes"] == outs[0]["passes"]
         assert torch.equal(o["proxy"], outs[0]["proxy"])
     assert outs[0]["passes"]["decision"] > 1
 

@@ -240,6 +240,34 @@ def test_the_memory_available_is_read_on_this_machine():
     assert logit_store.available_bytes(torch.device("meta")) is None
 
 
+def test_a_memory_cgroup_limit_and_ranks_sharing_a_host_bound_the_room(tmp_path, monkeypatch):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("1000000\n")
+    (v2 / "memory.current").write_text("400000\n")
+    assert logit_store._cgroup_room(str(v2)) == 600_000
+    (v2 / "memory.max").write_text("max\n")                       # no limit
+    assert logit_store._cgroup_room(str(v2)) is None
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("5000\n")
+    (v1 / "memory.usage_in_bytes").write_text("7000\n")           # over: nothing left
+    assert logit_store._cgroup_room(str(tmp_path / "v1")) == 0
+    assert logit_store._cgroup_room(str(tmp_path / "none")) is None
+    # the CPU's available memory is never above what the cgroup allows
+    monkeypatch.setattr(logit_store, "_cgroup_room", lambda: 12345)
+    assert logit_store.available_bytes(torch.device("cpu")) == 12345
+    # ranks of a sharded fit on one host share the room: LOCAL_WORLD_SIZE, else the world size
+    monkeypatch.delenv(ENV, raising=False)
+    gib = logit_store.DEFAULT_BUDGET_BYTES
+    monkeypatch.setattr(logit_store, "available_bytes", lambda device: 64 * gib)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert logit_store.capacity_bytes(torch.device("cpu"), group=object()) == 4 * gib
+    assert logit_store.capacity_bytes(torch.device("cpu")) == 16 * gib      # one process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert logit_store.capacity_bytes(torch.device("cpu"), group=object()) == gib   # at least
+
+
 @pytest.mark.parametrize("prior, stream", [("auto", False), ("uniform", False),
                                            ("uniform", True)])
 def test_fit_on_a_partial_store_equals_the_fit_on_the_whole_store(prior, stream, monkeypatch):

@@ -49,6 +49,8 @@ void for_each_chunk(const at::Tensor& x_in, const at::Tensor& w_in, int64_t chun
   const int64_t N = x_in.size(0), C = w_in.size(1);
   if (N == 0) return;
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
+  // row-major x for the bfloat16 GEMMs (a copy per call where it is not: the fit passes
+  // contiguous features)
   const at::Tensor x = bf16 ? x_in.contiguous() : x_in;
   at::Tensor w = bf16 ? w_in.contiguous() : w_in;
   at::Tensor w_lo;
@@ -64,10 +66,10 @@ void for_each_chunk(const at::Tensor& x_in, const at::Tensor& w_in, int64_t chun
     at::Tensor xc = x.narrow(0, start, rows);
     at::Tensor z = buf.narrow(0, 0, rows);
     if (bf16) {
-      bf16_gemm(false, false, rows, C, x.size(1), xc.data_ptr<at::BFloat16>(), x.size(1),
+      bf16_gemm(false, rows, C, x.size(1), xc.data_ptr<at::BFloat16>(), x.size(1),
                 w.data_ptr<at::BFloat16>(), C, 0.0f, z.data_ptr<float>(), C);
       if (w_lo.defined())
-        bf16_gemm(false, false, rows, C, x.size(1), xc.data_ptr<at::BFloat16>(), x.size(1),
+        bf16_gemm(false, rows, C, x.size(1), xc.data_ptr<at::BFloat16>(), x.size(1),
                   w_lo.data_ptr<at::BFloat16>(), C, 1.0f, z.data_ptr<float>(), C);
     } else {
       at::mm_out(z, xc, w);
@@ -89,7 +91,7 @@ inline void add_xt(at::Tensor& acc, const at::Tensor& xc, const at::Tensor& z, a
   if (!zb.defined() || zb.size(0) < rows) zb = at::empty({rows, C}, xc.options());
   at::Tensor zr = zb.narrow(0, 0, rows);
   zr.copy_(z);
-  bf16_gemm(true, false, D, C, rows, xc.data_ptr<at::BFloat16>(), xc.stride(0),
+  bf16_gemm(true, D, C, rows, xc.data_ptr<at::BFloat16>(), D,   // xc: rows of a row-major x
             zr.data_ptr<at::BFloat16>(), C, 1.0f, acc.data_ptr<float>(), C);
 
 }
