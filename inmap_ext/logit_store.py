@@ -101,23 +101,54 @@ def budget_bytes() -> int:
     return b
 
 
-def _cgroup_room(root: str = "/sys/fs/cgroup") -> Optional[int]:
-    """Bytes this process's memory cgroup still allows (its limit less its use: a container's or
-    a batch job's --mem), or None without a limit: cgroup v2, else v1."""
-    for limit, usage in (("memory.max", "memory.current"),
-                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        limit, usage = os.path.join(root, limit), os.path.join(root, usage)
+def _cgroup_dirs(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"):
+    """The memory cgroup folders that bound this process, its own first and then each parent up
+    to the mount's root, with the files of their limit and use: cgroup v2 (memory.max,
+    memory.current) and v1 (memory/.../memory.limit_in_bytes, memory.usage_in_bytes)."""
+    try:
+        with open(proc) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    found = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":                                    # v2
+            found.append((root, path, "memory.max", "memory.current"))
+        elif "memory" in controllers.split(","):                 # v1
+            found.append((os.path.join(root, "memory"), path, "memory.limit_in_bytes",
+                          "memory.usage_in_bytes"))
+    if not found:      # no /proc/self/cgroup: the mount's roots as they are
+        found = [(root, "/", "memory.max", "memory.current"),
+                 (os.path.join(root, "memory"), "/", "memory.limit_in_bytes",
+                  "memory.usage_in_bytes")]
+    for base, path, limit, usage in found:
+        parts = [p for p in path.split("/") if p]
+        for k in range(len(parts), -1, -1):    # a cgroup namespace shows "/": the root then
+            yield os.path.join(base, *parts[:k]), limit, usage
+
+
+def _cgroup_room(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+                 ) -> Optional[int]:
+    """Bytes this process's memory cgroups still allow (the least over its own and its parents'
+    limits less their use: a container's or a batch job's --mem), or None without a limit."""
+    room = None
+    for folder, limit, usage in _cgroup_dirs(proc, root):
         try:
-            with open(limit) as f:
+            with open(os.path.join(folder, limit)) as f:
                 cap = f.read().strip()
-            with open(usage) as f:
+            with open(os.path.join(folder, usage)) as f:
                 used = int(f.read().strip())
         except (OSError, ValueError):
             continue
-        if cap == "max" or not cap.isdigit() or int(cap) >= 1 << 60:   # no limit
-            return None
-        return max(0, int(cap) - used)
-    return None
+        if cap == "max" or not cap.isdigit() or int(cap) >= 1 << 60:   # no limit here
+            continue
+        left = max(0, int(cap) - used)
+        room = left if room is None else min(room, left)
+    return room
 
 
 def available_bytes(device: torch.device) -> Optional[int]:

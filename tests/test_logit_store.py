@@ -241,19 +241,36 @@ def test_the_memory_available_is_read_on_this_machine():
 
 
 def test_a_memory_cgroup_limit_and_ranks_sharing_a_host_bound_the_room(tmp_path, monkeypatch):
+    def files(folder, limit, used, v1=False):
+        folder.mkdir(parents=True, exist_ok=True)
+        names = (("memory.limit_in_bytes", "memory.usage_in_bytes") if v1
+                 else ("memory.max", "memory.current"))
+        (folder / names[0]).write_text(f"{limit}\n")
+        (folder / names[1]).write_text(f"{used}\n")
+
+    proc = tmp_path / "cgroup"
+    # cgroup v2: the process's own folder (a job's limit) and a parent with more room
     v2 = tmp_path / "v2"
-    v2.mkdir()
-    (v2 / "memory.max").write_text("1000000\n")
-    (v2 / "memory.current").write_text("400000\n")
-    assert logit_store._cgroup_room(str(v2)) == 600_000
-    (v2 / "memory.max").write_text("max\n")                       # no limit
-    assert logit_store._cgroup_room(str(v2)) is None
-    v1 = tmp_path / "v1" / "memory"
-    v1.mkdir(parents=True)
-    (v1 / "memory.limit_in_bytes").write_text("5000\n")
-    (v1 / "memory.usage_in_bytes").write_text("7000\n")           # over: nothing left
-    assert logit_store._cgroup_room(str(tmp_path / "v1")) == 0
-    assert logit_store._cgroup_room(str(tmp_path / "none")) is None
+    files(v2, "max", 10)                                          # the root: no limit
+    files(v2 / "slurm" / "job_7", 1_000_000, 400_000)
+    files(v2 / "slurm", 5_000_000, 3_000_000)
+    proc.write_text("0::/slurm/job_7\n")
+    assert logit_store._cgroup_room(str(proc), str(v2)) == 600_000
+    files(v2 / "slurm", 5_000_000, 4_900_000)                     # the parent has less left
+    assert logit_store._cgroup_room(str(proc), str(v2)) == 100_000
+    files(v2 / "slurm" / "job_7", "max", 0)
+    files(v2 / "slurm", "max", 0)
+    assert logit_store._cgroup_room(str(proc), str(v2)) is None   # no limit anywhere
+    # a container (cgroup namespace): "/" is its own folder, the mount's root
+    files(v2, 2_000_000, 500_000)
+    proc.write_text("0::/\n")
+    assert logit_store._cgroup_room(str(proc), str(v2)) == 1_500_000
+    # cgroup v1: the memory controller's hierarchy
+    v1 = tmp_path / "v1"
+    files(v1 / "memory" / "docker" / "abc", 5000, 7000, v1=True)  # over: nothing left
+    proc.write_text("4:memory:/docker/abc\n3:cpu:/\n")
+    assert logit_store._cgroup_room(str(proc), str(v1)) == 0
+    assert logit_store._cgroup_room(str(tmp_path / "no-proc"), str(tmp_path / "none")) is None
     # the CPU's available memory is never above what the cgroup allows
     monkeypatch.setattr(logit_store, "_cgroup_room", lambda: 12345)
     assert logit_store.available_bytes(torch.device("cpu")) == 12345
