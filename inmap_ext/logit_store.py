@@ -131,10 +131,26 @@ def _cgroup_dirs(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"):
             yield os.path.join(base, *parts[:k]), limit, usage
 
 
+def _inactive_file(folder: str) -> int:
+    """Reclaimable page cache of a memory cgroup: inactive_file of its memory.stat (v2; v1's
+    hierarchical total_inactive_file), 0 where unknown."""
+    try:
+        with open(os.path.join(folder, "memory.stat")) as f:
+            stat = dict(line.split()[:2] for line in f if len(line.split()) >= 2)
+    except OSError:
+        return 0
+    for key in ("total_inactive_file", "inactive_file"):
+        if stat.get(key, "").isdigit():
+            return int(stat[key])
+    return 0
+
+
 def _cgroup_room(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
                  ) -> Optional[int]:
     """Bytes this process's memory cgroups still allow (the least over its own and its parents'
-    limits less their use: a container's or a batch job's --mem), or None without a limit."""
+    limits less their use: a container's or a batch job's --mem), or None without a limit. The
+    use leaves out the page cache the kernel reclaims first (inactive_file of memory.stat), as
+    MemAvailable does: a feature file just read does not shrink the room."""
     room = None
     for folder, limit, usage in _cgroup_dirs(proc, root):
         try:
@@ -146,6 +162,7 @@ def _cgroup_room(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
             continue
         if cap == "max" or not cap.isdigit() or int(cap) >= 1 << 60:   # no limit here
             continue
+        used -= min(used, _inactive_file(folder))
         left = max(0, int(cap) - used)
         room = left if room is None else min(room, left)
     return room
@@ -179,10 +196,11 @@ def available_bytes(device: torch.device) -> Optional[int]:
         return None
 
 
-def _ranks_sharing(group) -> int:
-    """How many ranks of a sharded fit may share this rank's memory: the ranks on this host
-    (LOCAL_WORLD_SIZE, as torchrun sets it), else every rank of the group; 1 in one process."""
-    if group is None:
+def _ranks_sharing(group, device: torch.device) -> int:
+    """How many ranks of a sharded fit may share this rank's memory: on the CPU the ranks on
+    this host (LOCAL_WORLD_SIZE, as torchrun sets it), else every rank of the group; on a GPU
+    (one per rank) and in one process 1."""
+    if group is None or torch.device(device).type != "cpu":
         return 1
     local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
     if local.isdigit() and int(local) >= 1:
@@ -193,13 +211,13 @@ def _ranks_sharing(group) -> int:
 def capacity_bytes(device: torch.device, group=None) -> int:
     """The most bytes a bfloat16 store may take: INMAP_LOGIT_STORE_BYTES if set (the budget for
     every dtype, as given), else ``AVAILABLE_SHARE`` of ``available_bytes``, shared by the ranks
-    of a sharded fit that may share that memory (``_ranks_sharing``), and at least
+    of a sharded fit on one host's CPU memory (``_ranks_sharing``), and at least
     ``DEFAULT_BUDGET_BYTES``."""
     v = os.environ.get(ENV)
     if v is not None and v.strip():
         return budget_bytes()
     free = available_bytes(device)
-    share = int(AVAILABLE_SHARE * free) // _ranks_sharing(group) if free else 0
+    share = int(AVAILABLE_SHARE * free) // _ranks_sharing(group, device) if free else 0
     return max(DEFAULT_BUDGET_BYTES, share)
 
 

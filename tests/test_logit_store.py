@@ -271,6 +271,10 @@ def test_a_memory_cgroup_limit_and_ranks_sharing_a_host_bound_the_room(tmp_path,
     proc.write_text("4:memory:/docker/abc\n3:cpu:/\n")
     assert logit_store._cgroup_room(str(proc), str(v1)) == 0
     assert logit_store._cgroup_room(str(tmp_path / "no-proc"), str(tmp_path / "none")) is None
+    # the page cache the kernel reclaims first is not counted as used (v1: the hierarchy's)
+    (v1 / "memory" / "docker" / "abc" / "memory.stat").write_text(
+        "cache 9000\ninactive_file 100\ntotal_inactive_file 3000\n")
+    assert logit_store._cgroup_room(str(proc), str(v1)) == 1000
     # the CPU's available memory is never above what the cgroup allows
     monkeypatch.setattr(logit_store, "_cgroup_room", lambda: 12345)
     assert logit_store.available_bytes(torch.device("cpu")) == 12345
@@ -280,6 +284,8 @@ def test_a_memory_cgroup_limit_and_ranks_sharing_a_host_bound_the_room(tmp_path,
     monkeypatch.setattr(logit_store, "available_bytes", lambda device: 64 * gib)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert logit_store.capacity_bytes(torch.device("cpu"), group=object()) == 4 * gib
+    # a GPU per rank: nothing shared
+    assert logit_store.capacity_bytes(torch.device("cuda"), group=object()) == 16 * gib
     assert logit_store.capacity_bytes(torch.device("cpu")) == 16 * gib      # one process
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
     assert logit_store.capacity_bytes(torch.device("cpu"), group=object()) == gib   # at least
