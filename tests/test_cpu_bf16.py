@@ -106,3 +106,28 @@ def test_no_feature_columns_and_a_stride_0_row_equal_the_twins():
             for g, r in zip(got if isinstance(got, tuple) else (got,),
                             ref if isinstance(ref, tuple) else (ref,)):
                 torch.testing.assert_close(g.double(), r.double(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_bf16_keeps_the_float32_fits_predictions_on_every_synthetic_kind(device, request):
+    # every problem kind (ViT-like and RN50-like cosine scales, a weak classifier): with the
+    # proxy in two bfloat16 parts the CPU keeps >= 97.8% of the float32 fit's predictions
+    # (measured: 97.85-100); rounded to one part, as the CUDA kernels take it, 93.3-100 (RN50-like
+    # 10 classes 94.5, weak 93.3). On CUDA: expected to fail until the split is carried over
+    # (docs/kernels.md); not yet run on a GPU.
+    from inmap_ext.synthetic import KINDS, kind_problem
+
+    if device == "cpu" and not _ops.cpu_bf16_available():
+        pytest.skip("no bfloat16 GEMM with float32 output in this build")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device")
+        request.applymarker(pytest.mark.xfail(strict=False, reason="the CUDA 16-bit kernels "
+                                              "round the proxy to one bfloat16 part"))
+    for kind in KINDS:
+        p = kind_problem(kind, "every class", device=device)
+        X, T = p.image_features, p.text_proxies
+        full = inmap_ext.fit_vision_proxy(X, T, precision="fp32")
+        half = inmap_ext.fit_vision_proxy(X, T, precision="bf16")
+        agree = float((half.predict(X) == full.predict(X)).double().mean())
+        assert agree >= 0.978, (kind, agree)
