@@ -75,6 +75,17 @@ def cpu_bf16_available() -> bool:
     return bool(torch.ops.inmap_ext.cpu_bf16_gemm_available())
 
 
+def proxy_dtype(dtype: torch.dtype, device: "torch.device | str",
+                backend: str = "ext") -> torch.dtype:
+    """The dtype of the class columns w the ops take with features of ``dtype`` on ``device``:
+    the features' own, but float32 for bfloat16 features on the CPU (its kernels split w into
+    two bfloat16 parts, csrc/cpu/chunked_cpu.h; the torch ops multiply in float32), except on
+    the Triton backend, whose ops take one dtype."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and backend != "triton":
+        return torch.float32
+    return dtype
+
+
 def store_backend(backend: str, device: "torch.device | str") -> str:
     """The backend of a CPU-only op (``CPU_ONLY_OPS``) for a fit on the resolved ``backend``:
     "ext" where its compiled kernel exists for ``device``, else "torch"."""

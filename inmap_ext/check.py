@@ -50,9 +50,7 @@ def _cases(device: torch.device):
         for dt in dtypes:
             x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
             w = torch.nn.functional.normalize(torch.randn(d, c, generator=g), dim=0)
-            x = x.to(device, dt)     # w as a fit passes it (verify.probe_inputs)
-            w = w.to(device, torch.float32 if device.type == "cpu" and dt == torch.bfloat16
-                     else dt)
+            x, w = x.to(device, dt), w.to(device, _ops.proxy_dtype(dt, device))   # as a fit
             bias = torch.randn(c, generator=g).to(device, reference.acc_dtype(dt))
             chunk = max(1, min(n, 8192))
             calls = {"softmax_column_lse": (x, w, bias, 100.0, chunk),

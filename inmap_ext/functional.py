@@ -14,6 +14,7 @@ import torch
 
 from . import _ops, reference, validation, verify
 from .collective import collective as _collective
+from .memory import available_bytes
 from .reference import acc_dtype
 
 Tensor = torch.Tensor
@@ -104,7 +105,8 @@ class Runner:
         d_pad = -(-d // _ops.FUSED_PAD_D) * _ops.FUSED_PAD_D
         if d_pad == d and x.is_contiguous() and x.data_ptr() % 16 == 0:
             return x
-        if 2 * n * d_pad * x.element_size() > _free_bytes(x.device):
+        free = available_bytes(x.device)
+        if free is not None and 2 * n * d_pad * x.element_size() > free:
             return x
         padded = x.new_zeros((n, d_pad))
         padded[:, :d] = x
@@ -112,11 +114,9 @@ class Runner:
         return padded
 
     def _w(self, w: Tensor, x: Tensor) -> Tensor:
-        """w in x's dtype (float32 for bfloat16 features on the CPU, which its kernels split
-        into two bfloat16 parts and the torch ops multiply in float32; the Triton ops take one
-        dtype), with zero rows for the columns own_features appended to x."""
-        w = w.to(torch.float32 if (x.dtype == torch.bfloat16 and x.device.type == "cpu"
-                                   and self.backend != "triton") else x.dtype)
+        """w in the dtype the ops take with x (``_ops.proxy_dtype``), with zero rows for the
+        columns own_features appended to x."""
+        w = w.to(_ops.proxy_dtype(x.dtype, x.device, self.backend))
         return torch.nn.functional.pad(w, (0, 0, 0, self.pad_cols)) if self.pad_cols else w
 
     def _rows(self, t: Tensor) -> Tensor:
@@ -189,10 +189,6 @@ def sinkhorn(column_lse, iters: int, log_q: Tensor, n_total: int,
             log_colsum = column_lse(beta) - math.log(n_total)
         beta = torch.where(absent, log_q, beta + log_q - log_colsum)
     return beta
-
-
-def _free_bytes(device: torch.device) -> int:
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 62
 
 
 def _prepare(features, proxies, backend, chunk_size, proxies_name="text_proxies"):

@@ -21,6 +21,7 @@ from . import clip as clip_mod
 from .data import ImageSet, list_images, norm_name
 from .shards import DEFAULT_IMAGE_KEYS, ShardSet, list_shards
 from .fit import fit_vision_proxy
+from .memory import available_bytes
 from .result import VisionProxyResult, load_vision_proxy
 from .version import __version__
 
@@ -761,7 +762,8 @@ def _fits_on_device(x: torch.Tensor, device: torch.device) -> bool:
     """True unless ``device`` is a GPU with less than twice x's size free."""
     if device.type != "cuda":
         return True
-    return x.numel() * x.element_size() * 2 <= torch.cuda.mem_get_info(device)[0]
+    free = available_bytes(device)
+    return free is None or x.numel() * x.element_size() * 2 <= free
 
 
 def _group(device: str = "cpu"):

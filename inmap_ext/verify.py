@@ -95,10 +95,8 @@ def probe_inputs(device, dtype, p=PROBE) -> Tuple[torch.Tensor, torch.Tensor, to
     x = torch.nn.functional.normalize(x, dim=1)
     bias = torch.randn(p["c"], generator=g) * 0.5
     bias[p["dead_class"]] = -math.inf
-    # w as a fit passes it: in x's dtype, float32 for bfloat16 features on the CPU (its kernels
-    # split it in two bfloat16 parts; functional.Runner._w)
-    cpu_bf16 = torch.device(device).type == "cpu" and dtype == torch.bfloat16
-    x, w = x.to(device, dtype), w.to(device, torch.float32 if cpu_bf16 else dtype)
+    # w as a fit passes it (_ops.proxy_dtype)
+    x, w = x.to(device, dtype), w.to(device, _ops.proxy_dtype(dtype, device))
     if torch.device(device).type == "cuda" and dtype == torch.float32:
         x, w = _tf32_round(x), _tf32_round(w)
     return x, w, bias.to(device, reference.acc_dtype(dtype))

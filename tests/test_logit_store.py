@@ -9,7 +9,7 @@ import torch
 
 from testing import BACKENDS, clip_like, inmap_ext, skip_if_no_ext
 from inmap_ext.class_prior import expected_accuracies
-from inmap_ext import logit_store
+from inmap_ext import logit_store, memory
 from inmap_ext.functional import Runner
 from inmap_ext.logit_store import (ENV, PassSource, StoredLogits, budget_bytes,
                                    safe_bias_range, store_dtype)
@@ -235,9 +235,9 @@ def test_without_the_variable_a_bfloat16_store_grows_with_the_memory_available(m
 
 
 def test_the_memory_available_is_read_on_this_machine():
-    free = logit_store.available_bytes(torch.device("cpu"))
+    free = memory.available_bytes(torch.device("cpu"))
     assert free is None or free > 0
-    assert logit_store.available_bytes(torch.device("meta")) is None
+    assert memory.available_bytes(torch.device("meta")) is None
 
 
 def test_a_memory_cgroup_limit_and_ranks_sharing_a_host_bound_the_room(tmp_path, monkeypatch):
@@ -255,29 +255,29 @@ def test_a_memory_cgroup_limit_and_ranks_sharing_a_host_bound_the_room(tmp_path,
     files(v2 / "slurm" / "job_7", 1_000_000, 400_000)
     files(v2 / "slurm", 5_000_000, 3_000_000)
     proc.write_text("0::/slurm/job_7\n")
-    assert logit_store._cgroup_room(str(proc), str(v2)) == 600_000
+    assert memory._cgroup_room(str(proc), str(v2)) == 600_000
     files(v2 / "slurm", 5_000_000, 4_900_000)                     # the parent has less left
-    assert logit_store._cgroup_room(str(proc), str(v2)) == 100_000
+    assert memory._cgroup_room(str(proc), str(v2)) == 100_000
     files(v2 / "slurm" / "job_7", "max", 0)
     files(v2 / "slurm", "max", 0)
-    assert logit_store._cgroup_room(str(proc), str(v2)) is None   # no limit anywhere
+    assert memory._cgroup_room(str(proc), str(v2)) is None   # no limit anywhere
     # a container (cgroup namespace): "/" is its own folder, the mount's root
     files(v2, 2_000_000, 500_000)
     proc.write_text("0::/\n")
-    assert logit_store._cgroup_room(str(proc), str(v2)) == 1_500_000
+    assert memory._cgroup_room(str(proc), str(v2)) == 1_500_000
     # cgroup v1: the memory controller's hierarchy
     v1 = tmp_path / "v1"
     files(v1 / "memory" / "docker" / "abc", 5000, 7000, v1=True)  # over: nothing left
     proc.write_text("4:memory:/docker/abc\n3:cpu:/\n")
-    assert logit_store._cgroup_room(str(proc), str(v1)) == 0
-    assert logit_store._cgroup_room(str(tmp_path / "no-proc"), str(tmp_path / "none")) is None
+    assert memory._cgroup_room(str(proc), str(v1)) == 0
+    assert memory._cgroup_room(str(tmp_path / "no-proc"), str(tmp_path / "none")) is None
     # the page cache the kernel reclaims first is not counted as used (v1: the hierarchy's)
     (v1 / "memory" / "docker" / "abc" / "memory.stat").write_text(
         "cache 9000\ninactive_file 100\ntotal_inactive_file 3000\n")
-    assert logit_store._cgroup_room(str(proc), str(v1)) == 1000
+    assert memory._cgroup_room(str(proc), str(v1)) == 1000
     # the CPU's available memory is never above what the cgroup allows
-    monkeypatch.setattr(logit_store, "_cgroup_room", lambda: 12345)
-    assert logit_store.available_bytes(torch.device("cpu")) == 12345
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: 12345)
+    assert memory.available_bytes(torch.device("cpu")) == 12345
     # ranks of a sharded fit on one host share the room: LOCAL_WORLD_SIZE, else the world size
     monkeypatch.delenv(ENV, raising=False)
     gib = logit_store.DEFAULT_BUDGET_BYTES

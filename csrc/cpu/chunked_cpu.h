@@ -93,7 +93,6 @@ inline void add_xt(at::Tensor& acc, const at::Tensor& xc, const at::Tensor& z, a
   zr.copy_(z);
   bf16_gemm(true, D, C, rows, xc.data_ptr<at::BFloat16>(), D,   // xc: rows of a row-major x
             zr.data_ptr<at::BFloat16>(), C, 1.0f, acc.data_ptr<float>(), C);
-
 }
 
 // The shift of a log-sum-exp whose running max is m: m itself, or 0 while m is -inf (no term
