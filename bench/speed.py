@@ -1,7 +1,8 @@
 """Passes and wall time of a fit, side by side in one run:
 `python bench/speed.py [DATA.npz ...] [--synthetic 4000x512x1000,400000x128x1000]
 [--device cpu] [--threads N] [--paper-max-n 20000] [--previous-max-n 20000]
-[--passes-max-n N] [--one-gib-max-n N] [--bf16-max-n N] [--baseline DIR --baseline-label NAME]`.
+[--passes-max-n N] [--one-gib-max-n N] [--bf16-max-n N] [--bf16x3-max-n N]
+[--baseline DIR --baseline-label NAME]`.
 
 For every set (the full set of each DATA.npz: X N x D, y N, T D x C; and synthetic CLIP-like
 sets N x D x C, balanced, gap 2, text noise 0.4), one after the other on the same machine:
@@ -18,6 +19,9 @@ sets N x D x C, balanced, gap 2, text noise 0.4), one after the other on the sam
 - "default, bf16" (only up to --bf16-max-n images, default none): the default fit with
   precision="bf16" (features rounded to bfloat16 once, bfloat16 GEMMs with float32
   accumulation; agreement with the paper fit shows what the rounding changes);
+- "default, bf16x3" (only up to --bf16x3-max-n images, default none): the default fit with
+  precision="bf16x3" (float32 features, every float32 GEMM of the CPU kernels as three bfloat16
+  GEMMs: csrc/cpu/bf16x3.h);
 - "paper": mode="paper", all 2000 published steps (only up to --paper-max-n images);
 - with ``--baseline DIR``: the default fit of another build of inmap_ext (DIR holds its
   package, e.g. ``git worktree add /tmp/old COMMIT && pip install --no-build-isolation
@@ -52,6 +56,7 @@ RUNS = [("previous default", dict(solver="gd"), {"INMAP_LOGIT_STORE_BYTES": "0"}
         ("default, store within 1 GiB", {}, {"INMAP_LOGIT_STORE_BYTES": str(1 << 30)}),
         ("default, uniform", dict(class_prior="uniform"), {}),
         ("default, bf16", dict(precision="bf16"), {}),
+        ("default, bf16x3", dict(precision="bf16x3"), {}),
         ("paper", dict(mode="paper"), {})]
 
 
@@ -126,7 +131,7 @@ def _baseline(folder, X, T, y, device):
 
 
 def measure(name, X, T, y, device, paper_max_n, previous_max_n, baseline=None,
-            passes_max_n=0, one_gib_max_n=0, bf16_max_n=0):
+            passes_max_n=0, one_gib_max_n=0, bf16_max_n=0, bf16x3_max_n=0):
     X, T, y = X.to(device), T.to(device), y.to(device)
     acc = lambda p: 100 * float((p == y).double().mean())  # noqa: E731
     row = {"set": name, "n": X.shape[0], "d": X.shape[1], "c": T.shape[1],
@@ -144,7 +149,7 @@ def measure(name, X, T, y, device, paper_max_n, previous_max_n, baseline=None,
     most = {"paper": paper_max_n, "previous default": previous_max_n,
             "default, decision on passes": passes_max_n,      # the runs with a size limit
             "default, store within 1 GiB": one_gib_max_n,
-            "default, bf16": bf16_max_n}
+            "default, bf16": bf16_max_n, "default, bf16x3": bf16x3_max_n}
     for label, kw, env in RUNS:
         if X.shape[0] > most.get(label, X.shape[0]):
             continue
@@ -161,9 +166,10 @@ def measure(name, X, T, y, device, paper_max_n, previous_max_n, baseline=None,
         for label in preds:
             row["runs"][label]["agreement_with_paper"] = 100 * float(
                 (preds[label] == preds["paper"]).double().mean())
-    if "default, bf16" in preds:
-        row["runs"]["default, bf16"]["agreement_with_default"] = 100 * float(
-            (preds["default, bf16"] == preds["default"]).double().mean())
+    for label in ("default, bf16", "default, bf16x3"):
+        if label in preds:
+            row["runs"][label]["agreement_with_default"] = 100 * float(
+                (preds[label] == preds["default"]).double().mean())
     return row
 
 
@@ -205,11 +211,13 @@ def _ratios(rows):
                      f"the 2000 published steps' time, top-1 {uni['top1'] - pap['top1']:+.2f}")
         line += (f"; the decision {cur['decision_s'] / cur['seconds']:.0%} of the default fit's "
                  "time")
-        bf = runs.get("default, bf16")
-        if bf:
-            line += (f"; precision='bf16': {bf['seconds'] / cur['seconds']:.0%} of the default's "
-                     f"time, {bf['passes']['total']} passes, top-1 {bf['top1'] - cur['top1']:+.2f}, "
-                     f"predictions as the default's on {bf['agreement_with_default']:.2f}%")
+        for prec in ("bf16", "bf16x3"):
+            bf = runs.get(f"default, {prec}")
+            if bf:
+                line += (f"; precision='{prec}': {bf['seconds'] / cur['seconds']:.0%} of the "
+                         f"default's time, {bf['passes']['total']} passes, top-1 "
+                         f"{bf['top1'] - cur['top1']:+.2f}, predictions as the default's on "
+                         f"{bf['agreement_with_default']:.2f}%")
         off = runs.get("default, decision on passes")
         if off:
             line += (f", {cur['decision_s']:.1f} s against {off['decision_s']:.1f} s on passes "
@@ -239,6 +247,9 @@ def main(argv=None):
     ap.add_argument("--bf16-max-n", type=int, default=0,
                     help="also run the default fit with precision='bf16' (bfloat16 features and "
                     "GEMMs: CUDA, or a CPU whose torch has MKL's bfloat16 GEMM) up to this N")
+    ap.add_argument("--bf16x3-max-n", type=int, default=0,
+                    help="also run the default fit with precision='bf16x3' (float32 GEMMs as "
+                    "three bfloat16 GEMMs, CPU) up to this N")
     ap.add_argument("--baseline", default=None, metavar="DIR",
                     help="a folder holding another build of the inmap_ext package (pip install "
                     "--target DIR): its default fit is run beside, in a subprocess")
@@ -259,11 +270,11 @@ def main(argv=None):
     for name, X, T, y in sets:
         rows.append(measure(name, X, T, y, device, args.paper_max_n, args.previous_max_n,
                             baseline, args.passes_max_n, args.one_gib_max_n,
-                            args.bf16_max_n))
+                            args.bf16_max_n, args.bf16x3_max_n))
     for spec in [s for s in args.synthetic.split(",") if s.strip()]:
         rows.append(measure(*_synthetic(spec), device, args.paper_max_n, args.previous_max_n,
                             baseline, args.passes_max_n, args.one_gib_max_n,
-                            args.bf16_max_n))
+                            args.bf16_max_n, args.bf16x3_max_n))
     date = datetime.date.today().isoformat()
     meta = {"device": str(device), "machine": f"{platform.machine()} "
             f"{os.cpu_count()} cores" if device.type == "cpu" else

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "cpu/bf16_gemm.h"
+#include "cpu/bf16x3.h"
 #include "design_choice.h"
 
 TORCH_LIBRARY(inmap_ext, m) {
@@ -45,4 +46,8 @@ TORCH_LIBRARY(inmap_ext, m) {
   // Whether the CPU kernels take bfloat16 features (precision="bf16" on the CPU: a bfloat16 GEMM
   // with float32 output in this torch build; csrc/cpu/bf16_gemm.h): pure, no tensors.
   m.def("cpu_bf16_gemm_available() -> bool", &inmap::cpu::bf16_gemm_available);
+  // The calling thread's switch of the CPU kernels' float32 GEMMs to three bfloat16 GEMMs each
+  // (precision="bf16x3", csrc/cpu/bf16x3.h): sets it, returns what it was. No tensors.
+  m.def("cpu_bf16x3(bool on) -> bool", &inmap::cpu::set_bf16x3);
+  m.def("cpu_bf16x3_enabled() -> bool", &inmap::cpu::bf16x3_enabled);
 }

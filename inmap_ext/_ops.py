@@ -75,6 +75,45 @@ def cpu_bf16_available() -> bool:
     return bool(torch.ops.inmap_ext.cpu_bf16_gemm_available())
 
 
+def cpu_bf16x3_available() -> bool:
+    """True when the compiled CPU kernels can run float32 GEMMs as three bfloat16 GEMMs
+    (precision="bf16x3": csrc/cpu/bf16x3.h; the bfloat16 GEMM of ``cpu_bf16_available``)."""
+    return cpu_bf16_available() and hasattr(torch.ops.inmap_ext, "cpu_bf16x3_enabled")
+
+
+def cpu_has_amx() -> bool:
+    """True when this CPU has AMX tile units (torch's own probe; False where this torch has
+    none): there three bfloat16 GEMMs are faster than one float32 GEMM (bf16x3.h)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # a probe that fails says nothing: no AMX assumed
+        return False
+
+
+@contextlib.contextmanager
+def cpu_bf16x3(enabled: bool) -> Iterator[None]:
+    """Run the compiled CPU kernels' float32 GEMMs of the enclosed block, in this thread, as
+    three bfloat16 GEMMs each (``enabled``) or as float32 GEMMs; the switch is restored after.
+    Without the switch's op (no extension, or a build without it) only False is accepted."""
+    if not cpu_bf16x3_available():
+        if enabled:
+            raise RuntimeError("precision='bf16x3' needs the compiled CPU kernels with a "
+                               "bfloat16 GEMM (MKL's cblas_gemm_bf16bf16f32)")
+        yield
+        return
+    before = torch.ops.inmap_ext.cpu_bf16x3(bool(enabled))
+    try:
+        yield
+    finally:
+        torch.ops.inmap_ext.cpu_bf16x3(before)
+
+
+def cpu_bf16x3_active() -> bool:
+    """Whether this thread's CPU float32 GEMMs run as three bfloat16 GEMMs now."""
+    return cpu_bf16x3_available() and bool(torch.ops.inmap_ext.cpu_bf16x3_enabled())
+
+
 def proxy_dtype(dtype: torch.dtype, device: "torch.device | str",
                 backend: str = "ext") -> torch.dtype:
     """The dtype of the class columns w the ops take with features of ``dtype`` on ``device``:

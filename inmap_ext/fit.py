@@ -165,7 +165,7 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
                       precision=precision)
     class_prior = check_class_prior(class_prior, rows.classes)
     labeled = check_labeled(labeled, rows.local_rows, rows.classes)
-    with _ops.allow_tf32(rows.tf32):
+    with _ops.allow_tf32(rows.tf32), _ops.cpu_bf16x3(rows.bf16x3):
         return _fit(rows.open(), tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
                     progress, precision, class_prior, mode, stop, solver, labeled)
 

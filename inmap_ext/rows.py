@@ -35,8 +35,9 @@ from .streaming import StreamingRunner
 
 Tensor = torch.Tensor
 
-PRECISIONS = ("auto", "fp64", "fp32", "tf32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp64", "fp32", "tf32", "bf16x3", "fp16", "bf16")
 _PRECISION_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch.float32,
+                     "bf16x3": torch.float32,
                      "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -47,6 +48,7 @@ class Rows:
     text: Tensor                # D x C text proxies, unit columns, compute device, float32/64
     tf32: Optional[bool]        # the TF32 switch the fit runs under (None: leave torch's)
     n: Optional[int] = None     # rows over every rank (``open``)
+    bf16x3: bool = False        # the CPU kernels' float32 GEMMs as three bfloat16 GEMMs each
 
     @property
     def classes(self) -> int:
@@ -86,7 +88,8 @@ def check_rows(image_features, text_proxies, *, device=None, stream: bool = Fals
         # the cheap refusal before the checks (sharded: after check_shard, where every rank
         # raises alike, since the ranks' devices may differ)
         compute_dtype(precision, image_features.dtype,
-                      torch.device(device if device is not None else image_features.device))
+                      torch.device(device if device is not None else image_features.device),
+                      backend)
     if streaming:
         compute = torch.device(device if device is not None else image_features.device)
         if process_group is not None:
@@ -96,7 +99,7 @@ def check_rows(image_features, text_proxies, *, device=None, stream: bool = Fals
             t = validation.cpu_upcast(t.to(compute))    # as in memory: never 16-bit on the CPU
             t = validation.normalise(t, validation.check_finite(t, "text_proxies", 0), 0)
             scale = validation.check_host_features(x)
-        dtype, tf32 = compute_dtype(precision, x.dtype, compute)
+        dtype, tf32, split = compute_dtype(precision, x.dtype, compute, backend)
         runner = StreamingRunner(compute, backend, chunk_size, x.shape[0], t.shape[1], dtype,
                                  process_group, scale)
     else:
@@ -104,22 +107,40 @@ def check_rows(image_features, text_proxies, *, device=None, stream: bool = Fals
             x, t = validation.check_features_and_proxies(image_features, text_proxies)
         else:
             x, t, _ = check_shard(image_features, text_proxies, process_group)
-        dtype, tf32 = compute_dtype(precision, x.dtype, x.device)
+        dtype, tf32, split = compute_dtype(precision, x.dtype, x.device, backend)
         x = x.to(dtype)
         if dtype == torch.bfloat16 and x.device.type == "cpu":
             x = x.contiguous()     # row-major for the CPU's bfloat16 GEMMs (once, not per pass)
         runner = Runner(x.device, backend, chunk_size, x.shape[0], t.shape[1], dtype,
                         process_group)
     t = t.to(device=runner.device, dtype=acc_dtype(runner.dtype))
-    return Rows(runner, x, t, tf32)
+    return Rows(runner, x, t, tf32, bf16x3=split)
 
 
-def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device):
-    """(compute dtype of the features, TF32 switch: True/False, or None = leave torch's).
+def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
+                  backend: str = "auto"):
+    """(compute dtype of the features, TF32 switch: True/False, or None = leave torch's,
+    bf16x3: whether the CPU kernels run their float32 GEMMs as three bfloat16 GEMMs).
     precision="bf16" on the CPU: bfloat16 features for the compiled CPU kernels' bfloat16 GEMMs
-    (``_ops.cpu_bf16_available``), refused where this build has none."""
+    (``_ops.cpu_bf16_available``), refused where this build has none. precision="bf16x3":
+    float32 features, on the CPU's compiled kernels only (``_ops.cpu_bf16x3_available``)."""
+    if precision == "bf16x3":
+        why = None
+        if device.type != "cpu":
+            why = (f"it splits the compiled CPU kernels' GEMMs; on {device.type} use 'fp32' "
+                   "(or 'tf32')")
+        elif backend not in ("auto", "ext"):
+            why = f"it runs in the compiled CPU kernels, not on backend={backend!r}"
+        elif not _ops.cpu_bf16x3_available():
+            why = ("this install has no bfloat16 GEMM with float32 output on the CPU: "
+                   + ("the compiled extension did not load" if not _ops.extension_loaded() else
+                      "torch's build lacks MKL's cblas_gemm_bf16bf16f32"))
+        if why is not None:
+            raise ValueError(f"precision='bf16x3' needs CPU tensors and the compiled CPU "
+                             f"kernels: {why}")
+        return torch.float32, None, True
     if precision == "bf16" and device.type == "cpu" and _ops.cpu_bf16_available():
-        return torch.bfloat16, None
+        return torch.bfloat16, None, False
     if precision in ("fp16", "bf16") and device.type != "cuda":
         why = ("16-bit tensor-core GEMMs" if precision == "fp16" or device.type != "cpu" else
                "this install has no bfloat16 GEMM with float32 output on the CPU: "
@@ -130,4 +151,4 @@ def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device):
     dtype = _PRECISION_DTYPES.get(precision, dtype)
     if device.type != "cuda" and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32          # "auto" on the CPU: its kernels compute in float32
-    return dtype, {"fp32": False, "tf32": True}.get(precision)
+    return dtype, {"fp32": False, "tf32": True}.get(precision), False

@@ -72,7 +72,11 @@ def design_of(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """What would run: "torch", "cpu" (CPU kernels), "chunked" / "fused" (CUDA), "triton"."""
     if backend in ("torch", "triton"):
         return backend
-    return _ops.cuda_design_of(device, dtype) if device.type == "cuda" else device.type
+    if device.type == "cuda":
+        return _ops.cuda_design_of(device, dtype)
+    if device.type == "cpu" and dtype == torch.float32 and _ops.cpu_bf16x3_active():
+        return "cpu-bf16x3"          # float32 GEMMs as three bfloat16 GEMMs (precision="bf16x3")
+    return device.type
 
 
 # -- the probe and the comparison (shared with `inmap check`) ---------------------------------
@@ -274,7 +278,8 @@ def check_op(name: str, backend: str, device, dtype) -> Verdict:
         err, ok, what, raised = math.inf, False, f"{type(e).__name__}: {first}", True
     ms = (time.perf_counter() - t0) * 1e3
     return Verdict(name, backend, design, str(device), device_name(device),
-                   str(dtype).replace("torch.", "") + (" (TF32)" if tf32 else ""),
+                   str(dtype).replace("torch.", "") + (" (TF32)" if tf32 else "")
+                   + (" (bf16x3)" if design == "cpu-bf16x3" else ""),
                    ok, err, tol, ms, what, raised)
 
 

@@ -189,3 +189,36 @@ def test_stopping_bench_compares_solvers_on_files_and_synthetic_kinds(tmp_path):
     md = js.with_suffix(".md").read_text()
     assert "| synthetic vit, C=10 | long tail |" in md and "| small | full | 150 |" in md
     assert "real sets:" in md and "synthetic sets:" in md
+
+
+def test_precision_bench_compares_every_set_with_the_float32_fit(tmp_path):
+    """bench/precision.py on a small .npz file: every set of the robustness bench fitted in
+    float32 and with each run, the prior, passes, top-1 and agreement with the float32 fit, and
+    a summary per run."""
+    import numpy as np
+    import torch
+
+    from inmap_ext import _ops
+    from testing import clip_like
+
+    X, T, y = clip_like(150, 16, 10, seed=3, dtype=torch.float32, gap=2.0, text_noise=0.4)
+    path = tmp_path / "small.npz"
+    np.savez(path, X=X.numpy(), y=y.numpy(), T=T.numpy())
+    runs = ["chunk512", "fp64"] + (["bf16x3"] if _ops.cpu_bf16x3_available() else [])
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "precision.py"), str(path),
+                          "--seeds", "0", "--runs", *runs, "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (js,) = tmp_path.glob("precision_*.json")
+    data = json.loads(js.read_text())
+    rows = data["rows"]
+    assert rows[0]["set"] == "full" and rows[0]["n"] == 150 and len(rows) >= 5
+    for r in rows:
+        assert r["fp32"]["agreement"] == 100.0
+        for k in runs:
+            assert 0 <= r[k]["agreement"] <= 100 and r[k]["passes"] > 0
+    # 512 rows per chunk on sets of at most 150 rows: one chunk either way, the same bits
+    assert all(r["chunk512"]["agreement"] == 100.0 for r in rows)
+    assert set(data["summary"]) == set(runs) and data["summary"]["fp64"]["sets"] == len(rows)
+    md = js.with_suffix(".md").read_text()
+    assert "| small.npz | full | 0 | 150 |" in md

@@ -13,6 +13,7 @@
 
 #include "../checks.h"
 #include "bf16_gemm.h"
+#include "bf16x3.h"
 
 namespace inmap {
 namespace cpu {
@@ -37,59 +38,86 @@ inline at::TensorOptions compute_options(const at::Tensor& x) {
   return x.options().dtype(acc_type(x.scalar_type()));
 }
 
-// Calls f(start_row, rows, x_chunk, z) for consecutive row chunks, where z = x_chunk @ w
+// A chunk of rows of x as the GEMMs take it: x itself (float32, float64 or bfloat16 rows) and,
+// where float32 GEMMs run as three bfloat16 GEMMs (bf16x3.h), its two bfloat16 parts.
+struct Chunk {
+  at::Tensor x;
+  const Split* parts = nullptr;
+};
+
+// Calls f(start_row, rows, chunk, z) for consecutive row chunks, where z = x_chunk @ w
 // (rows x C, contiguous, in the compute dtype) lives in one buffer reused by every chunk.
 // bfloat16 x: z from bfloat16 GEMMs with float32 accumulation and output. A float32 w (what the
 // fit passes: the proxy it descends on) is split into two bfloat16 parts, w = hi + lo up to
 // ~2^-17 of each entry, and z = x hi + x lo: a w rounded to bfloat16 at every pass hides the
 // descent's small steps (measured on RN50 features: predictions 74-91% as the float32 fit's,
 // and the descent stopping early; with the split 96-100%, as with the features rounded alone).
+// float32 x under the bf16x3 switch (bf16x3.h): x's chunk and w both split, z from three
+// bfloat16 GEMMs, in chunks of at most ``bf16x3_rows(C)`` rows (fewer than ``chunk``: the rows'
+// GEMMs then run from cache).
 template <typename F>
 void for_each_chunk(const at::Tensor& x_in, const at::Tensor& w_in, int64_t chunk, F&& f) {
   const int64_t N = x_in.size(0), C = w_in.size(1);
   if (N == 0) return;
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
+  const bool x3 = bf16x3_active(x_in);
   // row-major x for the bfloat16 GEMMs (a copy per call where it is not: the fit passes
-  // contiguous features)
+  // contiguous features); bf16x3 splits each chunk into row-major parts instead
   const at::Tensor x = bf16 ? x_in.contiguous() : x_in;
-  at::Tensor w = bf16 ? w_in.contiguous() : w_in;
+  at::Tensor w = bf16 || x3 ? w_in.contiguous() : w_in;
   at::Tensor w_lo;
-  if (bf16 && w.scalar_type() != at::kBFloat16) {
+  Split w_parts, x_parts;
+  if (x3) {
+    w_parts.of(w.to(at::kFloat));
+  } else if (bf16 && w.scalar_type() != at::kBFloat16) {
     at::Tensor wf = w.to(at::kFloat);
     w = wf.to(at::kBFloat16);
     w_lo = (wf - w.to(at::kFloat)).to(at::kBFloat16);
   }
-  const int64_t cs = std::min(chunk, N);
+  const int64_t cs = std::min(x3 ? std::min(chunk, bf16x3_rows(C)) : chunk, N);
   at::Tensor buf = at::empty({cs, C}, compute_options(x));
   for (int64_t start = 0; start < N; start += cs) {
     const int64_t rows = std::min(cs, N - start);
-    at::Tensor xc = x.narrow(0, start, rows);
+    Chunk c{x.narrow(0, start, rows)};
     at::Tensor z = buf.narrow(0, 0, rows);
-    if (bf16) {
-      bf16_gemm(false, rows, C, x.size(1), xc.data_ptr<at::BFloat16>(), x.size(1),
+    if (x3) {
+      // rows with a unit stride within: a strided x is copied a chunk at a time
+      x_parts.of(unit_row_stride(c.x) ? c.x : c.x.contiguous());
+      c.parts = &x_parts;
+      gemm_bf16x3(x_parts, w_parts, z.data_ptr<float>());
+    } else if (bf16) {
+      bf16_gemm(false, rows, C, x.size(1), c.x.data_ptr<at::BFloat16>(), x.size(1),
                 w.data_ptr<at::BFloat16>(), C, 0.0f, z.data_ptr<float>(), C);
       if (w_lo.defined())
-        bf16_gemm(false, rows, C, x.size(1), xc.data_ptr<at::BFloat16>(), x.size(1),
+        bf16_gemm(false, rows, C, x.size(1), c.x.data_ptr<at::BFloat16>(), x.size(1),
                   w_lo.data_ptr<at::BFloat16>(), C, 1.0f, z.data_ptr<float>(), C);
     } else {
-      at::mm_out(z, xc, w);
+      at::mm_out(z, c.x, w);
     }
-    f(start, rows, xc, z);
+    f(start, rows, c, z);
   }
 }
 
 // acc += xc^T @ z (D x C += (rows x D)^T rows x C). bfloat16 xc: z (probabilities) rounded to
-// bfloat16 in ``zb`` (a buffer of at least rows x C, reused) and the bfloat16 GEMM accumulates
-// in float32, as the 16-bit tensor-core GEMMs of precision="bf16" on CUDA (splitting z as w is
-// split changed no more predictions on the real files: not done).
-inline void add_xt(at::Tensor& acc, const at::Tensor& xc, const at::Tensor& z, at::Tensor& zb) {
+// bfloat16 in ``zb.hi`` (a buffer reused across chunks) and the bfloat16 GEMM accumulates in
+// float32, as the 16-bit tensor-core GEMMs of precision="bf16" on CUDA (splitting z as w is
+// split changed no more predictions on the real files: not done). A split chunk (bf16x3): z
+// split into ``zb`` too, and three bfloat16 GEMMs.
+inline void add_xt(at::Tensor& acc, const Chunk& c, const at::Tensor& z, Split& zb) {
+  if (c.parts != nullptr) {
+    zb.of(z);
+    add_gemm_bf16x3_t(*c.parts, zb, acc.data_ptr<float>());
+    return;
+  }
+  const at::Tensor& xc = c.x;
   if (xc.scalar_type() != at::kBFloat16) {
     acc.addmm_(xc.t(), z);
     return;
   }
   const int64_t rows = z.size(0), C = z.size(1), D = xc.size(1);
-  if (!zb.defined() || zb.size(0) < rows) zb = at::empty({rows, C}, xc.options());
-  at::Tensor zr = zb.narrow(0, 0, rows);
+  if (!zb.hi.defined() || zb.hi.numel() < rows * C)
+    zb.hi = at::empty({rows * C}, xc.options());
+  at::Tensor zr = zb.hi.narrow(0, 0, rows * C).view({rows, C});
   zr.copy_(z);
   bf16_gemm(true, D, C, rows, xc.data_ptr<at::BFloat16>(), D,   // xc: rows of a row-major x
             zr.data_ptr<at::BFloat16>(), C, 1.0f, acc.data_ptr<float>(), C);

@@ -18,7 +18,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_reduce_c
   at::Tensor B = at::zeros({D, C}, compute_options(x));
   at::Tensor mass = at::zeros({C}, compute_options(x));
   at::Tensor counts = at::zeros({C}, x.options().dtype(at::kLong));
-  at::Tensor zb;  // bfloat16 features: the pseudo labels rounded to bfloat16 for X^T P
+  Split zb;  // bfloat16 features: the pseudo labels rounded to bfloat16 for X^T P (bf16x3:
+             // split into two parts)
   int64_t n_confident = 0;
   AT_DISPATCH_FLOATING_TYPES(B.scalar_type(), "pseudo_label_reduce_cpu", [&] {
     const auto* bp = static_cast<const scalar_t*>(bias_ptr(b));
@@ -26,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_reduce_c
     int64_t* cnt = counts.data_ptr<int64_t>();
     std::vector<int64_t> arg;
     std::vector<char> confident;
-    for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor& xc, at::Tensor& z) {
+    for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const Chunk& xc, at::Tensor& z) {
       scalar_t* zp = z.data_ptr<scalar_t>();
       softmax_rows(zp, rows, C, static_cast<scalar_t>(inv_tau), bp, nullptr, /*log=*/false);
       arg.assign(rows, 0);

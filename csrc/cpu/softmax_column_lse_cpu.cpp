@@ -23,7 +23,7 @@ at::Tensor softmax_column_lse_cpu(const at::Tensor& x, const at::Tensor& w,
     const auto* bp = static_cast<const scalar_t*>(bias_ptr(b));
     scalar_t* M = run_max.data_ptr<scalar_t>();
     scalar_t* S = run_sum.data_ptr<scalar_t>();
-    for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor&, at::Tensor& z) {
+    for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const Chunk&, at::Tensor& z) {
       scalar_t* zp = z.data_ptr<scalar_t>();
       softmax_rows(zp, rows, C, static_cast<scalar_t>(inv_tau), bp, nullptr, /*log=*/true);
       // Columns in blocks: each column is reduced over rows in order by one thread.

@@ -14,11 +14,12 @@ std::tuple<at::Tensor, at::Tensor> xt_softmax_cpu(const at::Tensor& x, const at:
   check_cpu_inputs(x, w, c10::nullopt, chunk, "xt_softmax");
   const int64_t D = x.size(1), C = w.size(1);
   at::Tensor G = at::zeros({D, C}, compute_options(x));
-  at::Tensor zb;  // bfloat16 features: the softmax rounded to bfloat16 for the second GEMM
+  Split zb;  // bfloat16 features: the softmax rounded to bfloat16 for the second GEMM
+             // (bf16x3: split into two parts)
   double lse_sum = 0;  // rows summed in order: independent of the thread count
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "xt_softmax_cpu", [&] {
     std::vector<scalar_t> lse;
-    for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const at::Tensor& xc, at::Tensor& z) {
+    for_each_chunk(x, w, chunk, [&](int64_t, int64_t rows, const Chunk& xc, at::Tensor& z) {
       lse.resize(rows);
       softmax_rows(z.data_ptr<scalar_t>(), rows, C, static_cast<scalar_t>(inv_tau), nullptr,
                    lse.data(), /*log=*/false);
