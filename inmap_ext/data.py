@@ -64,6 +64,7 @@ class ImageSet:
     source: str = ""                    # the folder or the file list given (absolute)
     is_list: bool = False               # ``source`` is a file list
     ignored: List[str] = field(default_factory=list)   # loose files beside the class folders
+    repeated: List[str] = field(default_factory=list)  # links to a file listed before: left out
     note: str = ""                      # why the images are unlabeled, when it is not obvious
 
     def __len__(self) -> int:
@@ -79,32 +80,59 @@ def is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk(root: str) -> List[str]:
-    """Images under ``root``, recursively, following links to folders but entering each real
-    folder once (a link back up the tree would list the same images again, under other class
-    folders); a folder that is also under ``root`` without a link is listed there."""
+def _walk(root: str, repeated: Optional[List[str]] = None) -> List[str]:
+    """Images under ``root``, recursively (folders and files in name order, each folder before
+    its subfolders), following links to folders but entering each real folder once (a link back
+    up the tree would list the same images again, under other class folders); a folder that is
+    also under ``root`` without a link is listed there. A link to an image file listed before
+    (or listed after it: the first place in this order wins) is left out, its path added to
+    ``repeated``: the image would otherwise count twice in the fit. Only links cost a system
+    call beyond the folder listings (a million files are not each stat-ed)."""
     direct = None           # the folders reachable without links: listed only once a link shows
-    found, seen = [], set()
-    for d, dirs, files in os.walk(root, followlinks=True):
+    found, seen, files_seen = [], set(), set()
+    stack = [root]
+    while stack:
+        d = stack.pop()
         real = os.path.realpath(d)
         if real in seen:
-            dirs[:] = []
             continue
         seen.add(real)
-        keep = []
-        for x in sorted(dirs):
-            sub = os.path.join(d, x)
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:     # unreadable folder: skipped, as os.walk skips it
+            continue
+        keep, files = [], []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()                 # follows a link (one stat, links only)
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                files.append(e)
+                continue
+            sub = os.path.join(d, e.name)
             target = os.path.realpath(sub)
             if target in seen:
                 continue
-            if os.path.islink(sub):
+            if e.is_symlink():
                 if direct is None:
                     direct = {os.path.realpath(r) for r, _, _ in os.walk(root)}
                 if target in direct:
                     continue
-            keep.append(x)
-        dirs[:] = keep
-        found.extend(os.path.join(d, f) for f in sorted(files) if is_image(f))
+            keep.append(sub)
+        stack.extend(reversed(keep))
+        for e in files:
+            if not is_image(e.name):
+                continue
+            path = os.path.join(d, e.name)
+            key = os.path.realpath(path) if e.is_symlink() else os.path.join(real, e.name)
+            if key in files_seen:
+                if repeated is not None:
+                    repeated.append(path)
+                continue
+            files_seen.add(key)
+            found.append(path)
     return found
 
 
@@ -164,9 +192,10 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
     if labels not in ("auto", "folder", "none"):
         raise ValueError(f"labels must be 'auto', 'folder' or 'none', got {labels!r}")
     is_list = False
+    repeated: List[str] = []
     if os.path.isdir(images):
         root = os.path.abspath(images)
-        paths = _walk(root)
+        paths = _walk(root, repeated)
     elif os.path.isfile(images) and images.lower().endswith(IMAGE_EXTENSIONS):
         paths = [os.path.abspath(images)]          # one image: a set of one
         root = os.path.dirname(paths[0])
@@ -231,7 +260,8 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
                         f"(e.g. {os.path.basename(loose[0])}), so folder names are not used as "
                         "labels; pass --labels folder to use them (leaving the loose files out)")
     if labels == "none":
-        return ImageSet(root, paths, missing=missing, source=source, is_list=is_list, note=note)
+        return ImageSet(root, paths, missing=missing, source=source, is_list=is_list, note=note,
+                        repeated=repeated)
     if classnames is None:
         raise ValueError("folder labels need the class names")
     if loose:
@@ -245,7 +275,7 @@ def list_images(images: str, classnames: Optional[Sequence[str]] = None, labels:
         missing = [p for p in missing if p not in loose_set]
     mapping = match_folders(sorted(set(top)), classnames, folder_map)
     return ImageSet(root, paths, [mapping[t] for t in top], mapping, missing, source=source,
-                    is_list=is_list, ignored=loose)
+                    is_list=is_list, ignored=loose, repeated=repeated)
 
 
 # Read errors that say nothing about the file (too many open files, an I/O or network-disk

@@ -156,6 +156,11 @@ def _log_images(image_set: "ImageSet | ShardSet", log: "Log",
         log("warning", f"warning: {len(image_set.ignored)} file(s) at the top level of "
             f"{image_set.root}, outside the class folders, are left out: "
             f"{_some(image_set.ignored)}", ignored=image_set.ignored)
+    if getattr(image_set, "repeated", None):
+        log("warning", f"warning: {len(image_set.repeated)} image file(s) under "
+            f"{image_set.root} are the same file as another image there (a link between "
+            f"them), and are left out so that no image counts twice: "
+            f"{_some(image_set.repeated)}", repeated=image_set.repeated)
     if image_set.note:
         log("warning", f"warning: unlabeled: {image_set.note}", note=image_set.note)
 
@@ -498,6 +503,8 @@ def fit_images(*, model: str, pretrained: Optional[str], images: Optional[str] =
             spec.names, (round(float(v), 6) for v in res.class_prior.target.tolist())))
     if image_set.ignored:
         report["ignored"] = image_set.ignored
+    if getattr(image_set, "repeated", None):
+        report["repeated"] = image_set.repeated
     if coverage is not None:
         report["label_coverage"] = coverage
     if lab is not None:

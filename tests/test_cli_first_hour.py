@@ -210,6 +210,17 @@ def test_a_stray_image_beside_class_folders_is_left_out_with_a_warning(ws, tmp_p
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert "inmap" in rep and rep["n_images"] == 9                  # labels are on
     assert [os.path.basename(p) for p in rep["ignored"]] == ["stray.png"]
+    assert "repeated" not in rep
+    # a link to an image already in the set: counted once, said, and named in the report
+    first = sorted(p for p in os.listdir(images / "blue"))[0]
+    os.symlink(images / "blue" / first, images / "red" / "zz_linked.png")   # walked after it
+    assert main(_fit(ws, tmp_path / "o_link", images=str(images))) == 0
+    err = capsys.readouterr().err
+    assert "1 image file(s) under" in err and "zz_linked.png" in err, err
+    rep = json.loads((tmp_path / "o_link" / "report.json").read_text())
+    assert rep["n_images"] == 9
+    assert [os.path.basename(p) for p in rep["repeated"]] == ["zz_linked.png"]
+    os.remove(images / "red" / "zz_linked.png")
     # mostly loose files: unlabeled, and saying why
     for i in range(12):
         shutil.copy(images / "stray.png", images / f"loose_{i}.png")

@@ -718,6 +718,21 @@ def test_folder_links_are_entered_once(tmp_path):
     assert len(s) == 2 and sorted(s.labels) == [0, 1]
 
 
+def test_a_link_to_an_image_listed_elsewhere_counts_once(tmp_path):
+    make_image_folder(str(tmp_path / "set"), ["cat", "dog"], per_class=2, size=16)
+    cat = sorted((tmp_path / "set" / "cat").iterdir())
+    os.symlink(cat[0], tmp_path / "set" / "dog" / "z_link.png")     # after its target
+    os.symlink(cat[1], tmp_path / "set" / "cat" / "0-first.png")    # before its target
+    s = list_images(str(tmp_path / "set"), ["cat", "dog"], "folder")
+    assert len(s) == 4 and sorted(s.labels) == [0, 0, 1, 1]
+    assert sorted(os.path.basename(p) for p in s.repeated) == [cat[1].name, "z_link.png"]
+    assert str(tmp_path / "set" / "cat" / "0-first.png") in s.paths
+    assert len({os.path.realpath(p) for p in s.paths}) == 4
+    # a dangling link stays listed (opening it names it)
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "set" / "dog" / "y_broken.png")
+    assert len(list_images(str(tmp_path / "set"), ["cat", "dog"], "folder")) == 5
+
+
 def test_a_file_name_that_is_not_utf8_is_kept(tmp_path):
     from inmap_ext.cache import image_fingerprints, images_fingerprint
 
