@@ -81,16 +81,6 @@ def cpu_bf16x3_available() -> bool:
     return cpu_bf16_available() and hasattr(torch.ops.inmap_ext, "cpu_bf16x3_enabled")
 
 
-def cpu_has_amx() -> bool:
-    """True when this CPU has AMX tile units (torch's own probe; False where this torch has
-    none): there three bfloat16 GEMMs are faster than one float32 GEMM (bf16x3.h)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except Exception:  # a probe that fails says nothing: no AMX assumed
-        return False
-
-
 @contextlib.contextmanager
 def cpu_bf16x3(enabled: bool) -> Iterator[None]:
     """Run the compiled CPU kernels' float32 GEMMs of the enclosed block, in this thread, as

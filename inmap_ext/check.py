@@ -83,12 +83,15 @@ def run_check(devices=None, verbose=True) -> List[dict]:
             continue
         for shape, dt, calls, exact in _cases(dev):
             for design in _designs(dev, dt):
-                ctx = _ops.cuda_design(design) if design in _ops.CUDA_DESIGNS else \
-                    contextlib.nullcontext()
+                ctx = (_ops.cuda_design(design) if design in _ops.CUDA_DESIGNS else
+                       _ops.cpu_bf16x3(True) if design == "bf16x3" else
+                       contextlib.nullcontext())
                 with ctx:
                     for name, args in calls.items():
                         if name == "topk_scores" and design not in ("-", "chunked"):
                             continue  # one GEMM + torch.topk in every design
+                        if design == "bf16x3" and name in _ops.CPU_ONLY_OPS:
+                            continue  # reads of stored logits: no GEMM to split
                         if name in _ops.CPU_ONLY_OPS and dev.type != "cpu":
                             continue  # its torch twin runs there
                         rows.append(_check_op(dev, name, args, shape, dt, design, exact))
@@ -103,11 +106,14 @@ def _skip(dev: torch.device, note: str) -> dict:
 
 
 def _designs(dev: torch.device, dt: torch.dtype) -> List[str]:
-    """What runs the ops on ``dev``: on the CPU its kernels ("-"); on CUDA both designs of the
-    compiled kernels (csrc/cuda/design.cuh; "fused" takes 16-bit inputs here) and, where Triton
-    runs, the Triton backend (triton_ops.py)."""
+    """What runs the ops on ``dev``: on the CPU its kernels ("-"), and for float32 the same with
+    each GEMM as three bfloat16 GEMMs ("bf16x3", precision="bf16x3": csrc/cpu/bf16x3.h) where
+    this build has them; on CUDA both designs of the compiled kernels (csrc/cuda/design.cuh;
+    "fused" takes 16-bit inputs here) and, where Triton runs, the Triton backend
+    (triton_ops.py)."""
     if dev.type != "cuda":
-        return ["-"]
+        return ["-"] + (["bf16x3"] if dt == torch.float32 and _ops.cpu_bf16x3_available()
+                        else [])
     designs = list(_ops.CUDA_DESIGNS) if dt in (torch.float16, torch.bfloat16) else ["chunked"]
     return designs + (["triton"] if _ops.triton_available(dev) is None else [])
 

@@ -48,7 +48,7 @@ class Rows:
     text: Tensor                # D x C text proxies, unit columns, compute device, float32/64
     tf32: Optional[bool]        # the TF32 switch the fit runs under (None: leave torch's)
     n: Optional[int] = None     # rows over every rank (``open``)
-    bf16x3: bool = False        # the CPU kernels' float32 GEMMs as three bfloat16 GEMMs each
+    bf16x3: bool = False        # CPU kernels: float32 GEMMs as three bfloat16 GEMMs
 
     @property
     def classes(self) -> int:

@@ -6,8 +6,9 @@
 // C = 1000): the logits' error is 5e-7 rms, 3.6e-6 at most (float32's own: 5e-8, 3e-7; one
 // bfloat16 rounding: 4e-4, 2e-3), and where the CPU has AMX the three GEMMs take 60% of one
 // float32 GEMM. Where the CPU has no AMX (AVX512-BF16 only, or no bfloat16 unit) three are slower
-// than one float32 GEMM: fit_vision_proxy uses the split only where asked or, for
-// precision="auto", on CPUs with AMX (inmap_ext/rows.py).
+// than one float32 GEMM: fit_vision_proxy uses the split only where asked (precision="bf16x3";
+// "auto" stays float32: the split moves a fit about twice as much as float64 does,
+// bench/results/precision_2026-12-06.md).
 //
 // The switch is per calling thread (set by fit_vision_proxy around a fit, as torch's TF32 switch
 // is around CUDA GEMMs): op inmap_ext::cpu_bf16x3(bool) sets it and returns what it was,
