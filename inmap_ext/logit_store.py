@@ -13,8 +13,9 @@ the store (the two matrix-vector products below, fused by the compiled CPU op
 
 The store is kept only within a memory budget (``budget_bytes``: ``DEFAULT_BUDGET_BYTES``,
 1 GiB, or the environment variable ``INMAP_LOGIT_STORE_BYTES``): float64 when N x C x 8 bytes
-fit, else float32 when N x C x 4 bytes fit (the decision's arithmetic to float32 rounding), else
-bfloat16 when N x C x 2 bytes fit (a relative error of at most 2^-9 per probability:
+fit ``PRECISE_TIER_BYTES`` (128 MiB; with the environment variable, its budget), else float32
+when N x C x 4 bytes do (the decision's arithmetic to float32 rounding), else bfloat16 when
+N x C x 2 bytes fit the budget (a relative error of at most 2^-9 per probability:
 log-probabilities within 0.004; its effect on the decision is measured in docs/class_prior.md).
 Without the environment variable a bfloat16 store may also grow beyond 1 GiB, up to
 ``AVAILABLE_SHARE`` (a quarter) of the memory available on the compute device when the decision
@@ -62,6 +63,13 @@ from .reference import _logits, acc_dtype
 Tensor = torch.Tensor
 
 DEFAULT_BUDGET_BYTES = 1 << 30
+PRECISE_TIER_BYTES = 128 << 20  # without ENV: the float64 / float32 tiers hold at most this many
+                                # bytes. A read is bound by memory bandwidth (~12 GB/s here), so
+                                # a float64 store of 800 MB (N = 100k, C = 1000) made each of the
+                                # decision's ~85 reads 4x as long as a bfloat16 one; beyond this
+                                # size the bfloat16 store's rounding averages out over the rows
+                                # (every decision of the robustness bench the same with every set
+                                # read from bfloat16: docs/class_prior.md)
 AVAILABLE_SHARE = 0.25      # without ENV: a bfloat16 store may take up to this share of the
                             # memory available on the compute device (at least the 1 GiB above)
 ENV = "INMAP_LOGIT_STORE_BYTES"
@@ -100,6 +108,15 @@ def budget_bytes() -> int:
     if b < 0:
         raise ValueError(f"{ENV} must be >= 0 bytes, got {v!r}")
     return b
+
+
+def precise_budget_bytes() -> int:
+    """The bytes of a float64 or float32 store: INMAP_LOGIT_STORE_BYTES if set (one budget for
+    every dtype), else the least of ``budget_bytes`` and ``PRECISE_TIER_BYTES``."""
+    v = os.environ.get(ENV)
+    if v is not None and v.strip():
+        return budget_bytes()
+    return min(budget_bytes(), PRECISE_TIER_BYTES)
 
 
 def _ranks_sharing(group, device: torch.device) -> int:
@@ -349,6 +366,7 @@ class StoredLogits:
         dtype (benchmarks)."""
         # the budget of the float64 and float32 tiers, and the room of a bfloat16 one (beyond
         # 1 GiB only where the memory available allows it, the least of every rank's)
+        given = budget is not None          # a budget given here holds for every dtype
         capacity = (budget if budget is not None
                     else capacity_bytes(runner.device, runner.group))
         budget = budget_bytes() if budget is None else budget
@@ -364,9 +382,10 @@ class StoredLogits:
             [x.shape[0], runner.chunk, -capacity], dtype=torch.float64,
             device=runner.device)).tolist())
         capacity = max(budget, -least)
+        precise = budget if given else min(budget, precise_budget_bytes())
         kept = None
         if dtype is None:
-            dtype = store_dtype(rows, t.shape[1], budget, capacity)
+            dtype = store_dtype(rows, t.shape[1], precise, capacity)
         if dtype is None:
             # a partial store: the first rows whose bfloat16 logits the capacity holds, if that
             # is at least a chunk on every rank (``__init__`` keeps whole pieces of whole
@@ -378,7 +397,7 @@ class StoredLogits:
         store = cls(runner, x, t, inv_tau, dtype, kept)
         # the budget this store's dtype was held to: the bfloat16 room, or the float64 / float32
         # tiers' budget
-        store.capacity = capacity if dtype == torch.bfloat16 else budget
+        store.capacity = capacity if dtype == torch.bfloat16 else precise
         return store
 
     @property

@@ -234,6 +234,32 @@ def test_without_the_variable_a_bfloat16_store_grows_with_the_memory_available(m
     assert torch.equal(whole.column_lse(bias), part.column_lse(bias))
 
 
+def test_the_float_tiers_hold_a_small_store_and_bfloat16_the_rest(monkeypatch):
+    # without the variable, float64 / float32 only up to PRECISE_TIER_BYTES (a read's bytes are
+    # its time); with it, its budget holds for every tier, as does a budget given to build
+    monkeypatch.delenv(ENV, raising=False)
+    X, T, _ = clip_like(300, 16, 10, seed=2, dtype=torch.float32)
+    runner = Runner("cpu", "torch", 64, 300, 10, torch.float32)
+    assert logit_store.precise_budget_bytes() == logit_store.PRECISE_TIER_BYTES
+    assert StoredLogits.build(runner, X, T, 100.0).dtype == torch.float64     # 24 kB
+    monkeypatch.setattr(logit_store, "PRECISE_TIER_BYTES", 300 * 10 * 4)      # float32 fits
+    assert StoredLogits.build(runner, X, T, 100.0).dtype == torch.float32
+    monkeypatch.setattr(logit_store, "PRECISE_TIER_BYTES", 300 * 10 * 4 - 1)
+    small = StoredLogits.build(runner, X, T, 100.0)
+    assert small.dtype == torch.bfloat16 and not small.recomputes
+    assert small.capacity >= logit_store.DEFAULT_BUDGET_BYTES
+    assert StoredLogits.build(runner, X, T, 100.0, budget=1 << 20).dtype == torch.float64
+    monkeypatch.setenv(ENV, str(1 << 20))
+    assert logit_store.precise_budget_bytes() == 1 << 20
+    assert StoredLogits.build(runner, X, T, 100.0).dtype == torch.float64
+    # the float64 store and the bfloat16 one make the same decision here
+    monkeypatch.delenv(ENV)
+    f64 = StoredLogits.build(runner, X, T, 100.0, budget=1 << 20)
+    bias = torch.linspace(-1.0, 0.5, 10, dtype=torch.float64)
+    torch.testing.assert_close(small.column_lse(bias).double(), f64.column_lse(bias).double(),
+                               rtol=0, atol=5e-3)
+
+
 def test_the_memory_available_is_read_on_this_machine():
     free = memory.available_bytes(torch.device("cpu"))
     assert free is None or free > 0
