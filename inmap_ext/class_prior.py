@@ -283,7 +283,7 @@ def _choose(source, runner, t, class_prior, sinkhorn_iters, gamma, n, judge=None
         return balance(log_q), record("uniform", "the published target (class_prior='uniform')",
                                       log_q), None
     if requested == "estimate":
-        log_pi = estimate_log_proportions(source, C, n, dt, t.device)
+        log_pi = estimate_log_proportions(source, C, n, dt, t.device, log_zs)
         return balance(log_pi), record("estimate", "class proportions estimated by EM "
                                        "(class_prior='estimate')", log_pi,
                                        _proportions(log_pi)), None
@@ -300,7 +300,7 @@ def _auto(source, runner, t, n, stats, balance, log_u, record, judge=None, log_z
     """class_prior="auto" (module docstring): the candidate with the highest expected accuracy
     under the equal mixture of the candidates' posterior models; the estimate only if it does
     not collapse."""
-    log_pi = estimate_log_proportions(source, t.shape[1], n, t.dtype, t.device)
+    log_pi = estimate_log_proportions(source, t.shape[1], n, t.dtype, t.device, log_zs)
     # the two balancings in lockstep: one read of stored logits per iteration serves both
     # (each gets what its own balancing gives; logit_store.StoredLogits.column_lse)
     beta_u, beta_pi = balance(torch.stack([log_u, log_pi]))
@@ -456,7 +456,8 @@ def uniform_log_target(log_zs: Tensor, gamma: float) -> Tensor:
     return torch.full_like(log_zs, -math.log(log_zs.shape[0]))
 
 
-def estimate_log_proportions(source, C: int, n: int, dtype, device) -> Tensor:
+def estimate_log_proportions(source, C: int, n: int, dtype, device,
+                             log_zs: Optional[Tensor] = None) -> Tensor:
     """log pi of the EM fixed point pi_j = mean_i softmax(z_i + log pi)_j (z_i = x_i T / tau_t,
     read from ``source``: logit_store.py), started from the uniform prior: the
     maximum-likelihood class proportions of the set under CLIP's zero-shot posteriors. Each EM
@@ -468,12 +469,22 @@ def estimate_log_proportions(source, C: int, n: int, dtype, device) -> Tensor:
     proportion by more than ``SQUAREM_UNTIL`` times the tolerance: EM stops before its fixed
     point (``EM_TOL``), and where it stops decides the collapse guard on knife-edge sets, so
     the last stretch is EM's own path. Measured on the robustness bench's 122 real sets: 1.3x
-    fewer reads, every guard outcome as with plain EM (docs/class_prior.md)."""
+    fewer reads, every guard outcome as with plain EM (docs/class_prior.md).
+
+    ``log_zs`` (the zero-shot class shares' logs, log mean_i softmax(z_i), which the decision
+    reads first): EM's first step from the uniform prior is exactly that read (a constant bias
+    leaves the softmax as it is; on stored logits the same bits), so it is taken from there
+    instead of reading the logits again."""
     read = [0]
+    first = None if log_zs is None else log_zs.to(dtype=dtype, device=device)
 
     def em(log_p):
+        nonlocal first
         read[0] += 1
-        new = source.column_lse(log_p) - math.log(n)
+        if first is not None:                       # the uniform start's step: log_zs
+            new, first = first, None
+        else:
+            new = source.column_lse(log_p) - math.log(n)
         return new - torch.logsumexp(new, dim=0)     # exact normalisation against rounding
 
     def step(a, b):

@@ -148,6 +148,16 @@ def test_estimate_is_the_em_iterate_and_balanced_to_itself(model, holds):
         if settled:
             break
     torch.testing.assert_close(stored, got, rtol=1e-9, atol=1e-12)
+    # its first step from the uniform start is the zero-shot shares the decision read first:
+    # given them, one read fewer and, on stored logits, the same bits
+    store = StoredLogits(runner, X, T, 100.0, torch.float64)
+    log_zs = store.column_lse(None) - math.log(n)
+    seen = []
+    store.on_read = lambda: seen.append(1)
+    again = estimate_log_proportions(store, C, n, torch.float64, "cpu")
+    without = len(seen)
+    given = estimate_log_proportions(store, C, n, torch.float64, "cpu", log_zs)
+    assert torch.equal(given, again) and len(seen) - without == without - 1
     assert float((got - pi).abs().max()) * C < 10 * EM_TOL and reads <= em + 2
     balanced = torch.softmax(L + got.log(), 1).mean(0)
     assert float((balanced - got).abs().max()) * C < EM_TOL
