@@ -12,7 +12,7 @@ from importlib import import_module
 from .version import __version__
 
 _LAZY = {
-    "cuda_design": "_ops", "extension_loaded": "_ops", "ext_available": "_ops",
+    "cuda_design": "_ops", "cpu_bf16x3": "_ops", "extension_loaded": "_ops", "ext_available": "_ops",
     "resolve_backend": "_ops", "triton_available": "_ops",
     "fit_vision_proxy": "fit",
     "auto_chunk_size": "functional", "proxy_gradient": "functional",
@@ -27,7 +27,8 @@ __all__ = [
     "fit_vision_proxy", "VisionProxyResult", "load_vision_proxy", "zero_shot_topk",
     "softmax_column_lse", "sinkhorn_log_bias", "pseudo_label_reduce", "proxy_gradient",
     "VisionProxyClassifier", "auto_chunk_size", "extension_loaded", "ext_available",
-    "resolve_backend", "cuda_design", "triton_available", "load_features", "__version__",
+    "resolve_backend", "cuda_design", "cpu_bf16x3", "triton_available", "load_features",
+    "__version__",
 ]
 
 

@@ -81,6 +81,19 @@ def cpu_bf16x3_available() -> bool:
     return cpu_bf16_available() and hasattr(torch.ops.inmap_ext, "cpu_bf16x3_enabled")
 
 
+def _compile_disabled(f):
+    """``f`` left out of torch.compile's graphs (run eagerly, with a graph break): the bf16x3
+    switch's ops take no tensors, and traced they would run once while tracing, not when the
+    compiled code runs."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(f) if disable is not None else f
+
+
+@_compile_disabled
+def _set_cpu_bf16x3(on: bool) -> bool:
+    return bool(torch.ops.inmap_ext.cpu_bf16x3(bool(on)))
+
+
 @contextlib.contextmanager
 def cpu_bf16x3(enabled: bool) -> Iterator[None]:
     """Run the compiled CPU kernels' float32 GEMMs of the enclosed block, in this thread, as
@@ -92,16 +105,21 @@ def cpu_bf16x3(enabled: bool) -> Iterator[None]:
                                "bfloat16 GEMM (MKL's cblas_gemm_bf16bf16f32)")
         yield
         return
-    before = torch.ops.inmap_ext.cpu_bf16x3(bool(enabled))
+    before = _set_cpu_bf16x3(enabled)
     try:
         yield
     finally:
-        torch.ops.inmap_ext.cpu_bf16x3(before)
+        _set_cpu_bf16x3(before)
 
 
 def cpu_bf16x3_active() -> bool:
     """Whether this thread's CPU float32 GEMMs run as three bfloat16 GEMMs now."""
-    return cpu_bf16x3_available() and bool(torch.ops.inmap_ext.cpu_bf16x3_enabled())
+    return cpu_bf16x3_available() and _cpu_bf16x3_enabled()
+
+
+@_compile_disabled
+def _cpu_bf16x3_enabled() -> bool:
+    return bool(torch.ops.inmap_ext.cpu_bf16x3_enabled())
 
 
 def proxy_dtype(dtype: torch.dtype, device: "torch.device | str",

@@ -50,8 +50,10 @@ def _cases(device: torch.device):
         for dt in dtypes:
             x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
             w = torch.nn.functional.normalize(torch.randn(d, c, generator=g), dim=0)
+            b = torch.randn(c, generator=g)
+            x = x[_clear_of_alpha(x, w, b, 100.0, 0.6)]
             x, w = x.to(device, dt), w.to(device, _ops.proxy_dtype(dt, device))   # as a fit
-            bias = torch.randn(c, generator=g).to(device, reference.acc_dtype(dt))
+            bias = b.to(device, reference.acc_dtype(dt))
             chunk = max(1, min(n, 8192))
             calls = {"softmax_column_lse": (x, w, bias, 100.0, chunk),
                      "pseudo_label_reduce": (x, w, bias, 100.0, 0.6, chunk),
@@ -62,6 +64,21 @@ def _cases(device: torch.device):
                 calls.update(stored_column_sums=stored,
                              stored_row_scores=verify.stored_scores_probe(*stored))
             yield "x".join(map(str, (n, d, c))), dt, calls, False
+
+
+# Random rows whose largest pseudo-label probability lies this close to alpha are left out of
+# the random cases: a kernel's rounding (float32's own ~1e-7 of a logit, bf16x3's ~1e-6, 16 bits'
+# more) may put such a row on either side, and one row made one-hot moves X^T P by ~1e-2 of its
+# norm, far beyond the tolerance (seen with bf16x3 on 1 of 12 draws of 4096 rows: a check that
+# failed by chance). The probes never hold such rows (verify.probe_inputs).
+ALPHA_MARGIN = 1e-3
+
+
+def _clear_of_alpha(x, w, bias, inv_tau, alpha):
+    """The rows of x whose largest probability of softmax(x w * inv_tau + bias) is more than
+    ``ALPHA_MARGIN`` from alpha (computed in float64)."""
+    top = torch.softmax((x.double() @ w.double()) * inv_tau + bias.double(), dim=1).amax(dim=1)
+    return (top - alpha).abs() > ALPHA_MARGIN
 
 
 def run_check(devices=None, verbose=True) -> List[dict]:

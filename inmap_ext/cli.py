@@ -49,7 +49,7 @@ HYPER = [  # (flag, dest, type, default, help): every hyper-parameter of fit_vis
      "GEMM precision of the fit: auto | fp64 | fp32 | tf32 | bf16x3 | fp16 | bf16 (16-bit: "
      "CUDA; bf16 also on CPUs where torch has MKL's bfloat16 GEMM: faster with AMX / "
      "AVX512-BF16; bf16x3: CPU, float32 GEMMs as three bfloat16 GEMMs, 1.5-1.9x faster passes "
-     "with AMX)"),
+     "with AMX at D >= 512 and 100+ classes)"),
     ("--class-prior", "class_prior", str, None,
      "what the pseudo labels are balanced to: auto (default: decided from the images) | "
      "uniform (published) | estimate | none | a file of 'class weight' lines or JSON "

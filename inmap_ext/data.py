@@ -84,12 +84,16 @@ def _walk(root: str, repeated: Optional[List[str]] = None) -> List[str]:
     """Images under ``root``, recursively (folders and files in name order, each folder before
     its subfolders), following links to folders but entering each real folder once (a link back
     up the tree would list the same images again, under other class folders); a folder that is
-    also under ``root`` without a link is listed there. A link to an image file listed before
-    (or listed after it: the first place in this order wins) is left out, its path added to
-    ``repeated``: the image would otherwise count twice in the fit. Only links cost a system
-    call beyond the folder listings (a million files are not each stat-ed)."""
+    also under ``root`` without a link is listed there. An image file reached more than once
+    (a link to a file of the tree) is listed once, the rest of its paths added to ``repeated``:
+    it would otherwise count twice in the fit. The path kept is the file's own where the walk
+    meets it (its folder labels it; a link elsewhere, e.g. a preview at the top level, is the
+    one left out), else the first link in walk order; dangling links are each kept (opening
+    them names them). Only links cost a system call beyond the folder listings (a million
+    files are not each stat-ed)."""
     direct = None           # the folders reachable without links: listed only once a link shows
-    found, seen, files_seen = [], set(), set()
+    found, seen = [], set()
+    keys = []               # per path in ``found``: (the real file, reached by a link)
     stack = [root]
     while stack:
         d = stack.pop()
@@ -126,14 +130,21 @@ def _walk(root: str, repeated: Optional[List[str]] = None) -> List[str]:
             if not is_image(e.name):
                 continue
             path = os.path.join(d, e.name)
-            key = os.path.realpath(path) if e.is_symlink() else os.path.join(real, e.name)
-            if key in files_seen:
-                if repeated is not None:
-                    repeated.append(path)
-                continue
-            files_seen.add(key)
+            link = e.is_symlink()
+            key = os.path.realpath(path) if link else os.path.join(real, e.name)
+            if link and not os.path.exists(key):
+                key = ("dangling", path)
             found.append(path)
-    return found
+            keys.append((key, link))
+    keep = {}               # real file -> index of the path kept
+    for i, (key, link) in enumerate(keys):
+        j = keep.get(key)
+        if j is None or (keys[j][1] and not link):
+            keep[key] = i
+    kept = set(keep.values())
+    if repeated is not None:
+        repeated.extend(p for i, p in enumerate(found) if i not in kept)
+    return [p for i, p in enumerate(found) if i in kept]
 
 
 def strip_comment(line: str) -> str:

@@ -75,7 +75,9 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         precision: compute precision of the image-feature GEMMs. "auto": the input's dtype
             (float32 inputs use TF32 only if torch.backends.cuda.matmul.allow_tf32 is set);
             "fp64"; "fp32" (exact float32, TF32 off); "tf32" (float32 through TF32 tensor
-            cores, CUDA); "fp16" / "bf16" (features cast to 16 bits once, tensor-core GEMMs,
+            cores, CUDA); "bf16x3" (CPU: float32 features, each float32 GEMM of the compiled
+            kernels as three bfloat16 GEMMs, logits to ~1e-6; faster with AMX at D >= 512 and
+            100+ classes); "fp16" / "bf16" (features cast to 16 bits once, tensor-core GEMMs,
             CUDA; "bf16" also on the CPU where torch has a bfloat16 GEMM with float32 output,
             x86-64 builds: fast on CPUs with AMX or AVX512-BF16 units). Whatever the
             inputs, logits, softmax statistics, Sinkhorn log-biases, gradients and the proxy

@@ -85,6 +85,43 @@ def test_no_feature_columns_and_strided_rows_equal_the_twins():
 
 
 @needs_x3
+@pytest.mark.parametrize("features", ["bf16x3", "bf16"])
+def test_x_t_p_over_many_rows_does_not_drift(features):
+    # N identical rows: X^T P is N x^T p exactly. Each chunk's product is added to the sum once;
+    # MKL's bfloat16 GEMM adding into the sum itself drifted with N (3.7e-4 at N = 1M, bf16x3)
+    n, d, c = 400_000, 64, 10
+    row = unit_rows(1, d, seed=7, dtype=torch.float32)
+    w = unit_cols(d, c, seed=8, dtype=torch.float32)
+    x = row.expand(n, d)
+    p = torch.softmax((row.double() @ w.double()) * 25.0, dim=1)
+    want = n * row.double().T @ p
+    if features == "bf16":
+        x, want = x.bfloat16(), n * row.bfloat16().double().T @ p
+        G = _ext("xt_softmax")(x.contiguous(), w, 25.0, 4096)[0]
+        assert _rel(G, want) < 5e-3     # the probabilities' bfloat16 rounding (2^-9)
+        return
+    with _ops.cpu_bf16x3(True):
+        G = _ext("xt_softmax")(x, w, 25.0, 4096)[0]
+    assert _rel(G, want) < 5e-5, _rel(G, want)
+
+
+@needs_x3
+def test_the_switch_survives_torch_compile():
+    x = unit_rows(500, 32, seed=1, dtype=torch.float32)
+    w = unit_cols(32, 12, seed=2, dtype=torch.float32)
+    with inmap_ext.cpu_bf16x3(True):
+        split = _ext("xt_softmax")(x, w, 25.0, 128)[0]
+
+    def f(x, w):
+        with inmap_ext.cpu_bf16x3(True):
+            return _ext("xt_softmax")(x, w, 25.0, 128)[0]
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="eager")(x, w)
+    assert torch.equal(got, split) and not _ops.cpu_bf16x3_active()
+
+
+@needs_x3
 def test_the_switch_is_per_thread_and_restored():
     assert not _ops.cpu_bf16x3_active()
     seen = {}

@@ -723,14 +723,25 @@ def test_a_link_to_an_image_listed_elsewhere_counts_once(tmp_path):
     cat = sorted((tmp_path / "set" / "cat").iterdir())
     os.symlink(cat[0], tmp_path / "set" / "dog" / "z_link.png")     # after its target
     os.symlink(cat[1], tmp_path / "set" / "cat" / "0-first.png")    # before its target
+    os.symlink(cat[0], tmp_path / "set" / "a_preview.png")          # a loose link at the top
     s = list_images(str(tmp_path / "set"), ["cat", "dog"], "folder")
-    assert len(s) == 4 and sorted(s.labels) == [0, 0, 1, 1]
-    assert sorted(os.path.basename(p) for p in s.repeated) == [cat[1].name, "z_link.png"]
-    assert str(tmp_path / "set" / "cat" / "0-first.png") in s.paths
-    assert len({os.path.realpath(p) for p in s.paths}) == 4
-    # a dangling link stays listed (opening it names it)
-    os.symlink(tmp_path / "nowhere.png", tmp_path / "set" / "dog" / "y_broken.png")
-    assert len(list_images(str(tmp_path / "set"), ["cat", "dog"], "folder")) == 5
+    # the files' own paths are kept, whichever way the walk meets the links first: every image
+    # once, in its own class folder
+    assert sorted(s.paths) == sorted(str(p) for p in cat) + sorted(
+        str(p) for p in (tmp_path / "set" / "dog").iterdir() if not p.is_symlink())
+    assert sorted(s.labels) == [0, 0, 1, 1] and s.ignored == []
+    assert sorted(os.path.basename(p) for p in s.repeated) == ["0-first.png", "a_preview.png",
+                                                               "z_link.png"]
+    # two dangling links (to the same missing file) stay listed: opening them names them
+    for name in ("y_broken.png", "y_broken2.png"):
+        os.symlink(tmp_path / "nowhere.png", tmp_path / "set" / "dog" / name)
+    assert len(list_images(str(tmp_path / "set"), ["cat", "dog"], "folder")) == 6
+    # only links: the first in walk order is kept
+    (tmp_path / "solo").mkdir()
+    os.symlink(cat[0], tmp_path / "solo" / "b.png")
+    os.symlink(cat[0], tmp_path / "solo" / "a.png")
+    s = list_images(str(tmp_path / "solo"), labels="none")
+    assert [os.path.basename(p) for p in s.paths] == ["a.png"] and len(s.repeated) == 1
 
 
 def test_a_file_name_that_is_not_utf8_is_kept(tmp_path):

@@ -102,12 +102,13 @@ inline void gemm_bf16x3(const Split& a, const Split& b, float* z) {
   bf16_gemm(false, m, n, k, a.h(), k, b.h(), n, 1.0f, z, n);
 }
 
-// acc (k x n, float32, contiguous) += a^T b from the parts of a (m x k) and b (m x n).
-inline void add_gemm_bf16x3_t(const Split& a, const Split& b, float* acc) {
+// out (k x n, float32, contiguous) = a^T b (+ out, beta 1) from the parts of a (m x k) and b
+// (m x n), the small products first.
+inline void gemm_bf16x3_t(const Split& a, const Split& b, float* out, float beta) {
   const int64_t m = a.rows(), k = a.cols(), n = b.cols();
-  bf16_gemm(true, k, n, m, a.h(), k, b.l(), n, 1.0f, acc, n);
-  bf16_gemm(true, k, n, m, a.l(), k, b.h(), n, 1.0f, acc, n);
-  bf16_gemm(true, k, n, m, a.h(), k, b.h(), n, 1.0f, acc, n);
+  bf16_gemm(true, k, n, m, a.h(), k, b.l(), n, beta, out, n);
+  bf16_gemm(true, k, n, m, a.l(), k, b.h(), n, 1.0f, out, n);
+  bf16_gemm(true, k, n, m, a.h(), k, b.h(), n, 1.0f, out, n);
 }
 
 }  // namespace cpu

@@ -1,6 +1,8 @@
 // Building blocks of the CPU kernels: the row-chunk loop (one ATen GEMM per chunk into a reused
-// buffer) and the fused row-softmax epilogue. Rows are independent, so results do not depend on
-// the number of threads: CPU results are bitwise reproducible.
+// buffer) and the fused row-softmax epilogue. Rows are independent and our own loops sum in a
+// fixed order; the GEMMs are MKL's, whose float32 rounding may differ with the number of threads
+// (a review measured 1 and 2 threads apart in the last bits at 5000 x 512 x 1000): on one CPU and
+// thread count CPU results are bitwise reproducible.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -98,29 +100,58 @@ void for_each_chunk(const at::Tensor& x_in, const at::Tensor& w_in, int64_t chun
   }
 }
 
+// What add_xt reuses across chunks: the chunk's probabilities in bfloat16 (one part, or two for
+// bf16x3) and a D x C float32 block holding the products of the rows since the last flush.
+struct XtScratch {
+  Split z;
+  at::Tensor part;
+  int64_t rows = 0;   // rows in ``part`` (0: it holds nothing yet)
+};
+
+// Rows whose X^T P a bfloat16 GEMM adds into one block before the block is added to the sum.
+// MKL's bfloat16 GEMM adding into a running sum (beta 1) rounds its partial sums against the
+// whole sum so far, and the error grew with N (found by a review: 3.7e-4 of X^T P at N = 1M with
+// bf16x3 against 1.7e-5 for the split itself; float32's own 1.1e-5); up to 10k rows it is the
+// split's own. Adding every chunk's block (256-1024 rows) instead cost up to 20% of a pass where
+// D x C is large (C = 5000).
+constexpr int64_t kXtFlushRows = 8192;
+
+// acc += s.part, and s.part emptied (after the last chunk, and every kXtFlushRows rows).
+inline void flush_xt(at::Tensor& acc, XtScratch& s) {
+  if (s.rows == 0) return;
+  acc.add_(s.part);
+  s.rows = 0;
+}
+
 // acc += xc^T @ z (D x C += (rows x D)^T rows x C). bfloat16 xc: z (probabilities) rounded to
-// bfloat16 in ``zb.hi`` (a buffer reused across chunks) and the bfloat16 GEMM accumulates in
-// float32, as the 16-bit tensor-core GEMMs of precision="bf16" on CUDA (splitting z as w is
-// split changed no more predictions on the real files: not done). A split chunk (bf16x3): z
-// split into ``zb`` too, and three bfloat16 GEMMs.
-inline void add_xt(at::Tensor& acc, const Chunk& c, const at::Tensor& z, Split& zb) {
-  if (c.parts != nullptr) {
-    zb.of(z);
-    add_gemm_bf16x3_t(*c.parts, zb, acc.data_ptr<float>());
-    return;
-  }
+// bfloat16 in ``s.z.hi`` and the bfloat16 GEMM accumulates in float32, as the 16-bit
+// tensor-core GEMMs of precision="bf16" on CUDA (splitting z as w is split changed no more
+// predictions on the real files: not done). A split chunk (bf16x3): z split into ``s.z`` too,
+// and three bfloat16 GEMMs. Both bfloat16 forms add into ``s.part``, which reaches acc every
+// kXtFlushRows rows and at ``flush_xt`` (the caller's, after the last chunk).
+inline void add_xt(at::Tensor& acc, const Chunk& c, const at::Tensor& z, XtScratch& s) {
   const at::Tensor& xc = c.x;
-  if (xc.scalar_type() != at::kBFloat16) {
+  if (c.parts == nullptr && xc.scalar_type() != at::kBFloat16) {
     acc.addmm_(xc.t(), z);
     return;
   }
-  const int64_t rows = z.size(0), C = z.size(1), D = xc.size(1);
-  if (!zb.hi.defined() || zb.hi.numel() < rows * C)
-    zb.hi = at::empty({rows * C}, xc.options());
-  at::Tensor zr = zb.hi.narrow(0, 0, rows * C).view({rows, C});
-  zr.copy_(z);
-  bf16_gemm(true, D, C, rows, xc.data_ptr<at::BFloat16>(), D,   // xc: rows of a row-major x
-            zr.data_ptr<at::BFloat16>(), C, 1.0f, acc.data_ptr<float>(), C);
+  const int64_t rows = z.size(0), C = z.size(1), D = acc.size(0);
+  if (!s.part.defined()) s.part = at::empty({D, C}, acc.options());
+  float* part = s.part.data_ptr<float>();
+  const float beta = s.rows == 0 ? 0.0f : 1.0f;
+  if (c.parts != nullptr) {
+    s.z.of(z);
+    gemm_bf16x3_t(*c.parts, s.z, part, beta);
+  } else {
+    if (!s.z.hi.defined() || s.z.hi.numel() < rows * C)
+      s.z.hi = at::empty({rows * C}, xc.options());
+    at::Tensor zr = s.z.hi.narrow(0, 0, rows * C).view({rows, C});
+    zr.copy_(z);
+    bf16_gemm(true, D, C, rows, xc.data_ptr<at::BFloat16>(), D,   // xc: rows of a row-major x
+              zr.data_ptr<at::BFloat16>(), C, beta, part, C);
+  }
+  s.rows += std::max<int64_t>(rows, 1);
+  if (s.rows >= kXtFlushRows) flush_xt(acc, s);
 }
 
 // The shift of a log-sum-exp whose running max is m: m itself, or 0 while m is -inf (no term

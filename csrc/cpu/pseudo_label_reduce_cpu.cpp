@@ -18,8 +18,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_reduce_c
   at::Tensor B = at::zeros({D, C}, compute_options(x));
   at::Tensor mass = at::zeros({C}, compute_options(x));
   at::Tensor counts = at::zeros({C}, x.options().dtype(at::kLong));
-  Split zb;  // bfloat16 features: the pseudo labels rounded to bfloat16 for X^T P (bf16x3:
-             // split into two parts)
+  // bfloat16 features: the pseudo labels rounded to bfloat16 for X^T P (bf16x3: split into
+  // two parts), and the chunk's product
+  XtScratch zb;
   int64_t n_confident = 0;
   AT_DISPATCH_FLOATING_TYPES(B.scalar_type(), "pseudo_label_reduce_cpu", [&] {
     const auto* bp = static_cast<const scalar_t*>(bias_ptr(b));
@@ -54,6 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_reduce_c
       add_xt(B, xc, z, zb);
     });
   });
+  flush_xt(B, zb);
   return {B, mass, counts, at::scalar_tensor(n_confident, counts.options())};
 }
 

@@ -14,8 +14,9 @@ std::tuple<at::Tensor, at::Tensor> xt_softmax_cpu(const at::Tensor& x, const at:
   check_cpu_inputs(x, w, c10::nullopt, chunk, "xt_softmax");
   const int64_t D = x.size(1), C = w.size(1);
   at::Tensor G = at::zeros({D, C}, compute_options(x));
-  Split zb;  // bfloat16 features: the softmax rounded to bfloat16 for the second GEMM
-             // (bf16x3: split into two parts)
+  // bfloat16 features: the softmax rounded to bfloat16 for the second GEMM (bf16x3: split into
+  // two parts), and the chunk's product
+  XtScratch zb;
   double lse_sum = 0;  // rows summed in order: independent of the thread count
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "xt_softmax_cpu", [&] {
     std::vector<scalar_t> lse;
@@ -27,6 +28,7 @@ std::tuple<at::Tensor, at::Tensor> xt_softmax_cpu(const at::Tensor& x, const at:
       add_xt(G, xc, z, zb);
     });
   });
+  flush_xt(G, zb);
   return {G, at::scalar_tensor(lse_sum, G.options())};
 }
 
