@@ -120,6 +120,12 @@ def main(argv=None):
                     choices=sorted(RUNS))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
+    from inmap_ext import _ops
+
+    for run, need in (("bf16x3", _ops.cpu_bf16x3_available), ("bf16", _ops.cpu_bf16_available)):
+        if run in args.runs and not need():
+            ap.error(f"--runs {run}: this install has no bfloat16 GEMM in compiled CPU kernels "
+                     f"(extension loaded: {_ops.extension_loaded()})")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [row for p in args.data for row in run_file(p, args.seeds, args.runs)]
