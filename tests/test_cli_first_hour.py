@@ -412,40 +412,29 @@ def test_backend_and_precision_are_checked_against_the_device_before_any_work(
     assert message in err and "--images" not in err, err
 
 
-def test_bf16_on_the_cpu_fits_where_torch_has_the_gemm_and_is_refused_early_elsewhere(
-        ws, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("precision,probe,dtype,refusal", [
+    ("bf16", "cpu_bf16_available", "bfloat16",
+     "--compute-precision bf16 needs --device cuda (16-bit tensor-core GEMMs; bf16 also runs on "
+     "a CPU where torch has MKL's bfloat16 GEMM, not in this install)"),
+    ("bf16x3", "cpu_bf16x3_available", "float32",
+     "--compute-precision bf16x3 needs --device cpu and the compiled CPU kernels: this install "
+     "has no bfloat16 GEMM with float32 output on the CPU"),
+])
+def test_cpu_bfloat16_precisions_fit_where_torch_has_the_gemm_and_are_refused_early_elsewhere(
+        ws, tmp_path, capsys, monkeypatch, precision, probe, dtype, refusal):
     from inmap_ext import _ops
 
-    if _ops.cpu_bf16_available():
-        assert main(_fit(ws, tmp_path / "o", "-q", "--compute-precision", "bf16")) == 0
+    if getattr(_ops, probe)():
+        assert main(_fit(ws, tmp_path / "o", "-q", "--compute-precision", precision)) == 0
         rep = json.loads((tmp_path / "o" / "report.json").read_text())
-        assert rep["hyper"]["precision"] == "bf16"
-        assert rep["hyper"]["compute_dtype"] == "bfloat16", rep["hyper"]
-    monkeypatch.setattr(_ops, "cpu_bf16_available", lambda: False)
+        assert rep["hyper"]["precision"] == precision
+        assert rep["hyper"]["compute_dtype"] == dtype, rep["hyper"]
+    monkeypatch.setattr(_ops, probe, lambda: False)
     assert main(["fit", "--model", MODEL, "--pretrained", "none", "--images",
                  str(tmp_path / "missing"), "--classes", "imagenet", "--out",
-                 str(tmp_path / "o2"), "--compute-precision", "bf16"]) == 3
+                 str(tmp_path / "o2"), "--compute-precision", precision]) == 3
     err = capsys.readouterr().err
-    assert ("--compute-precision bf16 needs --device cuda (16-bit tensor-core GEMMs; bf16 also "
-            "runs on a CPU where torch has MKL's bfloat16 GEMM, not in this install)") in err, err
-
-
-def test_bf16x3_fits_on_the_cpu_and_is_refused_early_where_it_cannot_run(
-        ws, tmp_path, capsys, monkeypatch):
-    from inmap_ext import _ops
-
-    if _ops.cpu_bf16x3_available():
-        assert main(_fit(ws, tmp_path / "o", "-q", "--compute-precision", "bf16x3")) == 0
-        rep = json.loads((tmp_path / "o" / "report.json").read_text())
-        assert rep["hyper"]["precision"] == "bf16x3"
-        assert rep["hyper"]["compute_dtype"] == "float32", rep["hyper"]
-    monkeypatch.setattr(_ops, "cpu_bf16x3_available", lambda: False)
-    assert main(["fit", "--model", MODEL, "--pretrained", "none", "--images",
-                 str(tmp_path / "missing"), "--classes", "imagenet", "--out",
-                 str(tmp_path / "o2"), "--compute-precision", "bf16x3"]) == 3
-    err = capsys.readouterr().err
-    assert ("--compute-precision bf16x3 needs --device cpu and the compiled CPU kernels: this "
-            "install has no bfloat16 GEMM with float32 output on the CPU") in err, err
+    assert refusal in err, err
 
 
 def test_predict_finds_its_weights_or_asks_for_them(ws, tmp_path, capsys, monkeypatch):
