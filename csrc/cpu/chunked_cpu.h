@@ -66,16 +66,12 @@ void for_each_chunk(const at::Tensor& x_in, const at::Tensor& w_in, int64_t chun
   // row-major x for the bfloat16 GEMMs (a copy per call where it is not: the fit passes
   // contiguous features); bf16x3 splits each chunk into row-major parts instead
   const at::Tensor x = bf16 ? x_in.contiguous() : x_in;
-  at::Tensor w = bf16 || x3 ? w_in.contiguous() : w_in;
-  at::Tensor w_lo;
+  // w for the bfloat16 GEMMs: its two parts (bf16x3, or a float32 w with bfloat16 features), or
+  // a bfloat16 w as it is (one part)
+  const bool split_w = x3 || (bf16 && w_in.scalar_type() != at::kBFloat16);
+  const at::Tensor w = bf16 && !split_w ? w_in.contiguous() : w_in;
   Split w_parts, x_parts;
-  if (x3) {
-    w_parts.of(w.to(at::kFloat));
-  } else if (bf16 && w.scalar_type() != at::kBFloat16) {
-    at::Tensor wf = w.to(at::kFloat);
-    w = wf.to(at::kBFloat16);
-    w_lo = (wf - w.to(at::kFloat)).to(at::kBFloat16);
-  }
+  if (split_w) w_parts.of(w_in.to(at::kFloat).contiguous());
   const int64_t cs = std::min(x3 ? std::min(chunk, bf16x3_rows(C)) : chunk, N);
   at::Tensor buf = at::empty({cs, C}, compute_options(x));
   for (int64_t start = 0; start < N; start += cs) {
@@ -88,11 +84,13 @@ void for_each_chunk(const at::Tensor& x_in, const at::Tensor& w_in, int64_t chun
       c.parts = &x_parts;
       gemm_bf16x3(x_parts, w_parts, z.data_ptr<float>());
     } else if (bf16) {
-      bf16_gemm(false, rows, C, x.size(1), c.x.data_ptr<at::BFloat16>(), x.size(1),
-                w.data_ptr<at::BFloat16>(), C, 0.0f, z.data_ptr<float>(), C);
-      if (w_lo.defined())
-        bf16_gemm(false, rows, C, x.size(1), c.x.data_ptr<at::BFloat16>(), x.size(1),
-                  w_lo.data_ptr<at::BFloat16>(), C, 1.0f, z.data_ptr<float>(), C);
+      const at::BFloat16* xp = c.x.data_ptr<at::BFloat16>();
+      bf16_gemm(false, rows, C, x.size(1), xp, x.size(1),
+                split_w ? w_parts.h() : w.data_ptr<at::BFloat16>(), C, 0.0f, z.data_ptr<float>(),
+                C);
+      if (split_w)
+        bf16_gemm(false, rows, C, x.size(1), xp, x.size(1), w_parts.l(), C, 1.0f,
+                  z.data_ptr<float>(), C);
     } else {
       at::mm_out(z, c.x, w);
     }
@@ -150,7 +148,7 @@ inline void add_xt(at::Tensor& acc, const Chunk& c, const at::Tensor& z, XtScrat
     bf16_gemm(true, D, C, rows, xc.data_ptr<at::BFloat16>(), D,   // xc: rows of a row-major x
               zr.data_ptr<at::BFloat16>(), C, beta, part, C);
   }
-  s.rows += std::max<int64_t>(rows, 1);
+  s.rows += rows;
   if (s.rows >= kXtFlushRows) flush_xt(acc, s);
 }
 
