@@ -328,12 +328,12 @@ def _check_compute(backend: str, precision: str, device: str) -> None:
     cannot run fails here, not after every image has been encoded."""
     if precision == "bf16x3":
         from ._ops import cpu_bf16x3_available
+        from .rows import no_cpu_bf16_gemm
 
         why = ("it splits the compiled CPU kernels' float32 GEMMs" if not device == "cpu" else
                f"it runs in the compiled CPU kernels, not on --backend {backend}"
                if backend not in ("auto", "ext") else
-               None if cpu_bf16x3_available() else
-               "this install has no bfloat16 GEMM with float32 output on the CPU")
+               None if cpu_bf16x3_available() else no_cpu_bf16_gemm())
         if why is not None:
             raise ValueError(f"--compute-precision bf16x3 needs --device cpu and the compiled "
                              f"CPU kernels: {why}")

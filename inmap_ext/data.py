@@ -136,12 +136,12 @@ def _walk(root: str, repeated: Optional[List[str]] = None) -> List[str]:
                 key = ("dangling", path)
             found.append(path)
             keys.append((key, link))
-    keep = {}               # real file -> index of the path kept
+    chosen = {}             # real file -> index of the path kept
     for i, (key, link) in enumerate(keys):
-        j = keep.get(key)
+        j = chosen.get(key)
         if j is None or (keys[j][1] and not link):
-            keep[key] = i
-    kept = set(keep.values())
+            chosen[key] = i
+    kept = set(chosen.values())
     if repeated is not None:
         repeated.extend(p for i, p in enumerate(found) if i not in kept)
     return [p for i, p in enumerate(found) if i in kept]

@@ -117,6 +117,13 @@ def check_rows(image_features, text_proxies, *, device=None, stream: bool = Fals
     return Rows(runner, x, t, tf32, bf16x3=split)
 
 
+def no_cpu_bf16_gemm() -> str:
+    """Why the CPU kernels have no bfloat16 GEMM here (precision="bf16" / "bf16x3" refused)."""
+    return ("this install has no bfloat16 GEMM with float32 output on the CPU: "
+            + ("the compiled extension did not load" if not _ops.extension_loaded() else
+               "torch's build lacks MKL's cblas_gemm_bf16bf16f32"))
+
+
 def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
                   backend: str = "auto"):
     """(compute dtype of the features, TF32 switch: True/False, or None = leave torch's,
@@ -132,9 +139,7 @@ def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
         elif backend not in ("auto", "ext"):
             why = f"it runs in the compiled CPU kernels, not on backend={backend!r}"
         elif not _ops.cpu_bf16x3_available():
-            why = ("this install has no bfloat16 GEMM with float32 output on the CPU: "
-                   + ("the compiled extension did not load" if not _ops.extension_loaded() else
-                      "torch's build lacks MKL's cblas_gemm_bf16bf16f32"))
+            why = no_cpu_bf16_gemm()
         if why is not None:
             raise ValueError(f"precision='bf16x3' needs CPU tensors and the compiled CPU "
                              f"kernels: {why}")
@@ -143,9 +148,7 @@ def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
         return torch.bfloat16, None, False
     if precision in ("fp16", "bf16") and device.type != "cuda":
         why = ("16-bit tensor-core GEMMs" if precision == "fp16" or device.type != "cpu" else
-               "this install has no bfloat16 GEMM with float32 output on the CPU: "
-               + ("the compiled extension did not load" if not _ops.extension_loaded() else
-                  "torch's build lacks MKL's cblas_gemm_bf16bf16f32"))
+               no_cpu_bf16_gemm())
         raise ValueError(f"precision={precision!r} needs CUDA tensors ({why}); on "
                          f"{device.type} use 'fp32' or 'fp64'")
     dtype = _PRECISION_DTYPES.get(precision, dtype)
