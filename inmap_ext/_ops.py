@@ -81,6 +81,17 @@ def cpu_bf16x3_available() -> bool:
     return cpu_bf16_available() and hasattr(torch.ops.inmap_ext, "cpu_bf16x3_enabled")
 
 
+def cpu_has_amx() -> bool:
+    """True when this CPU has AMX tiles (torch's own probe; False where torch has none), where
+    MKL's bfloat16 GEMM makes a bf16x3 pass 0.5-0.65 of a float32 pass. With AVX512-BF16 alone
+    (e.g. AMD EPYC) a bf16x3 pass took ~3x a float32 one (2026-12-06)."""
+    probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:   # a private probe: its absence or failure means "not known to have AMX"
+        return False
+
+
 def _compile_disabled(f):
     """``f`` left out of torch.compile's graphs (run eagerly, with a graph break): the bf16x3
     switch's ops take no tensors, and traced they would run once while tracing, not when the
@@ -223,6 +234,30 @@ def allow_tf32(enabled: "bool | None") -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@contextlib.contextmanager
+def cpu_matmul_ieee() -> Iterator[None]:
+    """torch's own float32 matmuls on the CPU in float32 for the enclosed block
+    (``torch.backends.mkldnn.matmul.fp32_precision = "ieee"``, restored after; nothing where
+    torch has no such setting). ``torch.set_float32_matmul_precision("medium")`` lets oneDNN
+    compute them in bfloat16: a fit's own D x C algebra (the solver's inner products with its
+    history, the decision's sums) must not follow it; its feature GEMMs follow ``precision``
+    (rows.compute_dtype: "auto" runs bf16x3 there)."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    before = getattr(matmul, "fp32_precision", None)
+    if before is None or before == "ieee":
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            matmul.fp32_precision = before
 
 
 def fused_design_requested(x: torch.Tensor) -> bool:

@@ -72,8 +72,11 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
         tol: optional early stop besides ``stop``: after a step whose largest per-class change
             of the proxy, max_j ||w_j^new - w_j||_2, is below ``tol``, stop (this reads a
             scalar back from the device every step). None (default): off.
-        precision: compute precision of the image-feature GEMMs. "auto": the input's dtype
-            (float32 inputs use TF32 only if torch.backends.cuda.matmul.allow_tf32 is set);
+        precision: compute precision of the image-feature GEMMs. "auto": the input's dtype,
+            as torch's float32 matmul setting allows (``torch.set_float32_matmul_precision``:
+            on CUDA float32 inputs use TF32 only if torch.backends.cuda.matmul.allow_tf32 is
+            set; on the CPU "high" or "medium" run "bf16x3" on CPUs with AMX, where it is
+            faster, else float32; ``result.hyper["gemm"]`` says what ran);
             "fp64"; "fp32" (exact float32, TF32 off); "tf32" (float32 through TF32 tensor
             cores, CUDA); "bf16x3" (CPU: float32 features, each float32 GEMM of the compiled
             kernels as three bfloat16 GEMMs, logits to ~1e-6; faster with AMX at D >= 512 and
@@ -167,9 +170,10 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
                       precision=precision)
     class_prior = check_class_prior(class_prior, rows.classes)
     labeled = check_labeled(labeled, rows.local_rows, rows.classes)
-    with _ops.allow_tf32(rows.tf32), _ops.cpu_bf16x3(rows.bf16x3):
+    with _ops.allow_tf32(rows.tf32), _ops.cpu_bf16x3(rows.bf16x3), _ops.cpu_matmul_ieee():
         return _fit(rows.open(), tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
-                    progress, precision, class_prior, mode, stop, solver, labeled)
+                    progress, precision, class_prior, mode, stop, solver, labeled,
+                    gemm=rows.gemm)
 
 
 MODES = ("default", "paper")
@@ -199,7 +203,8 @@ def _check_mode(mode, class_prior, tol, stop, solver):
 
 
 def _fit(rows: Rows, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, progress,
-         precision, class_prior, mode, stop, solver, labeled=None) -> VisionProxyResult:
+         precision, class_prior, mode, stop, solver, labeled=None,
+         gemm: str = "") -> VisionProxyResult:
     runner, x, t, n = rows.runner, rows.x, rows.text, rows.n
     device = runner.device
     timings = {}
@@ -253,6 +258,7 @@ def _fit(rows: Rows, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
                  gamma=gamma, iters=iters, lr=lr, tol=tol, chunk_size=runner.chunk, mode=mode,
                  class_prior=prior.chosen, solver=solver, stop=stop,
                  precision=precision, compute_dtype=str(runner.dtype).replace("torch.", ""),
+                 gemm=gemm,
                  streamed=runner.streams)
     backend, verification = runner.summary()
     return VisionProxyResult(

@@ -22,6 +22,7 @@ only through ``Rows.runner``: the method is one code path for the three routes.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,6 +54,21 @@ class Rows:
     @property
     def classes(self) -> int:
         return self.text.shape[1]
+
+    @property
+    def gemm(self) -> str:
+        """What the feature GEMMs compute in: "bf16x3" (the CPU kernels' three bfloat16 GEMMs),
+        "tf32" (float32 on CUDA with TF32 on, asked for or torch's switch), else the compute
+        dtype ("float32", "float64", "float16", "bfloat16")."""
+        name = str(self.runner.dtype).replace("torch.", "")
+        if self.bf16x3:
+            return "bf16x3"
+        if self.runner.device.type == "cuda" and self.runner.dtype == torch.float32:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                on = self.tf32 if self.tf32 is not None else torch.backends.cuda.matmul.allow_tf32
+            return "tf32" if on else name
+        return name
 
     @property
     def local_rows(self) -> int:
@@ -124,13 +140,40 @@ def no_cpu_bf16_gemm() -> str:
                "torch's build lacks MKL's cblas_gemm_bf16bf16f32"))
 
 
+def torch_allows_reduced_cpu_matmul() -> bool:
+    """Whether torch's own setting lets float32 matmuls on the CPU compute below float32:
+    ``torch.backends.mkldnn.matmul.fp32_precision`` "tf32" or "bf16", which
+    ``torch.set_float32_matmul_precision("high")`` and ``("medium")`` set (torch >= 2.9; the
+    legacy setting itself on older torch). Default "highest" / "ieee": no."""
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    setting = getattr(mkldnn, "fp32_precision", None)
+    if setting is None or setting == "none":
+        return torch.get_float32_matmul_precision() in ("high", "medium")
+    return setting in ("tf32", "bf16")
+
+
+def _slower_without_amx(precision: str) -> None:
+    """Warn where a bfloat16 precision asked for on the CPU runs slower than float32."""
+    if not _ops.cpu_has_amx():
+        warnings.warn(f"precision={precision!r}: this CPU has no AMX, and MKL's bfloat16 GEMM "
+                      "is slower than float32 without it (a bf16x3 pass ~3x, a bf16 pass ~1.4x "
+                      "a float32 one on an AMD EPYC with AVX512-BF16); precision='auto' or "
+                      "'fp32' is faster here", UserWarning, stacklevel=4)
+
+
 def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
                   backend: str = "auto"):
     """(compute dtype of the features, TF32 switch: True/False, or None = leave torch's,
     bf16x3: whether the CPU kernels run their float32 GEMMs as three bfloat16 GEMMs).
     precision="bf16" on the CPU: bfloat16 features for the compiled CPU kernels' bfloat16 GEMMs
     (``_ops.cpu_bf16_available``), refused where this build has none. precision="bf16x3":
-    float32 features, on the CPU's compiled kernels only (``_ops.cpu_bf16x3_available``)."""
+    float32 features, on the CPU's compiled kernels only (``_ops.cpu_bf16x3_available``).
+    precision="auto" follows torch's float32 matmul setting on every device: on CUDA its TF32
+    switch is left as it is; on the CPU, where torch allows float32 matmuls below float32
+    (``torch_allows_reduced_cpu_matmul``: ``torch.set_float32_matmul_precision("high")`` or
+    ``("medium")``), the compiled kernels run and the CPU has AMX (``_ops.cpu_has_amx``: where
+    bf16x3 is faster than float32), bf16x3 (about 16 bits of mantissa: at least what "high" and
+    "medium" allow), else float32."""
     if precision == "bf16x3":
         why = None
         if device.type != "cpu":
@@ -143,8 +186,10 @@ def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
         if why is not None:
             raise ValueError(f"precision='bf16x3' needs CPU tensors and the compiled CPU "
                              f"kernels: {why}")
+        _slower_without_amx(precision)
         return torch.float32, None, True
     if precision == "bf16" and device.type == "cpu" and _ops.cpu_bf16_available():
+        _slower_without_amx(precision)
         return torch.bfloat16, None, False
     if precision in ("fp16", "bf16") and device.type != "cuda":
         why = ("16-bit tensor-core GEMMs" if precision == "fp16" or device.type != "cpu" else
@@ -154,4 +199,7 @@ def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
     dtype = _PRECISION_DTYPES.get(precision, dtype)
     if device.type != "cuda" and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32          # "auto" on the CPU: its kernels compute in float32
-    return dtype, {"fp32": False, "tf32": True}.get(precision), False
+    split = (precision == "auto" and device.type == "cpu" and dtype == torch.float32
+             and backend in ("auto", "ext") and torch_allows_reduced_cpu_matmul()
+             and _ops.cpu_has_amx() and _ops.cpu_bf16x3_available())
+    return dtype, {"fp32": False, "tf32": True}.get(precision), split

@@ -87,22 +87,33 @@ def test_no_feature_columns_and_strided_rows_equal_the_twins():
 @needs_x3
 @pytest.mark.parametrize("features", ["bf16x3", "bf16"])
 def test_x_t_p_over_many_rows_does_not_drift(features):
-    # N identical rows: X^T P is N x^T p exactly. Each chunk's product is added to the sum once;
-    # MKL's bfloat16 GEMM adding into the sum itself drifted with N (3.7e-4 at N = 1M, bf16x3)
-    n, d, c = 400_000, 64, 10
+    # N identical rows: X^T P is N x^T p exactly, and every rounding of a running sum has the
+    # same sign, so an error that grows with N shows in full. The rows' products are added into
+    # a block that reaches the sum every 8192 rows (chunked_cpu.h, kXtFlushRows); MKL's bfloat16
+    # GEMM adding into the sum itself drifted with N (3.7e-4 at N = 1M, bf16x3, on an AMX CPU).
+    # What one block's GEMM rounds depends on the CPU's kernel (AMX tiles: ~1e-5; AVX512-BF16,
+    # AMD EPYC: ~7e-5), so the bound is that error's, measured here, not a constant.
+    d, c = 64, 10
     row = unit_rows(1, d, seed=7, dtype=torch.float32)
     w = unit_cols(d, c, seed=8, dtype=torch.float32)
-    x = row.expand(n, d)
     p = torch.softmax((row.double() @ w.double()) * 25.0, dim=1)
-    want = n * row.double().T @ p
+
+    def error(n):
+        x = row.expand(n, d)
+        want = n * row.double().T @ p
+        if features == "bf16":
+            x, want = x.bfloat16().contiguous(), n * row.bfloat16().double().T @ p
+            return _rel(_ext("xt_softmax")(x, w, 25.0, 4096)[0], want)
+        with _ops.cpu_bf16x3(True):
+            return _rel(_ext("xt_softmax")(x, w, 25.0, 4096)[0], want)
+
+    block, many = error(8192), error(400_000)
     if features == "bf16":
-        x, want = x.bfloat16(), n * row.bfloat16().double().T @ p
-        G = _ext("xt_softmax")(x.contiguous(), w, 25.0, 4096)[0]
-        assert _rel(G, want) < 5e-3     # the probabilities' bfloat16 rounding (2^-9)
-        return
-    with _ops.cpu_bf16x3(True):
-        G = _ext("xt_softmax")(x, w, 25.0, 4096)[0]
-    assert _rel(G, want) < 5e-5, _rel(G, want)
+        assert many < 5e-3, many        # the probabilities' bfloat16 rounding (2^-9)
+    else:
+        assert block < 2e-4, block      # the split: near float32, far below bfloat16's 4e-3
+    # 49 blocks: a drift would make it ~49x one block's
+    assert many <= 2 * block + 1e-5, (block, many)
 
 
 @needs_x3
@@ -197,3 +208,77 @@ def test_bf16x3_is_refused_where_it_cannot_run(monkeypatch):
 
     with pytest.raises(ValueError, match="precision='bf16x3'.*on cuda use 'fp32'"):
         compute_dtype("bf16x3", torch.float32, torch.device("cuda"))
+
+
+@pytest.fixture
+def torch_matmul_precision():
+    """Set torch's float32 matmul precision for a test and restore it after."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+@needs_x3
+@pytest.mark.parametrize("setting", ["high", "medium"])
+def test_auto_follows_torchs_float32_matmul_precision_on_the_cpu(torch_matmul_precision, setting,
+                                                                monkeypatch):
+    monkeypatch.setattr(_ops, "cpu_has_amx", lambda: True)   # the rule, on any CPU
+    x, t, _ = clip_like(400, 32, 8, seed=3, dtype=torch.float32, gap=2.0, text_noise=0.4)
+    default = inmap_ext.fit_vision_proxy(x, t)
+    assert default.hyper["gemm"] == "float32"
+    split = inmap_ext.fit_vision_proxy(x, t, precision="bf16x3")
+    torch_matmul_precision(setting)
+    auto = inmap_ext.fit_vision_proxy(x, t)
+    assert auto.hyper["precision"] == "auto" and auto.hyper["gemm"] == "bf16x3"
+    assert auto.verification["ops"]["xt_softmax"]["design"] == "cpu-bf16x3"
+    # the same kernels as precision="bf16x3" asked for by name: the same bits
+    # torch's own float32 matmuls (the solver's algebra) stay float32 during the fit
+    # (_ops.cpu_matmul_ieee), and the user's setting is theirs again after it
+    assert auto.passes == split.passes and torch.equal(auto.proxy, split.proxy)
+    assert not _ops.cpu_bf16x3_active()
+    assert torch.get_float32_matmul_precision() == setting
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if getattr(matmul, "fp32_precision", None) is not None:
+        assert matmul.fp32_precision == {"high": "tf32", "medium": "bf16"}[setting]
+    # what torch's setting does not reach stays float32: a named precision, the torch
+    # backend, float64 features
+    assert inmap_ext.fit_vision_proxy(x, t, precision="fp32").hyper["gemm"] == "float32"
+    assert inmap_ext.fit_vision_proxy(x, t, backend="torch").hyper["gemm"] == "float32"
+    assert inmap_ext.fit_vision_proxy(x.double(), t.double()).hyper["gemm"] == "float64"
+    torch_matmul_precision("highest")
+    assert inmap_ext.fit_vision_proxy(x, t).hyper["gemm"] == "float32"
+
+
+def test_auto_without_amx_or_a_bfloat16_gemm_stays_float32(torch_matmul_precision, monkeypatch):
+    from inmap_ext.rows import compute_dtype, torch_allows_reduced_cpu_matmul
+
+    torch_matmul_precision("high")
+    assert torch_allows_reduced_cpu_matmul()
+    x, t, _ = clip_like(100, 16, 4, seed=2, dtype=torch.float32)
+    # no AMX: bf16x3 would be slower than float32 (AVX512-BF16 alone: ~3x a float32 pass)
+    monkeypatch.setattr(_ops, "cpu_has_amx", lambda: False)
+    assert inmap_ext.fit_vision_proxy(x, t).hyper["gemm"] == "float32"
+    monkeypatch.setattr(_ops, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(_ops, "cpu_bf16x3_available", lambda: False)
+    assert compute_dtype("auto", torch.float32, torch.device("cpu")) == (torch.float32, None,
+                                                                          False)
+    assert inmap_ext.fit_vision_proxy(x, t).hyper["gemm"] == "float32"
+    torch_matmul_precision("highest")
+    assert not torch_allows_reduced_cpu_matmul()
+
+
+@needs_x3
+@pytest.mark.parametrize("precision", ["bf16x3", "bf16"])
+def test_a_bfloat16_precision_asked_for_without_amx_warns_that_it_is_slower(monkeypatch,
+                                                                            precision):
+    x, t, _ = clip_like(60, 16, 4, seed=2, dtype=torch.float32)
+    monkeypatch.setattr(_ops, "cpu_has_amx", lambda: False)
+    with pytest.warns(UserWarning, match=f"precision='{precision}': this CPU has no AMX"):
+        res = inmap_ext.fit_vision_proxy(x, t, precision=precision)
+    assert res.hyper["gemm"] == ("bf16x3" if precision == "bf16x3" else "bfloat16")
+    monkeypatch.setattr(_ops, "cpu_has_amx", lambda: True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        inmap_ext.fit_vision_proxy(x, t, precision=precision)

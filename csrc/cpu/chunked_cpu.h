@@ -106,12 +106,15 @@ struct XtScratch {
   int64_t rows = 0;   // rows in ``part`` (0: it holds nothing yet)
 };
 
-// Rows whose X^T P a bfloat16 GEMM adds into one block before the block is added to the sum.
-// MKL's bfloat16 GEMM adding into a running sum (beta 1) rounds its partial sums against the
-// whole sum so far, and the error grew with N (found by a review: 3.7e-4 of X^T P at N = 1M with
-// bf16x3 against 1.7e-5 for the split itself; float32's own 1.1e-5); up to 10k rows it is the
-// split's own. Adding every chunk's block (256-1024 rows) instead cost up to 20% of a pass where
-// D x C is large (C = 5000).
+// Rows whose X^T P a GEMM adds into one block before the block is added to the sum. MKL's GEMM
+// adding into a running sum (beta 1) rounds its partial sums against the whole sum so far, and
+// the error grew with N: found by a review for the bfloat16 GEMMs (3.7e-4 of X^T P at N = 1M
+// with bf16x3 on an AMX CPU, against 1.7e-5 for the split itself), and on an AMD EPYC (AVX-512,
+// 2026-12-06) for float32 too: on N identical rows (every rounding of the sum the same way)
+// 2.3e-3 at N = 400k against 6.9e-5 for one block of 8192 rows. Adding every chunk's block
+// instead cost up to 20% of a pass where D x C is large (C = 5000, bf16x3's 256-1024-row chunks).
+// A fit of at most 8192 rows (the real files) gets the bits of the plain running sum: the block
+// starts at zero and is added to a zero sum.
 constexpr int64_t kXtFlushRows = 8192;
 
 // acc += s.part, and s.part emptied (after the last chunk, and every kXtFlushRows rows).
@@ -129,12 +132,17 @@ inline void flush_xt(at::Tensor& acc, XtScratch& s) {
 // kXtFlushRows rows and at ``flush_xt`` (the caller's, after the last chunk).
 inline void add_xt(at::Tensor& acc, const Chunk& c, const at::Tensor& z, XtScratch& s) {
   const at::Tensor& xc = c.x;
-  if (c.parts == nullptr && xc.scalar_type() != at::kBFloat16) {
-    acc.addmm_(xc.t(), z);
-    return;
-  }
   const int64_t rows = z.size(0), C = z.size(1), D = acc.size(0);
   if (!s.part.defined()) s.part = at::empty({D, C}, acc.options());
+  if (c.parts == nullptr && xc.scalar_type() != at::kBFloat16) {
+    // float32 / float64: the ATen GEMM into the block (from zero, as the running sum it replaces
+    // started: the same bits up to the first flush)
+    if (s.rows == 0) s.part.zero_();
+    s.part.addmm_(xc.t(), z);
+    s.rows += rows;
+    if (s.rows >= kXtFlushRows) flush_xt(acc, s);
+    return;
+  }
   float* part = s.part.data_ptr<float>();
   const float beta = s.rows == 0 ? 0.0f : 1.0f;
   if (c.parts != nullptr) {
