@@ -158,7 +158,7 @@ def _slower_without_amx(precision: str) -> None:
         warnings.warn(f"precision={precision!r}: this CPU has no AMX, and MKL's bfloat16 GEMM "
                       "is slower than float32 without it (a bf16x3 pass ~3x, a bf16 pass ~1.4x "
                       "a float32 one on an AMD EPYC with AVX512-BF16); precision='auto' or "
-                      "'fp32' is faster here", UserWarning, stacklevel=4)
+                      "'fp32' is faster here", UserWarning, stacklevel=6)
 
 
 def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
