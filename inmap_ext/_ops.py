@@ -220,35 +220,50 @@ def cuda_design(design: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def allow_tf32(enabled: "bool | None") -> Iterator[None]:
-    """Set torch.backends.cuda.matmul.allow_tf32 for the enclosed block (None: leave it)."""
+    """Set torch.backends.cuda.matmul.allow_tf32 for the enclosed block (None: leave it). Where
+    the user set torch's per-backend API (``torch.backends.cuda.matmul.fp32_precision``, torch
+    >= 2.9), the legacy switch refuses to mix with it: that API is set instead."""
     if enabled is None:
         yield
         return
+    matmul = torch.backends.cuda.matmul
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = enabled
+        try:
+            legacy, before = True, matmul.allow_tf32
+            matmul.allow_tf32 = enabled
+        except RuntimeError:
+            legacy, before = False, matmul.fp32_precision
+            matmul.fp32_precision = "tf32" if enabled else "ieee"
     try:
         yield
     finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32 = before
+            if legacy:
+                matmul.allow_tf32 = before
+            else:
+                matmul.fp32_precision = before
 
 
 @contextlib.contextmanager
 def cpu_matmul_ieee() -> Iterator[None]:
     """torch's own float32 matmuls on the CPU in float32 for the enclosed block
     (``torch.backends.mkldnn.matmul.fp32_precision = "ieee"``, restored after; nothing where
-    torch has no such setting). ``torch.set_float32_matmul_precision("medium")`` lets oneDNN
-    compute them in bfloat16: a fit's own D x C algebra (the solver's inner products with its
-    history, the decision's sums) must not follow it; its feature GEMMs follow ``precision``
-    (rows.compute_dtype: "auto" runs bf16x3 there)."""
+    torch has no such setting, torch < 2.9, or it is "ieee" or "none" already).
+    ``torch.set_float32_matmul_precision("medium")`` lets oneDNN compute them in bfloat16: a
+    fit's own D x C algebra (the solver's inner products with its history, the decision's sums)
+    must not follow it; its feature GEMMs follow ``precision`` (rows.compute_dtype: "auto" runs
+    bf16x3 there). The setting is process-wide: fits running at once in several threads share
+    it (the first to end restores the user's value while another runs)."""
     matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
     before = getattr(matmul, "fp32_precision", None)
-    if before is None or before == "ieee":
+    if before is None or before in ("ieee", "none"):
         yield
         return
+    # the getter gives the value matmul inherits from torch.backends.mkldnn where it has none of
+    # its own: put "none" back then, so that it keeps inheriting
+    inherited = before == getattr(torch.backends.mkldnn, "fp32_precision", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         matmul.fp32_precision = "ieee"
@@ -257,7 +272,7 @@ def cpu_matmul_ieee() -> Iterator[None]:
     finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            matmul.fp32_precision = before
+            matmul.fp32_precision = "none" if inherited else before
 
 
 def fused_design_requested(x: torch.Tensor) -> bool:

@@ -64,9 +64,15 @@ class Rows:
         if self.bf16x3:
             return "bf16x3"
         if self.runner.device.type == "cuda" and self.runner.dtype == torch.float32:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                on = self.tf32 if self.tf32 is not None else torch.backends.cuda.matmul.allow_tf32
+            on = self.tf32
+            if on is None:
+                matmul = torch.backends.cuda.matmul
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        on = matmul.allow_tf32
+                    except RuntimeError:      # torch's per-backend API in use (torch >= 2.9)
+                        on = matmul.fp32_precision == "tf32"
             return "tf32" if on else name
         return name
 
@@ -105,7 +111,7 @@ def check_rows(image_features, text_proxies, *, device=None, stream: bool = Fals
         # raises alike, since the ranks' devices may differ)
         compute_dtype(precision, image_features.dtype,
                       torch.device(device if device is not None else image_features.device),
-                      backend)
+                      backend, warn=False)     # the route's own call below warns once
     if streaming:
         compute = torch.device(device if device is not None else image_features.device)
         if process_group is not None:
@@ -142,14 +148,13 @@ def no_cpu_bf16_gemm() -> str:
 
 def torch_allows_reduced_cpu_matmul() -> bool:
     """Whether torch's own setting lets float32 matmuls on the CPU compute below float32:
-    ``torch.backends.mkldnn.matmul.fp32_precision`` "tf32" or "bf16", which
-    ``torch.set_float32_matmul_precision("high")`` and ``("medium")`` set (torch >= 2.9; the
-    legacy setting itself on older torch). Default "highest" / "ieee": no."""
+    ``torch.backends.mkldnn.matmul.fp32_precision`` "tf32" or "bf16" (torch >= 2.9), which
+    ``torch.set_float32_matmul_precision("high")`` and ``("medium")`` set. "none" (the default,
+    also after only a CUDA switch such as ``torch.backends.cuda.matmul.allow_tf32 = True``) and
+    "ieee": no. Older torch has no CPU setting of its own: no (its legacy getter reads the CUDA
+    switch, and raises where the new per-backend API was used)."""
     mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    setting = getattr(mkldnn, "fp32_precision", None)
-    if setting is None or setting == "none":
-        return torch.get_float32_matmul_precision() in ("high", "medium")
-    return setting in ("tf32", "bf16")
+    return getattr(mkldnn, "fp32_precision", None) in ("tf32", "bf16")
 
 
 def _slower_without_amx(precision: str) -> None:
@@ -162,7 +167,7 @@ def _slower_without_amx(precision: str) -> None:
 
 
 def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
-                  backend: str = "auto"):
+                  backend: str = "auto", warn: bool = True):
     """(compute dtype of the features, TF32 switch: True/False, or None = leave torch's,
     bf16x3: whether the CPU kernels run their float32 GEMMs as three bfloat16 GEMMs).
     precision="bf16" on the CPU: bfloat16 features for the compiled CPU kernels' bfloat16 GEMMs
@@ -171,7 +176,7 @@ def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
     precision="auto" follows torch's float32 matmul setting on every device: on CUDA its TF32
     switch is left as it is; on the CPU, where torch allows float32 matmuls below float32
     (``torch_allows_reduced_cpu_matmul``: ``torch.set_float32_matmul_precision("high")`` or
-    ``("medium")``), the compiled kernels run and the CPU has AMX (``_ops.cpu_has_amx``: where
+    ``("medium")``; torch >= 2.9), the compiled kernels run and the CPU has AMX (``_ops.cpu_has_amx``: where
     bf16x3 is faster than float32), bf16x3 (about 16 bits of mantissa: at least what "high" and
     "medium" allow), else float32."""
     if precision == "bf16x3":
@@ -186,10 +191,12 @@ def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
         if why is not None:
             raise ValueError(f"precision='bf16x3' needs CPU tensors and the compiled CPU "
                              f"kernels: {why}")
-        _slower_without_amx(precision)
+        if warn:
+            _slower_without_amx(precision)
         return torch.float32, None, True
     if precision == "bf16" and device.type == "cpu" and _ops.cpu_bf16_available():
-        _slower_without_amx(precision)
+        if warn:
+            _slower_without_amx(precision)
         return torch.bfloat16, None, False
     if precision in ("fp16", "bf16") and device.type != "cuda":
         why = ("16-bit tensor-core GEMMs" if precision == "fp16" or device.type != "cpu" else

@@ -282,3 +282,61 @@ def test_a_bfloat16_precision_asked_for_without_amx_warns_that_it_is_slower(monk
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         inmap_ext.fit_vision_proxy(x, t, precision=precision)
+
+
+def test_a_cuda_only_tf32_switch_leaves_cpu_fits_in_float32(monkeypatch):
+    # torch.backends.cuda.matmul.allow_tf32 = True (a common first line of a script) makes
+    # torch's legacy getter say "high" but leaves the CPU's own setting alone: no bf16x3
+    monkeypatch.setattr(_ops, "cpu_has_amx", lambda: True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        from inmap_ext.rows import torch_allows_reduced_cpu_matmul
+
+        assert not torch_allows_reduced_cpu_matmul()
+        x, t, _ = clip_like(100, 16, 4, seed=2, dtype=torch.float32)
+        assert inmap_ext.fit_vision_proxy(x, t).hyper["gemm"] == "float32"
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32 = before
+
+
+NEW_API_SCRIPT = """
+import warnings, torch, inmap_ext
+from inmap_ext.synthetic import make_problem
+if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+    print("no per-backend API"); raise SystemExit(0)
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+p = make_problem(200, 16, 4)
+for precision in ("auto", "fp32", "fp64"):
+    x = p.image_features.double() if precision == "fp64" else p.image_features
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = inmap_ext.fit_vision_proxy(x, p.text_proxies, precision=precision)
+    assert r.backend == "ext", (precision, r.verification)
+    assert not [w for w in seen if "inmap_ext" in str(w.message)], [str(w.message) for w in seen]
+    print(precision, r.hyper["gemm"])
+assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+"""
+
+
+def test_cpu_fits_run_where_torchs_per_backend_api_set_cuda_tf32(tmp_path):
+    # torch >= 2.9: with torch.backends.cuda.matmul.fp32_precision set, the legacy TF32 switch
+    # and getter raise ("mix of the legacy and new APIs"); a CPU fit (its TF32 switch for
+    # precision="fp32", the first-use check's exact reference) must not. In a subprocess: the
+    # setting is process-wide and cannot be unset.
+    import subprocess
+    import sys
+
+    if not _ops.ext_available("cpu"):
+        pytest.skip("needs the compiled CPU kernels")
+    out = subprocess.run([sys.executable, "-c", NEW_API_SCRIPT], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() in (["no", "per-backend", "API"],
+                                  ["auto", "float32", "fp32", "float32", "fp64", "float64"])

@@ -75,7 +75,7 @@ def test_xt_softmax(device, dtype, shape):
         torch.testing.assert_close(got_lse.double(), dense, rtol=1e-5, atol=1e-5 * n)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu"])    # the CUDA kernels' sums: not yet run on a GPU
 def test_x_t_p_over_many_identical_rows_does_not_drift_in_float32(device):
     # N identical rows: X^T P = N x^T p exactly, and every rounding of a running sum goes the
     # same way. MKL's float32 GEMM adding each chunk into the running sum (beta 1) drifted with

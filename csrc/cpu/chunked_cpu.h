@@ -111,7 +111,8 @@ struct XtScratch {
 // the error grew with N: found by a review for the bfloat16 GEMMs (3.7e-4 of X^T P at N = 1M
 // with bf16x3 on an AMX CPU, against 1.7e-5 for the split itself), and on an AMD EPYC (AVX-512,
 // 2026-12-06) for float32 too: on N identical rows (every rounding of the sum the same way)
-// 2.3e-3 at N = 400k against 6.9e-5 for one block of 8192 rows. Adding every chunk's block
+// 2.3e-3 at N = 400k against ~7e-5 for one block of 8192 rows (the block: one more D x C buffer
+// per op call). Adding every chunk's block
 // instead cost up to 20% of a pass where D x C is large (C = 5000, bf16x3's 256-1024-row chunks).
 // A fit of at most 8192 rows (the real files) gets the bits of the plain running sum: the block
 // starts at zero and is added to a zero sum.
