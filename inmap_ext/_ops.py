@@ -218,6 +218,20 @@ def cuda_design(design: str) -> Iterator[None]:
             os.environ[DESIGN_ENV] = before
 
 
+def cuda_tf32_enabled() -> bool:
+    """Whether torch lets float32 matmuls on CUDA run through TF32: the legacy switch
+    torch.backends.cuda.matmul.allow_tf32, or, where the user set torch's per-backend API
+    (``torch.backends.cuda.matmul.fp32_precision``, torch >= 2.9) and the legacy switch refuses
+    to mix with it, that API."""
+    matmul = torch.backends.cuda.matmul
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return bool(matmul.allow_tf32)
+        except RuntimeError:
+            return matmul.fp32_precision == "tf32"
+
+
 @contextlib.contextmanager
 def allow_tf32(enabled: "bool | None") -> Iterator[None]:
     """Set torch.backends.cuda.matmul.allow_tf32 for the enclosed block (None: leave it). Where
@@ -246,6 +260,24 @@ def allow_tf32(enabled: "bool | None") -> Iterator[None]:
                 matmul.fp32_precision = before
 
 
+def _cpu_matmul_setting():
+    """torch.backends.mkldnn.matmul (torch >= 2.9: its ``fp32_precision`` is torch's own setting
+    for float32 matmuls on the CPU), or None where torch has no such setting."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return matmul if getattr(matmul, "fp32_precision", None) is not None else None
+
+
+def torch_allows_reduced_cpu_matmul() -> bool:
+    """Whether torch's own setting lets float32 matmuls on the CPU compute below float32:
+    ``torch.backends.mkldnn.matmul.fp32_precision`` "tf32" or "bf16" (torch >= 2.9), which
+    ``torch.set_float32_matmul_precision("high")`` and ``("medium")`` set. "none" (the default,
+    also after only a CUDA switch such as ``torch.backends.cuda.matmul.allow_tf32 = True``) and
+    "ieee": no. Older torch has no CPU setting of its own: no (its legacy getter reads the CUDA
+    switch, and raises where the new per-backend API was used)."""
+    matmul = _cpu_matmul_setting()
+    return matmul is not None and matmul.fp32_precision in ("tf32", "bf16")
+
+
 @contextlib.contextmanager
 def cpu_matmul_ieee() -> Iterator[None]:
     """torch's own float32 matmuls on the CPU in float32 for the enclosed block
@@ -256,8 +288,8 @@ def cpu_matmul_ieee() -> Iterator[None]:
     must not follow it; its feature GEMMs follow ``precision`` (rows.compute_dtype: "auto" runs
     bf16x3 there). The setting is process-wide: fits running at once in several threads share
     it (the first to end restores the user's value while another runs)."""
-    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    before = getattr(matmul, "fp32_precision", None)
+    matmul = _cpu_matmul_setting()
+    before = None if matmul is None else matmul.fp32_precision
     if before is None or before in ("ieee", "none"):
         yield
         return

@@ -172,8 +172,7 @@ def fit_vision_proxy(image_features: Tensor, text_proxies: Tensor, *, tau_t: flo
     labeled = check_labeled(labeled, rows.local_rows, rows.classes)
     with _ops.allow_tf32(rows.tf32), _ops.cpu_bf16x3(rows.bf16x3), _ops.cpu_matmul_ieee():
         return _fit(rows.open(), tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
-                    progress, precision, class_prior, mode, stop, solver, labeled,
-                    gemm=rows.gemm)
+                    progress, precision, class_prior, mode, stop, solver, labeled)
 
 
 MODES = ("default", "paper")
@@ -203,8 +202,7 @@ def _check_mode(mode, class_prior, tol, stop, solver):
 
 
 def _fit(rows: Rows, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol, progress,
-         precision, class_prior, mode, stop, solver, labeled=None,
-         gemm: str = "") -> VisionProxyResult:
+         precision, class_prior, mode, stop, solver, labeled=None) -> VisionProxyResult:
     runner, x, t, n = rows.runner, rows.x, rows.text, rows.n
     device = runner.device
     timings = {}
@@ -258,7 +256,7 @@ def _fit(rows: Rows, tau_t, tau_i, alpha, sinkhorn_iters, gamma, iters, lr, tol,
                  gamma=gamma, iters=iters, lr=lr, tol=tol, chunk_size=runner.chunk, mode=mode,
                  class_prior=prior.chosen, solver=solver, stop=stop,
                  precision=precision, compute_dtype=str(runner.dtype).replace("torch.", ""),
-                 gemm=gemm,
+                 gemm=rows.gemm,
                  streamed=runner.streams)
     backend, verification = runner.summary()
     return VisionProxyResult(

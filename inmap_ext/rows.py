@@ -64,15 +64,7 @@ class Rows:
         if self.bf16x3:
             return "bf16x3"
         if self.runner.device.type == "cuda" and self.runner.dtype == torch.float32:
-            on = self.tf32
-            if on is None:
-                matmul = torch.backends.cuda.matmul
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    try:
-                        on = matmul.allow_tf32
-                    except RuntimeError:      # torch's per-backend API in use (torch >= 2.9)
-                        on = matmul.fp32_precision == "tf32"
+            on = self.tf32 if self.tf32 is not None else _ops.cuda_tf32_enabled()
             return "tf32" if on else name
         return name
 
@@ -146,17 +138,6 @@ def no_cpu_bf16_gemm() -> str:
                "torch's build lacks MKL's cblas_gemm_bf16bf16f32"))
 
 
-def torch_allows_reduced_cpu_matmul() -> bool:
-    """Whether torch's own setting lets float32 matmuls on the CPU compute below float32:
-    ``torch.backends.mkldnn.matmul.fp32_precision`` "tf32" or "bf16" (torch >= 2.9), which
-    ``torch.set_float32_matmul_precision("high")`` and ``("medium")`` set. "none" (the default,
-    also after only a CUDA switch such as ``torch.backends.cuda.matmul.allow_tf32 = True``) and
-    "ieee": no. Older torch has no CPU setting of its own: no (its legacy getter reads the CUDA
-    switch, and raises where the new per-backend API was used)."""
-    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    return getattr(mkldnn, "fp32_precision", None) in ("tf32", "bf16")
-
-
 def _slower_without_amx(precision: str) -> None:
     """Warn where a bfloat16 precision asked for on the CPU runs slower than float32."""
     if not _ops.cpu_has_amx():
@@ -175,10 +156,10 @@ def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
     float32 features, on the CPU's compiled kernels only (``_ops.cpu_bf16x3_available``).
     precision="auto" follows torch's float32 matmul setting on every device: on CUDA its TF32
     switch is left as it is; on the CPU, where torch allows float32 matmuls below float32
-    (``torch_allows_reduced_cpu_matmul``: ``torch.set_float32_matmul_precision("high")`` or
-    ``("medium")``; torch >= 2.9), the compiled kernels run and the CPU has AMX (``_ops.cpu_has_amx``: where
-    bf16x3 is faster than float32), bf16x3 (about 16 bits of mantissa: at least what "high" and
-    "medium" allow), else float32."""
+    (``_ops.torch_allows_reduced_cpu_matmul``: ``torch.set_float32_matmul_precision("high")``
+    or ``("medium")``; torch >= 2.9), the compiled kernels run and the CPU has AMX
+    (``_ops.cpu_has_amx``: where bf16x3 is faster than float32), bf16x3 (about 16 bits of
+    mantissa: at least what "high" and "medium" allow), else float32."""
     if precision == "bf16x3":
         why = None
         if device.type != "cpu":
@@ -207,6 +188,6 @@ def compute_dtype(precision: str, dtype: torch.dtype, device: torch.device,
     if device.type != "cuda" and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32          # "auto" on the CPU: its kernels compute in float32
     split = (precision == "auto" and device.type == "cpu" and dtype == torch.float32
-             and backend in ("auto", "ext") and torch_allows_reduced_cpu_matmul()
+             and backend in ("auto", "ext") and _ops.torch_allows_reduced_cpu_matmul()
              and _ops.cpu_has_amx() and _ops.cpu_bf16x3_available())
     return dtype, {"fp32": False, "tf32": True}.get(precision), split

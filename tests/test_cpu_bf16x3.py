@@ -250,7 +250,8 @@ def test_auto_follows_torchs_float32_matmul_precision_on_the_cpu(torch_matmul_pr
 
 
 def test_auto_without_amx_or_a_bfloat16_gemm_stays_float32(torch_matmul_precision, monkeypatch):
-    from inmap_ext.rows import compute_dtype, torch_allows_reduced_cpu_matmul
+    from inmap_ext.rows import compute_dtype
+    from inmap_ext._ops import torch_allows_reduced_cpu_matmul
 
     torch_matmul_precision("high")
     assert torch_allows_reduced_cpu_matmul()
@@ -295,7 +296,7 @@ def test_a_cuda_only_tf32_switch_leaves_cpu_fits_in_float32(monkeypatch):
         before = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        from inmap_ext.rows import torch_allows_reduced_cpu_matmul
+        from inmap_ext._ops import torch_allows_reduced_cpu_matmul
 
         assert not torch_allows_reduced_cpu_matmul()
         x, t, _ = clip_like(100, 16, 4, seed=2, dtype=torch.float32)

@@ -135,27 +135,22 @@ inline void add_xt(at::Tensor& acc, const Chunk& c, const at::Tensor& z, XtScrat
   const at::Tensor& xc = c.x;
   const int64_t rows = z.size(0), C = z.size(1), D = acc.size(0);
   if (!s.part.defined()) s.part = at::empty({D, C}, acc.options());
+  const float beta = s.rows == 0 ? 0.0f : 1.0f;   // the bfloat16 GEMMs: a new block or into it
   if (c.parts == nullptr && xc.scalar_type() != at::kBFloat16) {
     // float32 / float64: the ATen GEMM into the block (from zero, as the running sum it replaces
     // started: the same bits up to the first flush)
     if (s.rows == 0) s.part.zero_();
     s.part.addmm_(xc.t(), z);
-    s.rows += rows;
-    if (s.rows >= kXtFlushRows) flush_xt(acc, s);
-    return;
-  }
-  float* part = s.part.data_ptr<float>();
-  const float beta = s.rows == 0 ? 0.0f : 1.0f;
-  if (c.parts != nullptr) {
+  } else if (c.parts != nullptr) {
     s.z.of(z);
-    gemm_bf16x3_t(*c.parts, s.z, part, beta);
+    gemm_bf16x3_t(*c.parts, s.z, s.part.data_ptr<float>(), beta);
   } else {
     if (!s.z.hi.defined() || s.z.hi.numel() < rows * C)
       s.z.hi = at::empty({rows * C}, xc.options());
     at::Tensor zr = s.z.hi.narrow(0, 0, rows * C).view({rows, C});
     zr.copy_(z);
     bf16_gemm(true, D, C, rows, xc.data_ptr<at::BFloat16>(), D,   // xc: rows of a row-major x
-              zr.data_ptr<at::BFloat16>(), C, beta, part, C);
+              zr.data_ptr<at::BFloat16>(), C, beta, s.part.data_ptr<float>(), C);
   }
   s.rows += rows;
   if (s.rows >= kXtFlushRows) flush_xt(acc, s);
